@@ -1,0 +1,31 @@
+"""cpo_fast: fused output-layer kernels and objectives for CPO / DR-CPO.
+
+Public API:
+    token_logprobs(logits, labels, ...)              per-token log-probs (fused logits path)
+    linear_token_logprobs(hidden, weight, labels)    same, logits never materialized
+    dr_cpo_loss / cpo_loss / oo_rlhf_loss            importance-weighted objectives
+    sequence_logprobs, sft_loss, entropy_bonus, kl_penalty, top_quantile_mask, DRCPOLoss
+"""
+
+from cpo_fast.objectives import (
+    WEIGHTINGS,
+    DRCPOLoss,
+    LossOutput,
+    cpo_loss,
+    dr_cpo_loss,
+    entropy_bonus,
+    kl_penalty,
+    oo_rlhf_loss,
+    sequence_logprobs,
+    sft_loss,
+    top_quantile_mask,
+)
+from cpo_fast.ops import linear_token_logprobs, token_logprobs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "WEIGHTINGS", "DRCPOLoss", "LossOutput", "cpo_loss", "dr_cpo_loss", "entropy_bonus",
+    "kl_penalty", "linear_token_logprobs", "oo_rlhf_loss", "sequence_logprobs", "sft_loss",
+    "token_logprobs", "top_quantile_mask",
+]

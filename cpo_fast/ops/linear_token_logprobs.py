@@ -1,0 +1,193 @@
+r"""Fused-linear path: per-token log-probabilities straight from hidden states and the
+output weight, never materializing the N x V logits.
+
+Math (method.md section 6). With hidden states ``h[N, d]``, output weight ``W[V, d]``,
+optional bias ``b[V]``, logits ``z_t = W h_t + b`` (computed tile by tile, never stored):
+
+    logp_t = z_t[y_t] - lse(z_t),   H_t = lse(z_t) - sum_v p_tv z_tv
+    dL/dz_tv   = G_t ([v == y_t] - p_tv) - E_t p_tv (log p_tv + H_t)
+    dL/dh_t    = sum_v dL/dz_tv W[v]
+    dL/dW[v]   = sum_t dL/dz_tv h_t,     dL/db[v] = sum_t dL/dz_tv
+
+Forward stores O(N) values (logp, lse, H); backward recomputes the logits tiles.
+``grad_skip_threshold > 0`` lets a backend skip backward tiles whose largest softmax
+probability (over the tile) is below the threshold and whose label and entropy terms are
+absent (an approximation, off by default; see the backend's docstring for its error bound).
+
+Backend contract (``cpo_fast.kernels.linear_token_logprobs`` for Triton, ``cpo_fast._cpu``
+for the C++ core)::
+
+    linear_token_logprobs_forward(hidden, weight, bias, labels, ignore_index, with_entropy)
+        -> (logp[N], entropy[N] or [0], lse[N])      float32
+    linear_token_logprobs_backward(hidden, weight, bias, labels, lse, entropy, grad_logp,
+                                   grad_entropy, ignore_index, needs_hidden_grad,
+                                   needs_weight_grad, needs_bias_grad, grad_skip_threshold)
+        -> (grad_hidden [N, d] or None, grad_weight [V, d] or None, grad_bias [V] or None)
+
+``hidden`` [N, d] and ``weight`` [V, d] are contiguous and share a dtype; ``bias`` is None
+or contiguous [V]; ``labels`` int64 [N] validated; ``grad_entropy`` None when unused.
+Gradients come back in their input's dtype (accumulated in float32).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from cpo_fast import reference
+from cpo_fast._backend import resolve_backend
+from cpo_fast._checks import check_float, check_labels
+
+_IMPL_MODULES = {"triton": "cpo_fast.kernels.linear_token_logprobs", "cpu": "cpo_fast._cpu"}
+
+
+def _impl(backend: str):
+    return importlib.import_module(_IMPL_MODULES[backend])
+
+
+def _opt(t: Tensor) -> Tensor | None:
+    return t if t.numel() > 0 else None
+
+
+@torch.library.custom_op("cpo_fast::linear_token_logprobs_fwd", mutates_args=())
+def _fwd_op(
+    hidden: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, ignore_index: int,
+    with_entropy: bool, backend: str, grad_skip_threshold: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    # bias is an empty tensor when absent (custom ops take no Optional outputs/None mixing).
+    logp, ent, lse = _impl(backend).linear_token_logprobs_forward(
+        hidden, weight, _opt(bias), labels, ignore_index, with_entropy
+    )
+    return logp, ent if with_entropy else ent.new_empty(0), lse
+
+
+@_fwd_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, with_entropy, backend, grad_skip_threshold):
+    f = lambda n: hidden.new_empty(n, dtype=torch.float32)
+    N = hidden.shape[0]
+    return f(N), f(N if with_entropy else 0), f(N)
+
+
+@torch.library.custom_op("cpo_fast::linear_token_logprobs_bwd", mutates_args=())
+def _bwd_op(
+    hidden: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor,
+    grad_logp: Tensor, grad_entropy: Tensor, ignore_index: int, needs_hidden_grad: bool,
+    needs_weight_grad: bool, needs_bias_grad: bool, backend: str, grad_skip_threshold: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    gh, gw, gb = _impl(backend).linear_token_logprobs_backward(
+        hidden, weight, _opt(bias), labels, lse, entropy, grad_logp.float().contiguous(),
+        None if grad_entropy.numel() == 0 else grad_entropy.float().contiguous(),
+        ignore_index, needs_hidden_grad, needs_weight_grad, needs_bias_grad,
+        grad_skip_threshold,
+    )
+    empty = hidden.new_empty(0)
+    return (gh if gh is not None else empty, gw if gw is not None else empty,
+            gb if gb is not None else empty)
+
+
+@_bwd_op.register_fake
+def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, ignore_index,
+      needs_hidden_grad, needs_weight_grad, needs_bias_grad, backend, grad_skip_threshold):
+    e = hidden.new_empty(0)
+    return (torch.empty_like(hidden) if needs_hidden_grad else e,
+            torch.empty_like(weight) if needs_weight_grad else e,
+            torch.empty_like(bias) if needs_bias_grad else e)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, with_entropy, backend, thr = inputs
+    logp, ent, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
+    ctx.args = (ignore_index, with_entropy, backend, thr)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_logp, grad_ent, _grad_lse):
+    hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+    ignore_index, with_entropy, backend, thr = ctx.args
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    if not with_entropy or grad_ent is None:
+        grad_ent = lse.new_empty(0)
+    nh, nw, nb = ctx.needs_input_grad[:3]
+    nb = nb and bias.numel() > 0
+    gh, gw, gb = _bwd_op(hidden, weight, bias, labels, lse, ent, grad_logp, grad_ent,
+                         ignore_index, nh, nw, nb, backend, thr)
+    return (gh if nh else None, gw if nw else None, gb if nb else None,
+            None, None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    with_entropy: bool = False,
+    backend: str | None = None,
+    grad_skip_threshold: float = 0.0,
+    validate: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-token ``log softmax(hidden @ weight.T + bias)[labels]`` without building logits.
+
+    Args:
+        hidden: ``[..., d]`` last hidden states (any float dtype; bf16/fp16 kernels
+            accumulate in float32).
+        weight: ``[V, d]`` output embedding (``lm_head.weight``; tied embeddings work).
+            Frozen (``requires_grad=False``) weights get no gradient computed. A weight of
+            another dtype than ``hidden`` is cast to ``hidden.dtype`` first (as autocast does).
+        labels: integer ``hidden.shape[:-1]``, aligned with the rows; ``ignore_index`` rows
+            give 0 and no gradient.
+        bias: optional ``[V]``.
+        grad_skip_threshold: skip backward vocabulary tiles whose softmax mass is below this
+            (approximate; 0 disables).
+        backend: as in :func:`cpo_fast.token_logprobs`.
+
+    Returns:
+        float32 ``logp`` shaped like ``labels``; or ``(logp, entropy)`` with ``with_entropy``.
+    """
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, d], got shape {tuple(weight.shape)}.")
+    V, d = weight.shape
+    if hidden.dim() < 1 or hidden.shape[-1] != d:
+        raise ValueError(
+            f"hidden has shape {tuple(hidden.shape)} but its last dim must equal weight's "
+            f"d = {d} (weight is [V, d] = {tuple(weight.shape)})."
+        )
+    if bias is not None:
+        check_float("bias", bias)
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"bias must have shape ({V},), got {tuple(bias.shape)}.")
+    check_labels(labels, hidden.shape[:-1], V, ignore_index, what="hidden.shape[:-1]",
+                 validate=validate)
+    for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden on {hidden.device}.")
+    if grad_skip_threshold < 0:
+        raise ValueError(f"grad_skip_threshold must be >= 0, got {grad_skip_threshold}.")
+    name = resolve_backend(backend, hidden.device)
+    if name != "reference" and hidden.dtype == torch.float64:
+        name = "reference"
+    if name == "reference" or hidden.numel() == 0:
+        return reference.linear_token_logprobs(hidden, weight, labels, bias=bias,
+                                               ignore_index=ignore_index,
+                                               with_entropy=with_entropy)
+    if weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+    if bias is not None and bias.dtype != hidden.dtype:
+        bias = bias.to(hidden.dtype)
+    shape = labels.shape
+    h2 = hidden.reshape(-1, d).contiguous()
+    b = bias.contiguous() if bias is not None else h2.new_empty(0)
+    logp, ent, _ = _fwd_op(h2, weight.contiguous(), b, labels.reshape(-1).long().contiguous(),
+                           ignore_index, with_entropy, name, float(grad_skip_threshold))
+    logp = logp.view(shape)
+    return (logp, ent.view(shape)) if with_entropy else logp

@@ -1,0 +1,182 @@
+r"""Fused logits path: per-token log-probabilities (and entropy) from a logits tensor.
+
+Math (method.md sections 3 and 6). For a row of logits :math:`z \in \mathbb{R}^V` and its
+label :math:`y`, with :math:`\mathrm{lse} = \log\sum_v e^{z_v}` and :math:`p = \mathrm{softmax}(z)`:
+
+    logp = z[y] - lse
+    H    = lse - sum_v p_v z_v                       (entropy, optional)
+
+Backward, from G = dL/dlogp and E = dL/dH:
+
+    dL/dz_v = G ([v == y] - p_v) - E p_v (log p_v + H)
+
+The forward reads each row once and saves ``lse`` (and ``H``); the backward reads the row
+once more and writes its gradient, optionally over the logits buffer itself
+(``inplace_backward=True``). Rows whose label is ``ignore_index`` give logp = H = 0 and a
+zero gradient. Any row strides are accepted, so HF's ``logits[:, :-1, :]`` needs no copy.
+
+Backend contract (implemented by ``cpo_fast.kernels.token_logprobs`` for Triton and
+``cpo_fast._cpu`` for the C++ core)::
+
+    token_logprobs_forward(logits3, labels, ignore_index, with_entropy)
+        -> (logp[N], entropy[N] or [0], lse[N])      all float32, N = B*T
+    token_logprobs_backward(logits3, labels, lse, entropy, grad_logp, grad_entropy,
+                            ignore_index, grad_out3) -> None
+
+``logits3`` is a [B, T, V] view with arbitrary strides and dtype fp32/bf16/fp16; ``labels``
+is int64 [N] contiguous and already validated; ``grad_entropy`` is None when the entropy
+has no gradient; ``grad_out3`` is [B, T, V] of the logits' dtype (it may be ``logits3``
+itself), and the backend writes every element of it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from cpo_fast import reference
+from cpo_fast._backend import resolve_backend
+from cpo_fast._checks import check_float, check_labels
+
+_IMPL_MODULES = {"triton": "cpo_fast.kernels.token_logprobs", "cpu": "cpo_fast._cpu"}
+
+
+def _impl(backend: str):
+    return importlib.import_module(_IMPL_MODULES[backend])
+
+
+def _as_3d(logits: Tensor) -> Tensor:
+    """[..., V] -> [B, T, V] without a copy when the leading dims allow it."""
+    V = logits.shape[-1]
+    if logits.dim() == 1:
+        return logits.view(1, 1, V)
+    if logits.dim() == 2:
+        return logits.unsqueeze(0)
+    T = logits.shape[-2]
+    try:
+        return logits.view(-1, T, V)
+    except RuntimeError:  # leading dims not mergeable: one copy
+        return logits.reshape(-1, T, V)
+
+
+@torch.library.custom_op("cpo_fast::token_logprobs_fwd", mutates_args=())
+def _fwd_op(
+    logits: Tensor, labels: Tensor, ignore_index: int, with_entropy: bool, backend: str,
+    inplace_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    # inplace_backward only matters to the backward; it is an argument so that
+    # setup_context sees it (also under torch.compile).
+    logp, ent, lse = _impl(backend).token_logprobs_forward(
+        _as_3d(logits), labels.reshape(-1).long().contiguous(), ignore_index, with_entropy
+    )
+    return logp.view(labels.shape), ent if with_entropy else ent.new_empty(0), lse.view(labels.shape)
+
+
+@_fwd_op.register_fake
+def _(logits, labels, ignore_index, with_entropy, backend, inplace_backward):
+    f = lambda: logits.new_empty(labels.shape, dtype=torch.float32)
+    return f(), f() if with_entropy else logits.new_empty(0, dtype=torch.float32), f()
+
+
+@torch.library.custom_op("cpo_fast::token_logprobs_bwd", mutates_args=())
+def _bwd_op(
+    logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
+    grad_entropy: Tensor | None, ignore_index: int, backend: str,
+) -> Tensor:
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _run_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, backend, out)
+    return out
+
+
+@_bwd_op.register_fake
+def _(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("cpo_fast::token_logprobs_bwd_", mutates_args=("logits",))
+def _bwd_inplace_op(
+    logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
+    grad_entropy: Tensor | None, ignore_index: int, backend: str,
+) -> None:
+    _run_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, backend, logits)
+
+
+def _run_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, backend, out):
+    flat = lambda t: None if t is None else t.reshape(-1).float().contiguous()
+    _impl(backend).token_logprobs_backward(
+        _as_3d(logits), labels.reshape(-1).long().contiguous(), flat(lse), flat(entropy),
+        flat(grad_logp), flat(grad_entropy), ignore_index, _as_3d(out),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, ignore_index, with_entropy, backend, inplace = inputs
+    logp, ent, lse = output
+    ctx.save_for_backward(logits, labels, lse, ent)
+    ctx.ignore_index, ctx.with_entropy, ctx.backend = ignore_index, with_entropy, backend
+    ctx.inplace = inplace
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_logp, grad_ent, _grad_lse):
+    logits, labels, lse, ent = ctx.saved_tensors
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    if not ctx.with_entropy:
+        grad_ent = None
+    args = (labels, lse, ent, grad_logp, grad_ent, ctx.ignore_index, ctx.backend)
+    if ctx.inplace:
+        _bwd_inplace_op(logits, *args)
+        return logits, None, None, None, None, None
+    return _bwd_op(logits, *args), None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def token_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    with_entropy: bool = False,
+    backend: str | None = None,
+    inplace_backward: bool = False,
+    validate: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-token log-probabilities ``log softmax(logits)[labels]`` (and entropies).
+
+    Args:
+        logits: ``[..., V]`` float32 / bfloat16 / float16 (float64 on the reference path);
+            any strides (a shifted view such as ``logits[:, :-1]`` is read without a copy).
+        labels: integer tensor of shape ``logits.shape[:-1]``, already aligned with the rows
+            (the caller shifts). Positions equal to ``ignore_index`` give 0 and no gradient.
+        with_entropy: also return the per-token entropy ``H`` (differentiable).
+        backend: ``"triton"``, ``"cpu"``, ``"reference"`` or None for the best available
+            (environment variable ``CPO_FAST_BACKEND`` overrides the default).
+        inplace_backward: write the gradient over the ``logits`` buffer during backward
+            instead of allocating a new one (saves an N x V buffer). The logits' contents
+            are destroyed by backward, so use it only when nothing else reads them.
+        validate: check labels against ``[0, V)`` up front (one device sync). The kernels
+            never read out of bounds either way.
+
+    Returns:
+        float32 ``logp`` shaped like ``labels``; or ``(logp, entropy)`` with ``with_entropy``.
+    """
+    check_float("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}.")
+    V = logits.shape[-1]
+    check_labels(labels, logits.shape[:-1], V, ignore_index, validate=validate)
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits on {logits.device}.")
+    name = resolve_backend(backend, logits.device)
+    if name != "reference" and logits.dtype == torch.float64:
+        name = "reference"  # float64 is a testing dtype: the kernels accumulate in float32
+    if name == "reference" or logits.numel() == 0:
+        return reference.token_logprobs(logits, labels, ignore_index=ignore_index,
+                                        with_entropy=with_entropy)
+    logp, ent, _ = _fwd_op(logits, labels, ignore_index, with_entropy, name, inplace_backward)
+    return (logp, ent) if with_entropy else logp

@@ -1,0 +1,1 @@
+"""Triton kernels (installed as ``cpo_fast.kernels``): one op per module."""
