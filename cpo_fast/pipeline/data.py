@@ -1,0 +1,284 @@
+"""Direct-outcome data: load, validate, tokenize and batch.
+
+A *direct outcome dataset* (method.md section 1) has one text and one number per row.
+This module reads it from CSV/TSV, JSONL or Parquet with configurable column names,
+validates every row up front (errors name the row number and the column), tokenizes it as
+``BOS + prompt + response + EOS`` and collates right-padded batches whose ``labels`` are
+``input_ids[:, 1:]`` with ``-100`` on prompt and padding positions, so both
+``token_logprobs(logits[:, :-1], labels)`` and
+``linear_token_logprobs(hidden[:, :-1], W, labels)`` score exactly the response tokens
+(plus EOS).
+
+Row numbers in errors are 1-based data rows (the header of a CSV is not counted).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
+            ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and which columns mean what.
+
+    ``prompt_column``: when set, the row's text is the *response* to that prompt and only
+    response tokens (and EOS) are scored. ``log_propensity_column``: a known log P^R(x)
+    (randomized design); otherwise f_0 estimates it. ``group_column``: a confounder or
+    stratum, carried along for reports only. ``max_tokens`` counts every token of the
+    encoded row (BOS, prompt, response, EOS); ``on_too_long`` is ``"truncate"`` (cut the
+    response, keep EOS, and count the rows cut) or ``"error"``.
+    """
+
+    path: str
+    text_column: str = "text"
+    outcome_column: str = "outcome"
+    prompt_column: str | None = None
+    log_propensity_column: str | None = None
+    group_column: str | None = None
+    id_column: str | None = None
+    max_tokens: int = 128
+    on_too_long: str = "truncate"
+
+
+@dataclass
+class OutcomeTable:
+    """Validated rows, in file order. ``ids`` default to the 1-based row numbers."""
+
+    texts: list[str]
+    outcomes: np.ndarray | None = None
+    prompts: list[str] | None = None
+    log_propensity: np.ndarray | None = None
+    groups: list[str] | None = None
+    ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.texts)
+        if not self.ids:
+            self.ids = [str(i + 1) for i in range(n)]
+        for name in ("outcomes", "prompts", "log_propensity", "groups", "ids"):
+            v = getattr(self, name)
+            if v is not None and len(v) != n:
+                raise ValueError(f"OutcomeTable.{name} has {len(v)} entries but texts has {n}.")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> OutcomeTable:
+        idx = [int(i) for i in np.asarray(indices).reshape(-1)]
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        arr = lambda a: None if a is None else np.asarray(a)[idx]  # noqa: E731
+        return OutcomeTable(texts=pick(self.texts), outcomes=arr(self.outcomes),
+                            prompts=pick(self.prompts), log_propensity=arr(self.log_propensity),
+                            groups=pick(self.groups), ids=pick(self.ids))
+
+
+# --------------------------------------------------------------------------- loading
+
+def _read_rows(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """Return (column names, rows as dicts) for a supported file."""
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown file type {path.suffix!r}; use one of "
+                         f"{sorted(_FORMATS)} (the type is taken from the extension).")
+    if fmt in ("csv", "tsv"):
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
+            rows = list(reader)
+            return list(reader.fieldnames or []), rows
+    if fmt == "jsonl":
+        rows, cols = [], {}
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {lineno} is not valid JSON: {e}") from e
+                if not isinstance(obj, dict):
+                    raise ValueError(f"{path}: line {lineno} is not a JSON object.")
+                rows.append(obj)
+                cols.update(dict.fromkeys(obj))
+        return list(cols), rows
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path)
+    return list(t.column_names), t.to_pylist()
+
+
+def _as_float(v: Any, row: int, col: str, path: Path) -> float:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: row {row}, column {col!r}: {v!r} is not a number.") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{path}: row {row}, column {col!r}: value {v!r} is not finite "
+                         "(NaN/inf); fix or drop the row.")
+    return x
+
+
+def load_table(cfg: DataConfig, require_outcome: bool = True) -> OutcomeTable:
+    """Read and validate ``cfg.path``.
+
+    Raises ValueError naming the column (and listing the available ones) when a configured
+    column is missing, and naming the row for an empty text, a missing/NaN/inf outcome or
+    log-propensity. With ``require_outcome=False`` (generation prompts, DM texts) the
+    outcome column may be absent; when present its values are still validated.
+    """
+    path = Path(cfg.path)
+    if not path.exists():
+        raise FileNotFoundError(f"DataConfig.path: {path} does not exist.")
+    columns, rows = _read_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: no data rows.")
+    avail = ", ".join(repr(c) for c in columns)
+    wanted = {"text_column": cfg.text_column, "prompt_column": cfg.prompt_column,
+              "log_propensity_column": cfg.log_propensity_column,
+              "group_column": cfg.group_column, "id_column": cfg.id_column}
+    if require_outcome:
+        wanted["outcome_column"] = cfg.outcome_column
+    for arg, col in wanted.items():
+        if col is not None and col not in columns:
+            raise ValueError(f"{path}: column {col!r} (DataConfig.{arg}) not found; "
+                             f"available columns: {avail}.")
+    has_outcome = cfg.outcome_column in columns
+
+    texts, prompts, groups, ids, ys, lps = [], [], [], [], [], []
+    for r, row in enumerate(rows, 1):
+        text = row.get(cfg.text_column)
+        text = "" if text is None else str(text)
+        if not text.strip():
+            raise ValueError(f"{path}: row {r}, column {cfg.text_column!r}: empty text.")
+        texts.append(text)
+        if cfg.prompt_column is not None:
+            p = row.get(cfg.prompt_column)
+            prompts.append("" if p is None else str(p))
+        if has_outcome:
+            v = row.get(cfg.outcome_column)
+            if v is None or (isinstance(v, str) and not v.strip()):
+                raise ValueError(f"{path}: row {r}, column {cfg.outcome_column!r}: "
+                                 "missing outcome.")
+            ys.append(_as_float(v, r, cfg.outcome_column, path))
+        if cfg.log_propensity_column is not None:
+            lps.append(_as_float(row.get(cfg.log_propensity_column), r,
+                                 cfg.log_propensity_column, path))
+        if cfg.group_column is not None:
+            groups.append(str(row.get(cfg.group_column)))
+        ids.append(str(row.get(cfg.id_column)) if cfg.id_column is not None else str(r))
+    if cfg.id_column is not None and len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: column {cfg.id_column!r} (DataConfig.id_column) has "
+                         "duplicate ids.")
+    return OutcomeTable(
+        texts=texts,
+        outcomes=np.asarray(ys, dtype=np.float64) if has_outcome else None,
+        prompts=prompts if cfg.prompt_column is not None else None,
+        log_propensity=np.asarray(lps, dtype=np.float64) if lps else None,
+        groups=groups if cfg.group_column is not None else None,
+        ids=ids,
+    )
+
+
+# --------------------------------------------------------------------------- encoding
+
+@dataclass
+class Encoded:
+    """Token ids per row and where scoring starts.
+
+    ``input_ids[i] = [BOS] + prompt + response + [EOS]``; ``score_start[i]`` is the index
+    of the first token whose prediction is scored (1 + number of prompt tokens, counting
+    BOS), so label position ``t`` (predicting token ``t+1``) is scored iff
+    ``t + 1 >= score_start[i]``.
+    """
+
+    input_ids: list[list[int]]
+    score_start: list[int]
+    n_truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _special_id(tokenizer: Any, name: str) -> int:
+    v = getattr(tokenizer, f"{name}_token_id", None)
+    if v is None:
+        raise ValueError(f"tokenizer has no {name}_token_id; set tokenizer.{name}_token "
+                         "(train_tokenizer() sets <bos>/<eos>/<pad>).")
+    return int(v)
+
+
+def encode(table: OutcomeTable, tokenizer: Any, max_tokens: int = 128,
+           on_too_long: str = "truncate") -> Encoded:
+    """Tokenize every row as ``BOS + prompt + response + EOS`` (special tokens added here,
+    not by the tokenizer). Too-long rows: ``"truncate"`` cuts the response (keeping EOS)
+    and counts them in ``n_truncated``; ``"error"`` raises naming the row."""
+    if on_too_long not in ("truncate", "error"):
+        raise ValueError(f"on_too_long must be 'truncate' or 'error', got {on_too_long!r}.")
+    bos, eos = _special_id(tokenizer, "bos"), _special_id(tokenizer, "eos")
+    resp = tokenizer(list(table.texts), add_special_tokens=False)["input_ids"]
+    if table.prompts is not None:
+        prm = tokenizer(list(table.prompts), add_special_tokens=False)["input_ids"]
+    else:
+        prm = [[] for _ in resp]
+    ids, starts, n_trunc = [], [], 0
+    for i, (p, r) in enumerate(zip(prm, resp, strict=True)):
+        n = 2 + len(p) + len(r)
+        if n > max_tokens:
+            keep = max_tokens - 2 - len(p)
+            if on_too_long == "error" or keep < 1:
+                why = ("the prompt alone leaves no room for the response"
+                       if keep < 1 else "on_too_long='error'")
+                raise ValueError(f"row {i + 1} (id {table.ids[i]}): {n} tokens > max_tokens="
+                                 f"{max_tokens} ({why}); raise max_tokens or shorten it.")
+            r = r[:keep]
+            n_trunc += 1
+        ids.append([bos, *p, *r, eos])
+        starts.append(1 + len(p))
+    return Encoded(input_ids=ids, score_start=starts, n_truncated=n_trunc)
+
+
+def collate(encoded: Encoded, indices: Sequence[int], pad_id: int,
+            outcomes: np.ndarray | None = None,
+            log_propensity: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded batch of rows ``indices`` (positions into ``encoded``).
+
+    Returns ``input_ids``/``attention_mask`` [B, T], ``labels`` [B, T-1] (= input_ids[:, 1:]
+    with -100 on prompt and padding), ``index`` [B], and ``outcome``/``log_propensity``
+    [B] float32 when the full-length arrays are given (indexed by ``indices`` here).
+    """
+    idx = [int(i) for i in indices]
+    if not idx:
+        raise ValueError("collate: empty batch (indices is empty).")
+    rows = [encoded.input_ids[i] for i in idx]
+    T = max(len(r) for r in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), int(pad_id), dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T - 1), IGNORE_INDEX, dtype=torch.long)
+    for b, (i, r) in enumerate(zip(idx, rows, strict=True)):
+        L = len(r)
+        t = torch.tensor(r, dtype=torch.long)
+        input_ids[b, :L] = t
+        attn[b, :L] = 1
+        s = encoded.score_start[i]
+        labels[b, s - 1:L - 1] = t[s:L]
+    out = {"input_ids": input_ids, "attention_mask": attn, "labels": labels,
+           "index": torch.tensor(idx, dtype=torch.long)}
+    if outcomes is not None:
+        out["outcome"] = torch.as_tensor(np.asarray(outcomes)[idx], dtype=torch.float32)
+    if log_propensity is not None:
+        out["log_propensity"] = torch.as_tensor(np.asarray(log_propensity)[idx],
+                                                dtype=torch.float32)
+    return out
