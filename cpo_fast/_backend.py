@@ -52,14 +52,14 @@ def _warn_no_extension() -> None:
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """Return the backend name to run on ``device``, or raise a ValueError saying why not."""
-    explicit = backend is not None
+    source = "the backend argument"
     if backend is None:
         backend = os.environ.get("CPO_FAST_BACKEND") or None
-        explicit = backend is not None
+        source = "the environment variable CPO_FAST_BACKEND"
     if backend is not None and backend not in BACKENDS:
         raise ValueError(
-            f"backend={backend!r} is not one of {BACKENDS} (from "
-            f"{'the argument' if explicit else 'CPO_FAST_BACKEND'}); pass one of them or None."
+            f"backend={backend!r} (from {source}) is not one of {BACKENDS}; use one of them, "
+            "or None for the best available."
         )
     if backend is None:
         if device.type == "cuda":

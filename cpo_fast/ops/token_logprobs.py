@@ -71,7 +71,8 @@ def _fwd_op(
     logp, ent, lse = _impl(backend).token_logprobs_forward(
         _as_3d(logits), labels.reshape(-1).long().contiguous(), ignore_index, with_entropy
     )
-    return logp.view(labels.shape), ent if with_entropy else ent.new_empty(0), lse.view(labels.shape)
+    ent = ent.view(labels.shape) if with_entropy else ent.new_empty(0)
+    return logp.view(labels.shape), ent, lse.view(labels.shape)
 
 
 @_fwd_op.register_fake

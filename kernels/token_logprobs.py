@@ -1,0 +1,148 @@
+r"""Triton kernels for the fused logits path (see cpo_fast/ops/token_logprobs.py).
+
+Forward, one program per row, one read of the row in BLOCK_V chunks with an online
+logsumexp. For a running max m, s = sum_v exp(z_v - m) and a = sum_v exp(z_v - m)(z_v - m);
+on a new max m' both rescale by alpha = exp(m - m') and a also gains s (m - m'):
+
+    lse = m + log s,     logp = z[y] - lse,     H = log s - a / s
+
+(H is computed relative to the max, so logits of magnitude 1e4 lose nothing to
+cancellation.) Backward, one more read and one write per row:
+
+    dz_v = G ([v == y] - p_v) - E p_v (log p_v + H),     p_v = exp(z_v - lse)
+
+Bytes moved (fwd+bwd) = 2 reads + 1 write of N x V elements: the bandwidth floor.
+Rows are addressed as (b, t) with strides (stride_b, stride_t), so a [B, T, V] view such
+as HF's ``logits[:, :-1, :]`` is read in place. Offsets are int64 (N*V exceeds 2^31).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(
+    logits_ptr, labels_ptr, logp_ptr, ent_ptr, lse_ptr,
+    T, V, stride_b, stride_t, stride_v, ignore_index,
+    HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    base = logits_ptr + b * stride_b + (row - b * T) * stride_t
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    # Ignored rows run no iterations: their logits are never read.
+    v_end = tl.where(valid, V, 0)
+
+    m = -float("inf")
+    s = 0.0
+    a = 0.0
+    for start in range(0, v_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        z = tl.load(base + cols * stride_v, mask=cols < V, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # A chunk (so far) of only -inf: keep the shift finite so no inf - inf appears.
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        e = tl.exp(z - m_safe)
+        if HAS_ENT:
+            shift = s * tl.where(s > 0, m - m_safe, 0.0)
+            a = alpha * (a + shift) + tl.sum(e * tl.where(e > 0, z - m_safe, 0.0), axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        m = m_new
+
+    in_vocab = valid & (label >= 0) & (label < V)
+    z_y = tl.load(base + label.to(tl.int64) * stride_v, mask=in_vocab, other=0.0).to(tl.float32)
+    s = tl.where(valid, s, 1.0)  # ignored rows: s = 0; keep log() finite
+    log_s = tl.log(s)
+    lse = tl.where(valid, m + log_s, 0.0)
+    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, tl.where(valid, z_y - lse, 0.0))
+    if HAS_ENT:
+        tl.store(ent_ptr + row, tl.where(valid, log_s - a / s, 0.0))
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(
+    logits_ptr, grad_ptr, labels_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr,
+    T, V, stride_b, stride_t, stride_v, gstride_b, gstride_t, gstride_v, ignore_index,
+    HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    base = logits_ptr + b * stride_b + t * stride_t
+    gbase = grad_ptr + b * gstride_b + t * gstride_t
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    G = tl.where(valid, tl.load(glogp_ptr + row), 0.0)
+    lse = tl.load(lse_ptr + row)
+    if HAS_ENT:
+        E = tl.where(valid, tl.load(gent_ptr + row), 0.0)
+        H = tl.load(ent_ptr + row)
+    v_load = tl.where(valid, V, 0)  # ignored rows load nothing and write zeros
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < V
+        z = tl.load(base + cols * stride_v, mask=cols < v_load, other=-float("inf")).to(tl.float32)
+        p = tl.exp(z - lse)
+        g = G * (tl.where(cols == label, 1.0, 0.0) - p)
+        if HAS_ENT:
+            g -= E * p * tl.where(p > 0, z - lse + H, 0.0)
+        g = tl.where(valid, g, 0.0)
+        tl.store(gbase + cols * gstride_v, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+# The largest vocabulary chunk a program holds at once (tests lower it to force many chunks).
+MAX_BLOCK_V = 4096
+
+
+def _config(V: int, block_v: int | None) -> tuple[int, int]:
+    if block_v is None:
+        block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
+    num_warps = 4 if block_v <= 1024 else (8 if block_v <= 4096 else 16)
+    return block_v, num_warps
+
+
+def token_logprobs_forward(
+    logits3: torch.Tensor, labels: torch.Tensor, ignore_index: int, with_entropy: bool,
+    *, block_v: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backend contract: [B, T, V] logits (any strides) -> fp32 (logp, entropy, lse) [B*T]."""
+    B, T, V = logits3.shape
+    N = B * T
+    logp = torch.empty(N, dtype=torch.float32, device=logits3.device)
+    lse = torch.empty_like(logp)
+    ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=logits3.device)
+    if N == 0:
+        return logp, ent, lse
+    BLOCK_V, num_warps = _config(V, block_v)
+    _token_logprobs_fwd_kernel[(N,)](
+        logits3, labels, logp, ent if with_entropy else logp, lse,
+        T, V, *logits3.stride(), ignore_index,
+        HAS_ENT=with_entropy, BLOCK_V=BLOCK_V, num_warps=num_warps,
+    )
+    return logp, ent, lse
+
+
+def token_logprobs_backward(
+    logits3: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+    grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, ignore_index: int,
+    grad_out3: torch.Tensor, *, block_v: int | None = None,
+) -> None:
+    """Backend contract: write dL/dlogits into grad_out3 (may be logits3 itself)."""
+    B, T, V = logits3.shape
+    N = B * T
+    if N == 0:
+        return
+    has_ent = grad_entropy is not None
+    BLOCK_V, num_warps = _config(V, block_v)
+    _token_logprobs_bwd_kernel[(N,)](
+        logits3, grad_out3, labels, lse, entropy if has_ent else lse, grad_logp,
+        grad_entropy if has_ent else grad_logp,
+        T, V, *logits3.stride(), *grad_out3.stride(), ignore_index,
+        HAS_ENT=has_ent, BLOCK_V=BLOCK_V, num_warps=num_warps,
+    )
