@@ -1,0 +1,70 @@
+// Plain-data interface between the pybind11 module and the per-ISA kernel builds.
+// No torch here: Python passes raw pointers, shapes, element strides and dtype codes.
+#pragma once
+#include <cstdint>
+
+namespace cpo {
+
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// A [B, T, V] view: element (b, t, v) lives at ptr + b*sb + t*st + v*sv (element strides).
+struct View3 {
+  void* ptr;
+  int dtype;
+  int64_t B, T, V;
+  int64_t sb, st, sv;
+};
+
+struct FwdArgs {
+  View3 x;
+  const int64_t* labels;  // [B*T]
+  int64_t ignore_index;
+  float* logp;            // [B*T]
+  float* entropy;         // [B*T] or nullptr
+  float* lse;             // [B*T]
+  int nthreads;
+};
+
+struct BwdArgs {
+  View3 x;                 // logits (read)
+  View3 out;               // gradient (written; may alias x with the same strides)
+  const int64_t* labels;   // [B*T]
+  int64_t label_offset;    // label y sits at column y - label_offset (fused-linear blocks)
+  int64_t ignore_index;
+  const float* lse;        // [B*T]
+  const float* entropy;    // [B*T] or nullptr when grad_entropy is nullptr
+  const float* grad_logp;  // [B*T]
+  const float* grad_entropy;  // [B*T] or nullptr
+  int nthreads;
+};
+
+// Online-logsumexp update over an fp32 block [rows, cols] (row stride ld) of a wider
+// logits matrix whose columns start at col0: merges the block into running (m, s, a) per row
+// and picks the label's logit when it falls inside the block.
+struct BlockFwdArgs {
+  const float* buf;
+  int64_t rows, cols, ld, col0;
+  const int64_t* labels;  // [rows]
+  int64_t ignore_index;
+  bool with_entropy;
+  float* m;   // running max            [rows]
+  float* s;   // sum exp(z - m)         [rows]
+  float* a;   // sum exp(z - m)(z - m)  [rows] (entropy only)
+  float* zy;  // label logit            [rows]
+  int nthreads;
+};
+
+struct Kernels {
+  const char* name;
+  void (*forward)(const FwdArgs&);
+  void (*backward)(const BwdArgs&);
+  void (*block_forward)(const BlockFwdArgs&);
+  void (*exp_f32)(const float* x, float* y, int64_t n);
+};
+
+extern const Kernels kernels_generic;
+#if defined(__x86_64__) || defined(_M_X64)
+extern const Kernels kernels_avx2;
+#endif
+
+}  // namespace cpo

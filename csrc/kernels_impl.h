@@ -1,0 +1,432 @@
+// The CPU kernels, written once and compiled per ISA: kernels_generic.cpp and
+// kernels_avx2.cpp include this file (no include guard on purpose) after defining CPO_NS
+// and, for AVX2, a target pragma. All system headers are included by those files first.
+//
+// Math (method.md sections 3 and 6), per row z of length V with label y:
+//   forward:  m = max z, s = sum e^(z-m), a = sum e^(z-m) (z-m)     (one pass, online in m)
+//             lse = m + log s,  logp = z_y - lse,  H = lse - sum p z = log s - a / s
+//   backward: dL/dz_v = G([v==y] - p_v) - E p_v (log p_v + H),  p_v = e^(z_v - lse)
+// Entropy is accumulated relative to the running max so large logits do not cancel.
+//
+// Vectors are GCC/Clang vector extensions of 8 floats: one ymm register under AVX2, two
+// xmm registers on the baseline build. No -ffast-math: -inf logits and NaNs keep IEEE
+// semantics; reductions are explicit lane-wise accumulators so nothing needs reassociation.
+
+namespace cpo {
+namespace CPO_NS {
+namespace {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+constexpr int64_t kChunk = 1024;  // elements per chunk: L1-resident between the two sweeps
+// Differences z - m are clamped here: exp(-150) is 0 in float32, and the clamp turns
+// (-inf) - m into a finite number so that p * (z - m) is 0 * finite = 0, never NaN.
+constexpr float kDMin = -150.f;
+
+inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+inline v8f vmax(v8f a, v8f b) { return a > b ? a : b; }
+inline float fmax1(float a, float b) { return a > b ? a : b; }
+inline float hmax(v8f v) {
+  float r = v[0];
+  for (int i = 1; i < 8; ++i) r = fmax1(r, v[i]);
+  return r;
+}
+inline float hsum(v8f v) {  // fixed pairwise order: deterministic
+  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+
+// exp(x) for 8 floats. Cody-Waite reduction x = n ln2 + r (|r| <= ln2/2), Cephes' minimax
+// polynomial for e^r, then a scale by 2^n split in two halves so that results in the
+// subnormal range (x down to about -103.97) round once, and overflow gives +inf.
+// Measured error: within 2 ulp of the correctly rounded float32 result (tests sweep it).
+inline v8f vexp(v8f x) {
+  const v8f lo = splat(-110.f), hi = splat(89.f);
+  x = x < lo ? lo : x;  // NaN fails both comparisons and propagates
+  x = x > hi ? hi : x;
+  const v8f magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const v8f t = x * splat(1.44269504088896341f) + magic;
+  const v8i ni = (v8i)t - (v8i)magic;
+  const v8f n = t - magic;
+  v8f r = x - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  v8f p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  const v8f e = p * (r * r) + r + splat(1.f);
+  const v8i n1 = ni >> 1;
+  const v8i n2 = ni - n1;
+  const v8f s1 = (v8f)((n1 + 127) << 23);
+  const v8f s2 = (v8f)((n2 + 127) << 23);
+  return (e * s1) * s2;
+}
+
+// ---- dtype conversion -------------------------------------------------------------------
+
+inline float bits2f(uint32_t u) {
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t f2bits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  return u;
+}
+
+// IEEE half <-> float (F. Giesen's exact conversions; round to nearest even).
+inline float h2f(uint16_t h) {
+  const uint32_t shifted_exp = 0x7c00u << 13;
+  uint32_t o = (uint32_t)(h & 0x7fffu) << 13;
+  const uint32_t exp = shifted_exp & o;
+  o += (127u - 15u) << 23;
+  float f;
+  if (exp == shifted_exp) {  // inf / NaN
+    o += (128u - 16u) << 23;
+    f = bits2f(o);
+  } else if (exp == 0) {  // zero / subnormal
+    o += 1u << 23;
+    f = bits2f(o) - bits2f(113u << 23);
+  } else {
+    f = bits2f(o);
+  }
+  return bits2f(f2bits(f) | ((uint32_t)(h & 0x8000u) << 16));
+}
+inline uint16_t f2h(float f) {
+  uint32_t x = f2bits(f);
+  const uint32_t sign = x & 0x80000000u;
+  x ^= sign;
+  uint16_t o;
+  if (x >= 0x47800000u) {  // >= 65536: inf, or NaN
+    o = x > 0x7f800000u ? 0x7e00 : 0x7c00;
+  } else if (x < 0x38800000u) {  // below the smallest normal half: let the FPU round
+    const float g = bits2f(x) + 0.5f;
+    o = (uint16_t)(f2bits(g) - f2bits(0.5f));
+  } else {
+    const uint32_t mant_odd = (x >> 13) & 1u;
+    x += ((uint32_t)(15 - 127) << 23) + 0xfffu;
+    x += mant_odd;
+    o = (uint16_t)(x >> 13);
+  }
+  return (uint16_t)(o | (sign >> 16));
+}
+inline float bf2f(uint16_t h) { return bits2f((uint32_t)h << 16); }
+inline uint16_t f2bf(float f) {
+  const uint32_t u = f2bits(f);
+  if (f != f) return (uint16_t)((u >> 16) | 0x40u);  // quiet NaN
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+template <int DT> struct Elem;
+template <> struct Elem<kF32> { typedef float T; };
+template <> struct Elem<kBF16> { typedef uint16_t T; };
+template <> struct Elem<kF16> { typedef uint16_t T; };
+
+template <int DT> inline float load1(const void* p, int64_t i);
+template <> inline float load1<kF32>(const void* p, int64_t i) { return ((const float*)p)[i]; }
+template <> inline float load1<kBF16>(const void* p, int64_t i) {
+  return bf2f(((const uint16_t*)p)[i]);
+}
+template <> inline float load1<kF16>(const void* p, int64_t i) {
+  return h2f(((const uint16_t*)p)[i]);
+}
+template <int DT> inline void store1(void* p, int64_t i, float v);
+template <> inline void store1<kF32>(void* p, int64_t i, float v) { ((float*)p)[i] = v; }
+template <> inline void store1<kBF16>(void* p, int64_t i, float v) {
+  ((uint16_t*)p)[i] = f2bf(v);
+}
+template <> inline void store1<kF16>(void* p, int64_t i, float v) { ((uint16_t*)p)[i] = f2h(v); }
+
+// 8 contiguous elements starting at index i.
+template <int DT> inline v8f loadv(const void* p, int64_t i);
+template <> inline v8f loadv<kF32>(const void* p, int64_t i) {
+  v8f r;
+  __builtin_memcpy(&r, (const float*)p + i, 32);
+  return r;
+}
+template <> inline v8f loadv<kBF16>(const void* p, int64_t i) {
+  v8h h;
+  __builtin_memcpy(&h, (const uint16_t*)p + i, 16);
+  return (v8f)(__builtin_convertvector(h, v8u) << 16);
+}
+template <> inline v8f loadv<kF16>(const void* p, int64_t i) {
+  v8f r;
+  for (int j = 0; j < 8; ++j) r[j] = h2f(((const uint16_t*)p)[i + j]);
+  return r;
+}
+template <int DT> inline void storev(void* p, int64_t i, v8f v);
+template <> inline void storev<kF32>(void* p, int64_t i, v8f v) {
+  __builtin_memcpy((float*)p + i, &v, 32);
+}
+template <> inline void storev<kBF16>(void* p, int64_t i, v8f v) {
+  const v8u u = (v8u)v;
+  v8u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  r = (v != v) ? ((u >> 16) | 0x40u) : r;          // NaN stays NaN
+  const v8h h = __builtin_convertvector(r, v8h);
+  __builtin_memcpy((uint16_t*)p + i, &h, 16);
+}
+template <> inline void storev<kF16>(void* p, int64_t i, v8f v) {
+  for (int j = 0; j < 8; ++j) ((uint16_t*)p)[i + j] = f2h(v[j]);
+}
+// The last cnt < 8 elements, padded with pad.
+template <int DT> inline v8f load_tail(const void* p, int64_t i, int64_t cnt, float pad) {
+  v8f r = splat(pad);
+  for (int64_t j = 0; j < cnt; ++j) r[j] = load1<DT>(p, i + j);
+  return r;
+}
+template <int DT> inline void store_tail(void* p, int64_t i, int64_t cnt, v8f v) {
+  for (int64_t j = 0; j < cnt; ++j) store1<DT>(p, i + j, v[j]);
+}
+
+constexpr int64_t esize(int dt) { return dt == kF32 ? 4 : 2; }
+
+// ---- forward ----------------------------------------------------------------------------
+
+struct Stats {
+  float m, s, a;  // max, sum e^(z-m), sum e^(z-m)(z-m)
+};
+
+struct Acc {
+  float m = -FLT_MAX;  // finite start: no (-inf) - (-inf) on the first rescale
+  v8f s0 = {}, s1 = {}, a0 = {}, a1 = {};
+};
+
+// One chunk (contiguous, L1-resident): max sweep, rescale if the max grew, exp sweep.
+template <int DT, bool ENT>
+inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc) {
+  const int64_t nfull = len & ~int64_t(7);
+  const v8f tail = load_tail<DT>(p, off + nfull, len - nfull, -INFINITY);
+  v8f mx0 = splat(-FLT_MAX), mx1 = mx0;
+  int64_t i = 0;
+  for (; i + 16 <= nfull; i += 16) {
+    mx0 = vmax(mx0, loadv<DT>(p, off + i));
+    mx1 = vmax(mx1, loadv<DT>(p, off + i + 8));
+  }
+  for (; i < nfull; i += 8) mx0 = vmax(mx0, loadv<DT>(p, off + i));
+  const float cm = hmax(vmax(vmax(mx0, mx1), tail));
+  if (cm > acc.m) {
+    const float d = fmax1(acc.m - cm, kDMin);
+    const v8f c = splat(expf(d)), dv = splat(d);
+    if (ENT) {
+      acc.a0 = c * (acc.a0 + acc.s0 * dv);
+      acc.a1 = c * (acc.a1 + acc.s1 * dv);
+    }
+    acc.s0 *= c;
+    acc.s1 *= c;
+    acc.m = cm;
+  }
+  const v8f mm = splat(acc.m), dmin = splat(kDMin);
+  i = 0;
+  for (; i + 16 <= nfull; i += 16) {
+    const v8f d0 = vmax(loadv<DT>(p, off + i) - mm, dmin);
+    const v8f d1 = vmax(loadv<DT>(p, off + i + 8) - mm, dmin);
+    const v8f e0 = vexp(d0), e1 = vexp(d1);
+    acc.s0 += e0;
+    acc.s1 += e1;
+    if (ENT) {
+      acc.a0 += e0 * d0;
+      acc.a1 += e1 * d1;
+    }
+  }
+  for (; i < nfull; i += 8) {
+    const v8f d0 = vmax(loadv<DT>(p, off + i) - mm, dmin);
+    const v8f e0 = vexp(d0);
+    acc.s0 += e0;
+    if (ENT) acc.a0 += e0 * d0;
+  }
+  if (len > nfull) {
+    const v8f d1 = vmax(tail - mm, dmin);  // -inf padding: e = 0, e * d = 0
+    const v8f e1 = vexp(d1);
+    acc.s1 += e1;
+    if (ENT) acc.a1 += e1 * d1;
+  }
+}
+
+// Statistics of one row read once from memory (chunks of it are swept twice in L1).
+// Rows with element stride sv != 1 are gathered chunk by chunk into buf (fp32).
+template <int DT, bool ENT>
+Stats row_stats(const void* row, int64_t V, int64_t sv, float* buf) {
+  Acc acc;
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t len = V - c0 < kChunk ? V - c0 : kChunk;
+    if (sv == 1) {
+      chunk_stats<DT, ENT>(row, c0, len, acc);
+    } else {
+      for (int64_t j = 0; j < len; ++j) buf[j] = load1<DT>(row, (c0 + j) * sv);
+      chunk_stats<kF32, ENT>(buf, 0, len, acc);
+    }
+  }
+  return Stats{acc.m, hsum(acc.s0 + acc.s1), ENT ? hsum(acc.a0 + acc.a1) : 0.f};
+}
+
+inline const void* row_ptr(const View3& x, int64_t n) {
+  const int64_t b = n / x.T, t = n - (n / x.T) * x.T;
+  return (const char*)x.ptr + (b * x.sb + t * x.st) * esize(x.dtype);
+}
+
+template <int DT, bool ENT>
+void forward_t(const FwdArgs& A) {
+  const View3& x = A.x;
+  const int64_t N = x.B * x.T, V = x.V;
+#pragma omp parallel num_threads(A.nthreads)
+  {
+    float buf[kChunk];
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t y = A.labels[n];
+      if (y == A.ignore_index) {  // skipped: the row is not even read
+        A.logp[n] = 0.f;
+        A.lse[n] = 0.f;
+        if (ENT) A.entropy[n] = 0.f;
+        continue;
+      }
+      const void* row = row_ptr(x, n);
+      const Stats st = row_stats<DT, ENT>(row, V, x.sv, buf);
+      const float ls = logf(st.s);
+      const float lse = st.m + ls;
+      // Out-of-range labels were rejected in Python; never read out of bounds regardless.
+      const float zy = (y >= 0 && y < V) ? load1<DT>(row, y * x.sv) : NAN;
+      A.logp[n] = zy - lse;
+      A.lse[n] = lse;
+      if (ENT) A.entropy[n] = ls - st.a / st.s;
+    }
+  }
+}
+
+void forward(const FwdArgs& A) {
+  const bool ent = A.entropy != nullptr;
+  switch (A.x.dtype) {
+    case kF32: return ent ? forward_t<kF32, true>(A) : forward_t<kF32, false>(A);
+    case kBF16: return ent ? forward_t<kBF16, true>(A) : forward_t<kBF16, false>(A);
+    default: return ent ? forward_t<kF16, true>(A) : forward_t<kF16, false>(A);
+  }
+}
+
+// Fused-linear helper: merge one fp32 block of columns into each row's running statistics.
+template <bool ENT>
+void block_forward_t(const BlockFwdArgs& A) {
+#pragma omp parallel for schedule(dynamic, 4) num_threads(A.nthreads)
+  for (int64_t r = 0; r < A.rows; ++r) {
+    const int64_t y = A.labels[r];
+    if (y == A.ignore_index) continue;
+    const float* row = A.buf + r * A.ld;
+    const Stats st = row_stats<kF32, ENT>(row, A.cols, 1, nullptr);
+    const float M = fmax1(A.m[r], st.m);
+    const float d1 = fmax1(A.m[r] - M, kDMin), d2 = fmax1(st.m - M, kDMin);
+    const float c1 = expf(d1), c2 = expf(d2);
+    if (ENT) A.a[r] = c1 * (A.a[r] + A.s[r] * d1) + c2 * (st.a + st.s * d2);
+    A.s[r] = c1 * A.s[r] + c2 * st.s;
+    A.m[r] = M;
+    const int64_t yl = y - A.col0;
+    if (yl >= 0 && yl < A.cols) A.zy[r] = row[yl];
+  }
+}
+
+void block_forward(const BlockFwdArgs& A) {
+  return A.with_entropy ? block_forward_t<true>(A) : block_forward_t<false>(A);
+}
+
+// ---- backward ---------------------------------------------------------------------------
+
+struct RowGrad {
+  float lse, G, E, H;
+};
+
+template <int IDT, int ODT, bool ENT>
+inline v8f grad_vec(v8f z, const RowGrad& g) {
+  const v8f d = vmax(z - splat(g.lse), splat(kDMin));  // log p, clamped: p = 0 below
+  const v8f p = vexp(d);
+  if (ENT) return -p * (splat(g.G) + splat(g.E) * (d + splat(g.H)));
+  return -p * splat(g.G);
+}
+
+// Gradient of one contiguous chunk, every element read before its own slot is written.
+template <int IDT, int ODT, bool ENT>
+inline void chunk_grad(const void* in, void* out, int64_t off, int64_t len, const RowGrad& g) {
+  const int64_t nfull = len & ~int64_t(7);
+  int64_t i = 0;
+  for (; i + 16 <= nfull; i += 16) {
+    const v8f z0 = loadv<IDT>(in, off + i), z1 = loadv<IDT>(in, off + i + 8);
+    storev<ODT>(out, off + i, grad_vec<IDT, ODT, ENT>(z0, g));
+    storev<ODT>(out, off + i + 8, grad_vec<IDT, ODT, ENT>(z1, g));
+  }
+  for (; i < nfull; i += 8)
+    storev<ODT>(out, off + i, grad_vec<IDT, ODT, ENT>(loadv<IDT>(in, off + i), g));
+  if (len > nfull) {
+    const v8f z = load_tail<IDT>(in, off + nfull, len - nfull, 0.f);
+    store_tail<ODT>(out, off + nfull, len - nfull, grad_vec<IDT, ODT, ENT>(z, g));
+  }
+}
+
+template <int DT, bool ENT>
+void backward_t(const BwdArgs& A) {
+  const View3& x = A.x;
+  const View3& o = A.out;
+  const int64_t N = x.B * x.T, V = x.V;
+#pragma omp parallel num_threads(A.nthreads)
+  {
+    float buf[kChunk];
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t n = 0; n < N; ++n) {
+      const void* in = row_ptr(x, n);
+      void* out = const_cast<void*>(row_ptr(o, n));
+      const int64_t y = A.labels[n];
+      if (y == A.ignore_index) {
+        if (o.sv == 1) {
+          __builtin_memset(out, 0, V * esize(DT));  // +0.0 is all-zero bits in every dtype
+        } else {
+          for (int64_t v = 0; v < V; ++v) store1<DT>(out, v * o.sv, 0.f);
+        }
+        continue;
+      }
+      RowGrad g{A.lse[n], A.grad_logp[n], ENT ? A.grad_entropy[n] : 0.f,
+                ENT ? A.entropy[n] : 0.f};
+      const int64_t yl = y - A.label_offset;
+      const bool has_y = yl >= 0 && yl < V;
+      const float zy = has_y ? load1<DT>(in, yl * x.sv) : 0.f;  // read before any write
+      for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+        const int64_t len = V - c0 < kChunk ? V - c0 : kChunk;
+        if (x.sv == 1 && o.sv == 1) {
+          chunk_grad<DT, DT, ENT>(in, out, c0, len, g);
+        } else {
+          for (int64_t j = 0; j < len; ++j) buf[j] = load1<DT>(in, (c0 + j) * x.sv);
+          chunk_grad<kF32, kF32, ENT>(buf, buf, 0, len, g);
+          for (int64_t j = 0; j < len; ++j) store1<DT>(out, (c0 + j) * o.sv, buf[j]);
+        }
+      }
+      if (has_y) {  // the label's slot, exactly: G (1 - p_y) with 1 - p_y = -expm1(log p_y)
+        const float d = fmax1(zy - g.lse, kDMin);
+        const float p = expf(d);
+        float gy = -g.G * expm1f(d);
+        if (ENT) gy -= g.E * p * (d + g.H);
+        store1<DT>(out, yl * o.sv, gy);
+      }
+    }
+  }
+}
+
+void backward(const BwdArgs& A) {
+  const bool ent = A.grad_entropy != nullptr;
+  switch (A.x.dtype) {
+    case kF32: return ent ? backward_t<kF32, true>(A) : backward_t<kF32, false>(A);
+    case kBF16: return ent ? backward_t<kBF16, true>(A) : backward_t<kBF16, false>(A);
+    default: return ent ? backward_t<kF16, true>(A) : backward_t<kF16, false>(A);
+  }
+}
+
+// ---- exp, exposed for the accuracy test ---------------------------------------------------
+
+void exp_f32(const float* x, float* y, int64_t n) {
+  const int64_t nfull = n & ~int64_t(7);
+  for (int64_t i = 0; i < nfull; i += 8) storev<kF32>(y, i, vexp(loadv<kF32>(x, i)));
+  if (n > nfull) store_tail<kF32>(y, nfull, n - nfull, vexp(load_tail<kF32>(x, nfull, n - nfull, 0.f)));
+}
+
+}  // namespace
+}  // namespace CPO_NS
+}  // namespace cpo
