@@ -82,9 +82,10 @@ def _bwd_op(
         ignore_index, needs_hidden_grad, needs_weight_grad, needs_bias_grad,
         grad_skip_threshold,
     )
-    empty = hidden.new_empty(0)
-    return (gh if gh is not None else empty, gw if gw is not None else empty,
-            gb if gb is not None else empty)
+    # One fresh empty per missing output: custom-op outputs may not alias each other.
+    empty = lambda: hidden.new_empty(0)
+    return (gh if gh is not None else empty(), gw if gw is not None else empty(),
+            gb if gb is not None else empty())
 
 
 @_bwd_op.register_fake
