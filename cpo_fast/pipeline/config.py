@@ -1,0 +1,235 @@
+"""Run configuration: one flat dataclass, filled from defaults, then YAML, then CLI flags.
+
+A YAML file may be flat (``lr: 1e-3``) or grouped in sections (``train: {lr: 1e-3}``); the
+sections are only for reading and are flattened (section names: see ``SECTIONS``). Every
+field is also a CLI flag ``--field-name`` (underscores become dashes); flags override YAML.
+Unknown keys are errors that name the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+METHODS = ("sft_all", "sft_top", "oo_rlhf", "cpo", "dr_cpo")
+DM_SOURCES = ("f0_completions", "dataset", "file")
+ARCHS = ("llama", "qwen2", "gpt2")
+
+
+def _f(default: Any, help: str, section: str, **kw) -> Any:
+    meta = {"help": help, "section": section, **kw}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. Sections are documentation (and YAML grouping) only."""
+
+    # --- data
+    data: str | None = _f(None, "dataset file (csv, jsonl, parquet)", "data")
+    text_column: str = _f("text", "column with the texts", "data")
+    outcome_column: str = _f("outcome", "column with the outcome y", "data")
+    prompt_column: str | None = _f(None, "optional prompt column (only responses scored)", "data")
+    log_propensity_column: str | None = _f(None, "optional known log P^R column", "data")
+    group_column: str | None = _f(None, "optional group column (kept for analysis)", "data")
+    id_column: str | None = _f(None, "optional id column", "data")
+    max_tokens: int = _f(64, "max tokens per text (prompt + response)", "data")
+    on_too_long: str = _f("truncate", "truncate | error", "data")
+    max_rows: int | None = _f(None, "subsample the dataset to this many rows (seeded)", "data")
+    eval_fraction: float = _f(0.1, "held-out rows for the off-policy estimates", "data")
+    higher_is_better: bool = _f(True, "false when lower outcomes are better", "data")
+    # --- models
+    base_model: str | None = _f(None, "HF model dir to start f_0's SFT from (else a new model)",
+                                "model")
+    f0_model: str | None = _f(None, "HF model dir used as f_0 directly (skips the SFT stage)",
+                              "model")
+    tokenizer: str | None = _f(None, "tokenizer dir (else the model's, else trained here)", "model")
+    vocab_size: int = _f(512, "vocabulary of a tokenizer trained here", "model")
+    arch: str = _f("llama", "architecture of a new model: llama | qwen2 | gpt2", "model")
+    hidden_size: int = _f(64, "new model: hidden size", "model")
+    num_layers: int = _f(2, "new model: layers", "model")
+    num_heads: int = _f(4, "new model: attention heads", "model")
+    # --- f_0 (SFT on all the dataset's texts)
+    f0_steps: int = _f(200, "SFT steps for f_0", "f0")
+    f0_lr: float = _f(3e-3, "SFT learning rate for f_0 (full fine-tuning)", "f0")
+    f0_batch_size: int = _f(32, "SFT batch size for f_0", "f0")
+    # --- policy training
+    method: str = _f("dr_cpo", "sft_all | sft_top | oo_rlhf | cpo | dr_cpo", "train")
+    weighting: str = _f("self_normalized", "raw | self_normalized | clipped | truncated", "train")
+    steps: int = _f(100, "optimizer steps", "train")
+    batch_size: int = _f(32, "rows per micro-batch", "train")
+    grad_accum: int = _f(1, "micro-batches per optimizer step", "train")
+    lr: float = _f(1e-3, "peak learning rate (AdamW)", "train")
+    weight_decay: float = _f(0.0, "AdamW weight decay", "train")
+    warmup_steps: int = _f(10, "linear warmup steps (then cosine decay to 10%)", "train")
+    grad_clip: float = _f(1.0, "max gradient norm (0 disables)", "train")
+    lora: bool = _f(True, "LoRA adapters (false: full fine-tuning)", "train")
+    lora_r: int = _f(8, "LoRA rank", "train")
+    lora_alpha: float = _f(16.0, "LoRA alpha", "train")
+    lora_dropout: float = _f(0.0, "LoRA dropout", "train")
+    bf16: bool = _f(True, "bf16 autocast (GPU only; ignored on CPU)", "train")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward", "train")
+    length_normalize: bool = _f(False, "mean instead of sum of token log-probs", "train")
+    entropy_coef: float = _f(0.0, "entropy bonus coefficient", "train")
+    kl_coef: float = _f(0.0, "KL-to-f_0 penalty coefficient (k3, from the cache)", "train")
+    max_log_weight: float = _f(50.0, "clamp on log weights (raw/clipped/truncated)", "train")
+    truncation: float = _f(10.0, "tau for weighting=truncated", "train")
+    clip_eps: float = _f(0.2, "eps for weighting=clipped", "train")
+    top_quantile: float = _f(0.75, "sft_top trains on rows above this outcome quantile", "train")
+    dm_batch_size: int = _f(32, "DM rows per micro-batch (dr_cpo, oo_rlhf)", "train")
+    backend: str | None = _f(None, "fused-op backend (default: best available)", "train")
+    save_every: int = _f(50, "checkpoint every N optimizer steps (0: only at the end)", "train")
+    log_every: int = _f(1, "metrics line every N steps", "train")
+    stop_after: int | None = _f(None, "stop after this step (simulates an interruption)", "train")
+    # --- outcome model
+    outcome_model: str = _f("ridge", "ridge | mlp on f_0's mean-pooled features", "outcome")
+    outcome_folds: int = _f(5, "cross-fitting folds", "outcome")
+    # --- direct-method (DM) set
+    dm_source: str = _f("f0_completions", "f0_completions | dataset | file", "dm")
+    dm_path: str | None = _f(None, "unlabeled texts file for dm_source=file", "dm")
+    dm_size: int = _f(512, "DM texts (f0_completions: how many to sample)", "dm")
+    dm_prefix_fraction: float = _f(0.3, "f0_completions: kept fraction of each text's tokens",
+                                   "dm")
+    # --- generation / evaluation
+    num_samples: int = _f(256, "texts generated per model for evaluation", "generate")
+    max_new_tokens: int = _f(48, "max new tokens per generated text", "generate")
+    temperature: float = _f(1.0, "sampling temperature", "generate")
+    top_k: int = _f(0, "top-k sampling (0: full distribution)", "generate")
+    gen_from_prompts: bool = _f(True, "condition on the dataset's prompts when it has them",
+                                "generate")
+    bootstrap: int = _f(1000, "bootstrap resamples for the 95% intervals", "generate")
+    # --- run
+    output_dir: str = _f("runs/train", "where everything is written", "run")
+    seed: int = _f(0, "seed for data order, init, sampling", "run")
+    device: str | None = _f(None, "cpu | cuda (default: cuda when available)", "run")
+    batch_size_eval: int = _f(64, "batch size of no-grad passes", "run")
+    progress: bool = _f(True, "tqdm progress bars", "run")
+    threads: int | None = _f(None, "torch CPU threads", "run")
+
+    def validate(self) -> RunConfig:
+        def one_of(name: str, allowed: tuple[str, ...]) -> None:
+            v = getattr(self, name)
+            if v not in allowed:
+                close = difflib.get_close_matches(str(v), allowed, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"--{name.replace('_', '-')}={v!r} is not one of {allowed}.{hint}")
+
+        from cpo_fast.objectives import WEIGHTINGS
+
+        one_of("method", METHODS)
+        one_of("weighting", WEIGHTINGS)
+        one_of("dm_source", DM_SOURCES)
+        one_of("arch", ARCHS)
+        one_of("on_too_long", ("truncate", "error"))
+        one_of("outcome_model", ("ridge", "mlp"))
+        if self.dm_source == "file" and not self.dm_path:
+            raise ValueError("--dm-source=file needs --dm-path pointing to a file of texts.")
+        for name in ("steps", "batch_size", "grad_accum", "max_tokens", "dm_batch_size",
+                     "num_samples", "max_new_tokens", "outcome_folds"):
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be >= 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}.")
+        if not 0.0 < self.dm_prefix_fraction < 1.0:
+            raise ValueError("--dm-prefix-fraction must be in (0, 1), got "
+                             f"{self.dm_prefix_fraction}.")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+FIELDS = {f.name: f for f in fields(RunConfig)}
+SECTIONS = sorted({f.metadata["section"] for f in fields(RunConfig)})
+
+
+def _flatten(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in raw.items():
+        key = str(k).replace("-", "_")
+        if key in SECTIONS and isinstance(v, dict) and key not in FIELDS:
+            flat.update(_flatten(v, source))
+            continue
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, list(FIELDS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{source}: unknown config key {k!r}.{hint}")
+        flat[key] = v
+    return flat
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {str(path)!r}: no such file.")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config {str(path)!r}: expected a mapping of keys to values.")
+    return _flatten(raw, str(path))
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _caster(f: dataclasses.Field):
+    t = str(f.type)
+    if "bool" in t:
+        return _parse_bool
+    if "int" in t:
+        return int
+    if "float" in t:
+        return float
+    return str
+
+
+def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = None) -> None:
+    """Add ``--config`` and one ``--field-name`` flag per field (default: unset)."""
+    parser.add_argument("--config", default=None, help="YAML config file (flags override it)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(RunConfig):
+        if only is not None and f.name not in only:
+            continue
+        sec = f.metadata["section"]
+        g = groups.setdefault(sec, parser.add_argument_group(sec))
+        g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_caster(f),
+                       default=None, help=f"{f.metadata['help']} (default: {f.default!r})"
+                       if f.default is not dataclasses.MISSING else f.metadata["help"])
+
+
+def config_from(args: argparse.Namespace | None = None, yaml_path: str | None = None,
+                **overrides: Any) -> RunConfig:
+    """Defaults < YAML < parsed flags (those not None) < keyword overrides."""
+    values: dict[str, Any] = {}
+    path = yaml_path or (getattr(args, "config", None) if args is not None else None)
+    if path:
+        values.update(load_yaml(path))
+    if args is not None:
+        values.update({k: v for k, v in vars(args).items() if k in FIELDS and v is not None})
+    values.update(_flatten(overrides, "overrides"))
+    cfg = RunConfig(**values)
+    for name, f in FIELDS.items():  # YAML gives strings for '1e-3'; coerce numeric fields
+        v = getattr(cfg, name)
+        if isinstance(v, str) and _caster(f) in (int, float, _parse_bool):
+            try:
+                setattr(cfg, name, _caster(f)(v))
+            except (ValueError, argparse.ArgumentTypeError) as e:
+                raise ValueError(f"config key {name!r}: cannot read {v!r} ({e}).") from None
+    return cfg.validate()

@@ -1,0 +1,131 @@
+"""Evaluate a model: what its generations score, and off-policy estimates of V.
+
+Two views of V(theta) = E_{X ~ P^f_theta}[g(X)] (method.md section 1):
+- *on-policy*: sample texts from the model, score them with the outcome model ghat and
+  with any given scorer (the demo's oracle g*), report means with bootstrap 95% intervals;
+- *off-policy*: on held-out rows, the importance weights w_i = P^f(x_i) / P^R(x_i) give
+  the IPW, self-normalized and doubly robust estimates (``estimate.off_policy_estimates``),
+  with ghat's mean over the model's own samples as the DR's direct-method term.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cpo_fast.pipeline.data import collate
+from cpo_fast.pipeline.generate import generate_texts
+
+Scorer = Callable[[list[str]], np.ndarray]
+
+
+@torch.no_grad()
+def sequence_logprobs_of(model, encoded, *, pad_id: int, batch_size: int = 64,
+                         backend: str | None = None, length_normalize: bool = False) -> np.ndarray:
+    """s_i of every encoded row under ``model`` (fused-linear op, no grad)."""
+    from cpo_fast.pipeline.modeling import sequence_token_logprobs
+
+    dev = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    out = np.zeros(len(encoded), np.float64)
+    for s in range(0, len(encoded), batch_size):
+        idx = list(range(s, min(s + batch_size, len(encoded))))
+        b = {k: v.to(dev) for k, v in collate(encoded, idx, pad_id).items()}
+        lp = sequence_token_logprobs(model, b, backend=backend).float()
+        m = (b["labels"] != -100).float()
+        v = (lp * m).sum(-1)
+        if length_normalize:
+            v = v / m.sum(-1).clamp_min(1)
+        out[s:s + len(idx)] = v.double().cpu().numpy()
+    model.train(was)
+    return out
+
+
+def generation_prompts(prep) -> list[list[int]] | None:
+    """Prompt token ids (with BOS) of the held-out rows, or None for unconditioned data."""
+    if prep.train_table.prompts is None or not prep.cfg.gen_from_prompts:
+        return None
+    enc = prep.eval_enc if prep.eval_enc is not None else prep.train_enc
+    return [ids[:s] for ids, s in zip(enc.input_ids, enc.score_start, strict=True)]
+
+
+def evaluate_model(prep, model, *, name: str, scorers: dict[str, Scorer] | None = None,
+                   seed: int | None = None, off_policy: bool = True) -> dict[str, Any]:
+    """Generate ``cfg.num_samples`` texts from ``model`` and score them; off-policy estimates
+    on the held-out rows. Returns a JSON-able dict (samples included)."""
+    from cpo_fast.pipeline.estimate import bootstrap_ci, off_policy_estimates
+    from cpo_fast.pipeline.train import predict_outcome
+
+    cfg = prep.cfg
+    seed = cfg.seed + 2024 if seed is None else seed
+    texts, prompts = generate_texts(
+        model, prep.tokenizer, cfg.num_samples, prompt_ids=generation_prompts(prep), seed=seed,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+        batch_size=cfg.batch_size_eval, progress=cfg.progress, desc=f"generate ({name})")
+    res: dict[str, Any] = {"name": name, "num_samples": len(texts)}
+    ci = lambda v: dict(zip(("mean", "lo", "hi"),
+                            map(float, bootstrap_ci(np.asarray(v, np.float64),
+                                                    n_boot=cfg.bootstrap, seed=seed)), strict=True))
+    scores: dict[str, np.ndarray] = {}
+    if prep.outcome_fit is not None:
+        scores["ghat"] = np.asarray(predict_outcome(prep, texts, prompts), np.float64)
+    for sname, fn in (scorers or {}).items():
+        scores[sname] = np.asarray(fn(texts), np.float64)
+    for sname, v in scores.items():
+        res[sname] = ci(v)
+    res["mean_tokens"] = float(np.mean([len(prep.tokenizer.encode(t, add_special_tokens=False))
+                                        for t in texts])) if texts else 0.0
+    res["distinct_fraction"] = len(set(texts)) / max(1, len(texts))
+    if off_policy and prep.eval_enc is not None and prep.eval_ref is not None:
+        s = sequence_logprobs_of(model, prep.eval_enc, pad_id=prep.pad_id,
+                                 batch_size=cfg.batch_size_eval, backend=cfg.backend,
+                                 length_normalize=cfg.length_normalize)
+        if prep.eval_table.log_propensity is not None:
+            ref = np.asarray(prep.eval_table.log_propensity, np.float64)
+        else:
+            enc = prep.eval_enc
+            ref = np.array([np.asarray(r, np.float64).sum() for r in prep.eval_ref])
+            if cfg.length_normalize:
+                ref /= np.maximum(1, [len(ids) - s0 for ids, s0 in
+                                      zip(enc.input_ids, enc.score_start, strict=True)])
+        ghat_pol = scores.get("ghat")  # per-sample: its bootstrap covers the DM term too
+        est = off_policy_estimates(s - ref, np.asarray(prep.eval_table.outcomes, np.float64),
+                                   prep.ghat_eval, ghat_pol, n_boot=cfg.bootstrap, seed=seed)
+        res["off_policy"] = _jsonable(est)
+    res["samples"] = [{"text": t, **({"prompt": prompts[i]} if prompts else {}),
+                       **{k: float(v[i]) for k, v in scores.items()}}
+                      for i, t in enumerate(texts)]
+    return res
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+def write_eval(res: dict[str, Any], path: str | Path) -> None:
+    """results JSON (without samples) and the samples as JSONL next to it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_suffix(".samples.jsonl").open("w") as f:
+        for s in res.get("samples", []):
+            f.write(json.dumps(s) + "\n")
+    path.write_text(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=2))
+
+
+def format_row(res: dict[str, Any], key: str) -> str:
+    v = res.get(key)
+    return "-" if v is None else f"{v['mean']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"
