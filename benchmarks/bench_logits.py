@@ -69,7 +69,6 @@ def run_case(fn, N: int, V: int, dtype: torch.dtype, device: str, iters: int) ->
 
     ms = time_fn(step, device, warmup=2, iters=iters)
     mem = peak_extra_memory(step, device)
-    del base
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()

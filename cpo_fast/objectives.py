@@ -18,7 +18,6 @@ min(W a, clip(W, 1-eps_lo, 1+eps_hi) a); ``truncated`` min(exp(ell), tau).
 
 from __future__ import annotations
 
-
 import warnings
 from dataclasses import dataclass
 
