@@ -28,6 +28,8 @@ constexpr float kDMin = -150.f;
 
 inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 inline v8f vmax(v8f a, v8f b) { return a > b ? a : b; }
+// max(x, lo) that keeps a NaN x (so NaN logits give NaN results, not silently -150).
+inline v8f clamp_lo(v8f x, v8f lo) { return x < lo ? lo : x; }
 inline float fmax1(float a, float b) { return a > b ? a : b; }
 inline float hmax(v8f v) {
   float r = v[0];
@@ -42,10 +44,9 @@ inline float hsum(v8f v) {  // fixed pairwise order: deterministic
 // polynomial for e^r, then a scale by 2^n split in two halves so that results in the
 // subnormal range (x down to about -103.97) round once, and overflow gives +inf.
 // Measured error: within 2 ulp of the correctly rounded float32 result (tests sweep it).
-inline v8f vexp(v8f x) {
-  const v8f lo = splat(-110.f), hi = splat(89.f);
-  x = x < lo ? lo : x;  // NaN fails both comparisons and propagates
-  x = x > hi ? hi : x;
+// vexp_core needs x in [-150, 89] (or NaN); vexp clamps first. The kernels call the core
+// directly: their arguments are differences z - max clamped below at kDMin = -150.
+inline v8f vexp_core(v8f x) {
   const v8f magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
   const v8f t = x * splat(1.44269504088896341f) + magic;
   const v8i ni = (v8i)t - (v8i)magic;
@@ -64,6 +65,11 @@ inline v8f vexp(v8f x) {
   const v8f s1 = (v8f)((n1 + 127) << 23);
   const v8f s2 = (v8f)((n2 + 127) << 23);
   return (e * s1) * s2;
+}
+inline v8f vexp(v8f x) {
+  x = clamp_lo(x, splat(-150.f));  // NaN fails both comparisons and propagates
+  x = x > splat(89.f) ? splat(89.f) : x;
+  return vexp_core(x);
 }
 
 // ---- dtype conversion -------------------------------------------------------------------
@@ -198,7 +204,8 @@ struct Acc {
 
 // One chunk (contiguous, L1-resident): max sweep, rescale if the max grew, exp sweep.
 template <int DT, bool ENT>
-inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc) {
+inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out) {
+  Acc acc = acc_out;  // a local copy: stores through p cannot alias it, so it stays in registers
   const int64_t nfull = len & ~int64_t(7);
   const v8f tail = load_tail<DT>(p, off + nfull, len - nfull, -INFINITY);
   v8f mx0 = splat(-FLT_MAX), mx1 = mx0;
@@ -223,9 +230,9 @@ inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc) {
   const v8f mm = splat(acc.m), dmin = splat(kDMin);
   i = 0;
   for (; i + 16 <= nfull; i += 16) {
-    const v8f d0 = vmax(loadv<DT>(p, off + i) - mm, dmin);
-    const v8f d1 = vmax(loadv<DT>(p, off + i + 8) - mm, dmin);
-    const v8f e0 = vexp(d0), e1 = vexp(d1);
+    const v8f d0 = clamp_lo(loadv<DT>(p, off + i) - mm, dmin);
+    const v8f d1 = clamp_lo(loadv<DT>(p, off + i + 8) - mm, dmin);
+    const v8f e0 = vexp_core(d0), e1 = vexp_core(d1);
     acc.s0 += e0;
     acc.s1 += e1;
     if (ENT) {
@@ -234,17 +241,18 @@ inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc) {
     }
   }
   for (; i < nfull; i += 8) {
-    const v8f d0 = vmax(loadv<DT>(p, off + i) - mm, dmin);
-    const v8f e0 = vexp(d0);
+    const v8f d0 = clamp_lo(loadv<DT>(p, off + i) - mm, dmin);
+    const v8f e0 = vexp_core(d0);
     acc.s0 += e0;
     if (ENT) acc.a0 += e0 * d0;
   }
   if (len > nfull) {
-    const v8f d1 = vmax(tail - mm, dmin);  // -inf padding: e = 0, e * d = 0
-    const v8f e1 = vexp(d1);
+    const v8f d1 = clamp_lo(tail - mm, dmin);  // -inf padding: e = 0, e * d = 0
+    const v8f e1 = vexp_core(d1);
     acc.s1 += e1;
     if (ENT) acc.a1 += e1 * d1;
   }
+  acc_out = acc;
 }
 
 // Statistics of one row read once from memory (chunks of it are swept twice in L1).
@@ -339,8 +347,8 @@ struct RowGrad {
 
 template <int IDT, int ODT, bool ENT>
 inline v8f grad_vec(v8f z, const RowGrad& g) {
-  const v8f d = vmax(z - splat(g.lse), splat(kDMin));  // log p, clamped: p = 0 below
-  const v8f p = vexp(d);
+  const v8f d = clamp_lo(z - splat(g.lse), splat(kDMin));  // log p, clamped: p = 0 below
+  const v8f p = vexp_core(d);
   if (ENT) return -p * (splat(g.G) + splat(g.E) * (d + splat(g.H)));
   return -p * splat(g.G);
 }

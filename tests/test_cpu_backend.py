@@ -1,0 +1,369 @@
+"""The C++ CPU core (cpo_fast._C via cpo_fast._cpu) against the float64 reference.
+
+Both ops, forward values and gradients, on hypothesis-drawn shapes: odd V, V not a
+multiple of the 8-wide vectors nor of the 1024-element chunks, N = 1, ignored and
+all-ignored rows, non-contiguous rows (``logits[:, :-1, :]``) and a non-unit vocabulary
+stride, fp32 / bf16 / fp16, logits of magnitude 1e4, -inf entries off the label. Also:
+both ISA builds (AVX2 and generic), thread-count independence, in-place backward, and the
+vectorized exp's error in ulp over a dense sweep of its input range.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cpo_fast
+from cpo_fast import reference
+from cpo_fast._backend import cpu_extension_available
+
+pytestmark = pytest.mark.skipif(not cpu_extension_available(), reason="cpo_fast._C not built")
+
+if cpu_extension_available():
+    from cpo_fast import _C, _cpu
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Relative error of a stored gradient element: the kernels write the logits' dtype.
+STORE_TOL = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+EPS32 = 2.0**-23
+
+
+@pytest.fixture(params=["best", "generic"])
+def isa(request):
+    """Run a test on the runtime-selected build (AVX2 here) and on the portable one."""
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa("best")
+
+
+def make_logits(B, T, V, dtype, scale, n_neg_inf, layout, labels, seed):
+    """[B, T, V] logits (a view with the requested layout) and the float64 copy."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "vstride":  # vocabulary stride != 1: a transposed buffer
+        buf = torch.randn(B, V, T, generator=g, dtype=torch.float64)
+        base = buf.transpose(1, 2)
+    elif layout == "shifted":  # HF's logits[:, :-1, :]
+        base = torch.randn(B, T + 1, V, generator=g, dtype=torch.float64)[:, :-1, :]
+    else:
+        base = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    base = base * scale
+    if n_neg_inf and V > 1:
+        idx = torch.randint(0, V, (B, T, n_neg_inf), generator=g)
+        keep = labels.clamp(min=0).unsqueeze(-1)
+        idx = torch.where(idx == keep, (idx + 1) % V, idx)  # never the label's logit
+        base.scatter_(-1, idx, float("-inf"))
+    if layout == "vstride":
+        x = base.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "shifted":
+        full = torch.cat([base, base[:, :1]], dim=1).to(dtype)
+        x = full[:, :-1, :]
+    else:
+        x = base.to(dtype)
+    return x, x.double()
+
+
+@st.composite
+def cases(draw):
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(1, 6))
+    V = draw(st.sampled_from([1, 2, 7, 8, 9, 31, 33, 97, 301, 1023, 1025, 2500]))
+    dtype = draw(st.sampled_from(DTYPES))
+    scale = draw(st.sampled_from([1.0, 30.0, 1e4]))
+    if dtype == torch.float16:
+        scale = min(scale, 3e3)
+    ignore = draw(st.sampled_from(["none", "some", "all"]))
+    n_neg_inf = draw(st.integers(0, 3))
+    layout = draw(st.sampled_from(["contig", "shifted", "vstride"]))
+    with_entropy = draw(st.booleans())
+    grad_entropy = with_entropy and draw(st.booleans())
+    inplace = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return B, T, V, dtype, scale, ignore, n_neg_inf, layout, with_entropy, grad_entropy, \
+        inplace, seed
+
+
+def draw_labels(B, T, V, ignore, seed):
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    if ignore == "all":
+        labels[:] = -100
+    elif ignore == "some":
+        labels[torch.rand(B, T, generator=g) < 0.4] = -100
+    return labels
+
+
+def logits_scale(x64: torch.Tensor) -> float:
+    fin = x64[torch.isfinite(x64)]
+    return max(1.0, float(fin.abs().max())) if fin.numel() else 1.0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=cases())
+def test_token_logprobs_matches_reference(isa, case):
+    B, T, V, dtype, scale, ignore, n_neg_inf, layout, with_entropy, grad_ent, inplace, seed = case
+    labels = draw_labels(B, T, V, ignore, seed)
+    x, x64 = make_logits(B, T, V, dtype, scale, n_neg_inf, layout, labels, seed)
+    S = logits_scale(x64)
+
+    # forward
+    out = cpo_fast.token_logprobs(x, labels, with_entropy=with_entropy, backend="cpu")
+    lp, ent = out if with_entropy else (out, None)
+    ref = reference.token_logprobs(x64, labels, with_entropy=True)
+    assert lp.dtype == torch.float32 and lp.shape == labels.shape
+    # logp = z_y - lse: lse carries a float32 rounding at the logits' magnitude
+    torch.testing.assert_close(lp.double(), ref[0], atol=8 * EPS32 * S + 1e-5, rtol=1e-5)
+    if with_entropy:
+        torch.testing.assert_close(ent.double(), ref[1], atol=2e-5, rtol=2e-5)
+
+    # backward: G and E drawn per row, compared with the closed form in float64
+    g = torch.Generator().manual_seed(seed + 2)
+    G = torch.randn(B, T, generator=g)
+    E = torch.randn(B, T, generator=g) if grad_ent else None
+    leaf = x.detach().clone().requires_grad_(True)
+    src = leaf * 1.0 if inplace else leaf  # the in-place mode overwrites a non-leaf buffer
+    out = cpo_fast.token_logprobs(src, labels, with_entropy=with_entropy, backend="cpu",
+                                  inplace_backward=inplace)
+    lp, ent = out if with_entropy else (out, None)
+    loss = (lp * G).sum() + ((ent * E).sum() if E is not None else 0.0)
+    loss.backward()
+    want = reference.token_logprobs_grad(x64, labels, G.double(),
+                                         E.double() if E is not None else None)
+    got = leaf.grad
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    gmax = float(G.abs().max()) + (float(E.abs().max()) * (math.log(V) + 2) if E is not None
+                                   else 0.0)
+    atol = 16 * EPS32 * S * gmax + 1e-6 * gmax
+    torch.testing.assert_close(got.double(), want, atol=atol + 1e-30,
+                               rtol=2 * STORE_TOL[dtype] + 1e-6)
+    ignored = labels == -100
+    assert (got[ignored] == 0).all()
+
+
+def test_neg_inf_entropy_and_grad_are_finite():
+    x = torch.tensor([[[0.5, float("-inf"), 2.0, float("-inf"), -1.0]]])
+    labels = torch.tensor([[2]])
+    leaf = x.clone().requires_grad_(True)
+    lp, H = cpo_fast.token_logprobs(leaf, labels, with_entropy=True, backend="cpu")
+    (lp.sum() + H.sum()).backward()
+    rlp, rH = reference.token_logprobs(x.double(), labels, with_entropy=True)
+    assert torch.isfinite(leaf.grad).all() and (leaf.grad[..., [1, 3]] == 0).all()
+    torch.testing.assert_close(lp.double(), rlp)
+    torch.testing.assert_close(H.double(), rH)
+
+
+def test_large_logits_entropy_no_cancellation():
+    # Shifting every logit by 1e4 changes neither logp nor H (computed relative to the max).
+    torch.manual_seed(0)
+    x = torch.randn(4, 3000)
+    labels = torch.randint(0, 3000, (4,))
+    lp0, H0 = cpo_fast.token_logprobs(x, labels, with_entropy=True, backend="cpu")
+    lp1, H1 = cpo_fast.token_logprobs(x + 1e4, labels, with_entropy=True, backend="cpu")
+    torch.testing.assert_close(H1, H0, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lp1, lp0, atol=2e-3, rtol=0)  # z_y and lse round at 1e4
+
+
+def test_nan_logits_propagate():
+    x = torch.randn(2, 50)
+    x[0, 7] = float("nan")
+    lp = cpo_fast.token_logprobs(x, torch.tensor([3, 4]), backend="cpu")
+    assert torch.isnan(lp[0]) and torch.isfinite(lp[1])
+
+
+def test_inplace_gradient_lives_in_the_logits_buffer():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        base = (torch.randn(2, 5, 77) * 3).to(dtype)
+        labels = torch.randint(0, 77, (2, 4))
+        labels[1, 2] = -100
+        grads = []
+        for inplace in (False, True):
+            leaf = base.clone().requires_grad_(True)
+            logits = leaf * 1.0
+            lp, H = cpo_fast.token_logprobs(logits[:, :-1], labels, with_entropy=True,
+                                            backend="cpu", inplace_backward=inplace)
+            (lp.sum() + 0.5 * H.sum()).backward()
+            grads.append(leaf.grad)
+            if inplace:
+                assert torch.equal(logits[:, :-1], leaf.grad[:, :-1])
+        assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_thread_count_independence(dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(37, 4099) * 5).to(dtype)
+    labels = torch.randint(0, 4099, (37,))
+    labels[::5] = -100
+    G, E = torch.randn(37), torch.randn(37)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            leaf = x.clone().requires_grad_(True)
+            lp, H = cpo_fast.token_logprobs(leaf, labels, with_entropy=True, backend="cpu")
+            ((lp * G).sum() + (H * E).sum()).backward()
+            outs.append((lp, H, leaf.grad))
+    finally:
+        torch.set_num_threads(old)
+    for lp, H, g in outs[1:]:  # each row is computed by one thread in a fixed order
+        assert torch.equal(lp, outs[0][0]) and torch.equal(H, outs[0][1])
+        assert torch.equal(g, outs[0][2])
+
+
+def test_isa_builds_agree():
+    torch.manual_seed(0)
+    x = torch.randn(9, 2049) * 4
+    labels = torch.randint(0, 2049, (9,))
+    res = {}
+    for name in ("best", "generic"):
+        _C.set_isa(name)
+        res[name] = cpo_fast.token_logprobs(x, labels, with_entropy=True, backend="cpu")
+    _C.set_isa("best")
+    for a, b in zip(res["best"], res["generic"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
+
+
+def test_backend_errors_are_clear():
+    x = torch.randn(2, 3, 5, dtype=torch.float64)
+    labels = torch.zeros(6, dtype=torch.int64)
+    with pytest.raises(TypeError, match="float64"):
+        _cpu.token_logprobs_forward(x, labels, -100, False)
+    with pytest.raises(ValueError, match="labels"):
+        _cpu.token_logprobs_forward(x.float(), labels[:5], -100, False)
+    with pytest.raises(ValueError, match="labels"):
+        _cpu.token_logprobs_forward(x.float(), labels.int(), -100, False)
+
+
+def test_out_of_range_label_never_read_out_of_bounds():
+    # validate=False skips the Python check; the kernel must not read past the row.
+    x = torch.randn(2, 10)
+    lp = cpo_fast.token_logprobs(x, torch.tensor([3, 10_000_000]), backend="cpu",
+                                 validate=False)
+    assert torch.isfinite(lp[0]) and torch.isnan(lp[1])
+
+
+# ---- vectorized exp --------------------------------------------------------------------
+
+def ulp_error(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """|y - exp(x)| in units of the float32 spacing at the exact result."""
+    exact = np.exp(x.astype(np.float64))
+    r32 = exact.astype(np.float32)  # nearest float32 (may be inf past FLT_MAX)
+    spacing = np.spacing(np.abs(r32)).astype(np.float64)
+    spacing = np.where(np.isfinite(spacing), spacing, np.spacing(np.float32(3.4e38)))
+    return np.abs(y.astype(np.float64) - exact) / spacing
+
+
+def test_vectorized_exp_within_2_ulp(isa):
+    # Dense sweep: 2^22 evenly spaced points plus every float32 in a window around 0 and
+    # around the subnormal range. Results that overflow must be +inf, underflow 0.
+    lo, hi = -103.97, 88.72
+    parts = [
+        np.linspace(lo, hi, 1 << 22, dtype=np.float32),
+        np.arange(-(1 << 18), 1 << 18, dtype=np.int32).view(np.float32),  # tiny |x|
+        np.linspace(-1.0, 1.0, 1 << 18, dtype=np.float32),
+        np.linspace(-103.97, -87.0, 1 << 18, dtype=np.float32),  # subnormal results
+        np.float32([0.0, -0.0, 1.0, -1.0, hi, lo]),
+    ]
+    x = np.ascontiguousarray(np.concatenate(parts))
+    x = x[np.isfinite(x)]
+    y = np.empty_like(x)
+    _C.exp_f32(x.ctypes.data, y.ctypes.data, x.size)
+    err = ulp_error(x, y)
+    worst = int(np.argmax(err))
+    assert err[worst] <= 2.0, f"exp({x[worst]!r}) = {y[worst]!r}: {err[worst]:.2f} ulp"
+
+    special = np.float32([np.inf, -np.inf, np.nan, 89.0, 100.0, -104.0, -200.0, -1e30])
+    out = np.empty_like(special)
+    _C.exp_f32(special.ctypes.data, out.ctypes.data, special.size)
+    assert out[0] == np.inf and out[1] == 0 and np.isnan(out[2])
+    assert out[3] == np.inf and out[4] == np.inf and out[5] == 0 and out[6] == 0 and out[7] == 0
+
+
+# ---- fused linear ------------------------------------------------------------------------
+
+@st.composite
+def linear_cases(draw):
+    N = draw(st.sampled_from([1, 2, 5, 17, 40]))
+    d = draw(st.sampled_from([1, 8, 33]))
+    V = draw(st.sampled_from([1, 3, 31, 100, 257, 1031]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    bias = draw(st.booleans())
+    ignore = draw(st.sampled_from(["none", "some", "all"]))
+    with_entropy = draw(st.booleans())
+    grad_ent = with_entropy and draw(st.booleans())
+    frozen_weight = draw(st.booleans())
+    blocks = draw(st.sampled_from([(7, 16), (64, 100), (2048, 2048)]))  # rows x cols
+    seed = draw(st.integers(0, 2**31 - 1))
+    return N, d, V, dtype, bias, ignore, with_entropy, grad_ent, frozen_weight, blocks, seed
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=linear_cases())
+def test_linear_token_logprobs_matches_reference(case, monkeypatch_blocks):
+    N, d, V, dtype, has_bias, ignore, with_entropy, grad_ent, frozen, blocks, seed = case
+    monkeypatch_blocks(*blocks)
+    g = torch.Generator().manual_seed(seed)
+    h64 = torch.randn(N, d, generator=g, dtype=torch.float64)
+    w64 = torch.randn(V, d, generator=g, dtype=torch.float64) / math.sqrt(d) * 3
+    b64 = torch.randn(V, generator=g, dtype=torch.float64) if has_bias else None
+    labels = draw_labels(1, N, V, ignore, seed)[0]
+    h, w = h64.to(dtype).requires_grad_(True), w64.to(dtype).requires_grad_(not frozen)
+    b = b64.to(dtype).requires_grad_(True) if has_bias else None
+    out = cpo_fast.linear_token_logprobs(h, w, labels, bias=b, with_entropy=with_entropy,
+                                         backend="cpu")
+    lp, ent = out if with_entropy else (out, None)
+
+    # the reference sees the same (rounded) inputs, in float64
+    hr = h.detach().double().requires_grad_(True)
+    wr = w.detach().double().requires_grad_(True)
+    br = b.detach().double().requires_grad_(True) if has_bias else None
+    rlp, rent = reference.linear_token_logprobs(hr, wr, labels, bias=br, with_entropy=True)
+    torch.testing.assert_close(lp.double(), rlp, atol=1e-4, rtol=1e-4)
+    if with_entropy:
+        torch.testing.assert_close(ent.double(), rent, atol=1e-4, rtol=1e-4)
+
+    G = torch.randn(N, generator=g)
+    E = torch.randn(N, generator=g) if grad_ent else None
+    ((lp * G).sum() + ((ent * E).sum() if E is not None else 0.0)).backward()
+    ((rlp * G.double()).sum() + ((rent * E.double()).sum() if E is not None else 0.0)).backward()
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(h.grad.double(), hr.grad, **tol)
+    assert h.grad.dtype == dtype
+    if frozen:
+        assert w.grad is None
+    else:
+        assert w.grad.dtype == dtype
+        torch.testing.assert_close(w.grad.double(), wr.grad, **tol)
+    if has_bias:
+        torch.testing.assert_close(b.grad.double(), br.grad, **tol)
+
+
+@pytest.fixture
+def monkeypatch_blocks():
+    old = (_cpu.BLOCK_ROWS, _cpu.BLOCK_COLS)
+
+    def set_blocks(rows: int, cols: int) -> None:
+        _cpu.BLOCK_ROWS, _cpu.BLOCK_COLS = rows, cols
+
+    yield set_blocks
+    _cpu.BLOCK_ROWS, _cpu.BLOCK_COLS = old
+
+
+def test_linear_backend_ignores_grad_skip_threshold_exactly():
+    torch.manual_seed(0)
+    h = torch.randn(6, 16, requires_grad=True)
+    w = torch.randn(300, 16, requires_grad=True)
+    labels = torch.randint(0, 300, (6,))
+    grads = []
+    for thr in (0.0, 0.5):
+        h.grad = w.grad = None
+        cpo_fast.linear_token_logprobs(h, w, labels, backend="cpu",
+                                       grad_skip_threshold=thr).sum().backward()
+        grads.append((h.grad.clone(), w.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
