@@ -147,7 +147,25 @@ class _MLP:
                 p.copy_(torch.randn(p.shape, generator=g) * (1.0 / np.sqrt(p.shape[-1])))
         zt = torch.as_tensor(z, dtype=torch.float32)
         tt = torch.as_tensor(t, dtype=torch.float32)
-        opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=weight_decay)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=weight_decay)
+        # small full-batch steps are dominated by thread start-up: run them on one thread
+        threads = torch.get_num_threads()
+        if z.size <= 2_000_000:
+            torch.set_num_threads(1)
+        try:
+            best_state = self._train(net, opt, zt, tt, tr, va, max_epochs)
+        finally:
+            torch.set_num_threads(threads)
+        if best_state is not None:
+            with torch.no_grad():
+                for p, b in zip(net.parameters(), best_state, strict=True):
+                    p.copy_(b)
+        self.net = net.eval()
+
+    @staticmethod
+    def _train(net: torch.nn.Module, opt: torch.optim.Optimizer, zt: torch.Tensor,
+               tt: torch.Tensor, tr: np.ndarray, va: np.ndarray, max_epochs: int,
+               patience: int = 20) -> list[torch.Tensor] | None:
         best, best_state, bad = np.inf, None, 0
         for _ in range(max_epochs):
             opt.zero_grad()
@@ -161,13 +179,9 @@ class _MLP:
                 best_state = [p.detach().clone() for p in net.parameters()]
             else:
                 bad += 1
-                if bad >= 30:
+                if bad >= patience:
                     break
-        if best_state is not None:
-            with torch.no_grad():
-                for p, b in zip(net.parameters(), best_state, strict=True):
-                    p.copy_(b)
-        self.net = net.eval()
+        return best_state
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         z = torch.as_tensor((x - self.mu) / self.sd, dtype=torch.float32)
