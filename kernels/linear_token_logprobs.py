@@ -30,10 +30,17 @@ either recompute the logits once per d-slice or read-modify-write / atomically a
 [BLOCK_N, d] and [BLOCK_V, d] fp32 slabs per tile (hundreds of GB of traffic at the
 design shapes, and non-deterministic). The chunked scheme does exactly the floor's
 8 N d V FLOPs (2 forward + 2 recompute + 2 + 2 for the two gradient GEMMs, which run at
-cuBLAS speed), is deterministic, and its extra memory is independent of V:
-N Vc (dz chunk, operand dtype) + N d fp32 (grad_hidden accumulator) + N d (one GEMM
-product, half dtypes only). Vc defaults to about V / 128 (>= 1024), so the dz chunk is
-<= 1% of the N x V logits at the large-vocabulary shapes.
+cuBLAS speed), is deterministic, and its extra memory is independent of V: N Vc (dz chunk, operand
+dtype) + N d fp32 (grad_hidden accumulator, half dtypes only; fp32 accumulates in the
+output) + N d in the operand dtype (a GEMM product, only where addmm cannot write fp32
+from half operands: CPU, torch < 2.8). Vc defaults to about V / 128 (>= 1024).
+At N = 16384, V = 128256, d = 4096, bf16 (logits: 4.2 GB): dz chunk 34 MB (0.8%) +
+fp32 accumulator 268 MB (6.4%): about 7% extra, above the design's 1% target.
+``LinearConfig.row_group = R`` rows per pass bounds it: the fp32 accumulator becomes
+R d floats and the dz chunk R Vc, at the price of accumulating grad_weight (and
+grad_bias) across the N / R passes in the weight's dtype (one rounding per pass, as
+Liger-Kernel does for bf16 weights) and of smaller GEMMs; e.g. R = 1024 gives
+17 MB + 2 MB (0.45%). Which default is faster is a GPU measurement (benchmarks/).
 
 ``grad_skip_threshold`` (tau > 0): a [BLOCK_N, BLOCK_V] tile whose largest p over the
 block's valid rows is below tau and which holds no label of those rows gets dz = 0.
@@ -80,6 +87,7 @@ class LinearConfig:
     num_stages: int = 3
     splits: int | None = None  # forward vocabulary splits; None: enough to fill the GPU
     vocab_chunk: int | None = None  # backward dz chunk width; None: ~V / 128, >= 1024
+    row_group: int | None = None  # backward rows per pass; None: all N (see docstring)
 
 
 _OVERRIDE: LinearConfig | None = None
@@ -173,7 +181,7 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, m_ptr, s_ptr, a_ptr, zy_ptr,
         zc = z - m_new[:, None]
         e = tl.exp(zc)
         # e == 0 covers masked columns and -inf logits (0 * -inf would be NaN).
-        a = alpha * (a + s * (m - m_new)) + tl.sum(tl.where(e > 0, e * zc, 0.0), axis=1)
+        a = alpha * (a + s * (m - m_new)) + tl.sum(e * tl.where(e > 0, zc, 0.0), axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
         zy += tl.sum(tl.where(offs_v[None, :] == lab[:, None], z, 0.0), axis=1)
@@ -212,7 +220,7 @@ def _dz_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, ent_ptr, g_ptr, e_ptr, dz_
     if HAS_E:
         E = tl.where(valid, tl.load(e_ptr + offs_n, mask=mask_n, other=0.0), 0.0)
         H = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
-        dz -= E[:, None] * tl.where(p > 0, p * (logp + H[:, None]), 0.0)
+        dz -= E[:, None] * p * (tl.where(p > 0, logp, 0.0) + H[:, None])  # 0 log 0 = 0
     if SKIP:
         p_max = tl.max(tl.max(p, axis=1), axis=0)
         n_lab = tl.sum(tl.sum(onehot.to(tl.int32), axis=1), axis=0)
@@ -284,48 +292,78 @@ def linear_token_logprobs_backward(
     has_e = grad_entropy is not None
     if has_e and entropy.numel() != N:
         raise ValueError("grad_entropy given but the forward did not compute the entropy.")
+    dev, dt = hidden.device, hidden.dtype
+    f32 = dt == torch.float32
     chunk = cfg.vocab_chunk or max(1024, triton.cdiv(triton.cdiv(V, 128), 128) * 128)
     chunk = min(triton.cdiv(chunk, cfg.block_v) * cfg.block_v,
                 triton.cdiv(V, cfg.block_v) * cfg.block_v)
-    dz_buf = torch.empty(N, chunk, device=hidden.device, dtype=hidden.dtype)
-    f32 = hidden.dtype == torch.float32
-    gh = torch.zeros(N, D, device=hidden.device, dtype=torch.float32) if needs_hidden_grad \
-        else None
-    prod = torch.empty(N, D, device=hidden.device, dtype=hidden.dtype) \
-        if needs_hidden_grad and not f32 else None
+    rows = min(N, triton.cdiv(cfg.row_group, cfg.block_n) * cfg.block_n) if cfg.row_group else N
+    dz_buf = torch.empty(rows, chunk, device=dev, dtype=dt)
+    gh = torch.empty(N, D, device=dev, dtype=dt) if needs_hidden_grad else None
+    # grad_hidden of a row group accumulates over vocabulary chunks in fp32: in the output
+    # itself for fp32, else in a [rows, d] buffer (+ a GEMM product where addmm cannot
+    # write fp32 from half operands: CPU, torch < 2.8).
+    acc = prod = None
+    if needs_hidden_grad and not f32:
+        acc = torch.empty(rows, D, device=dev, dtype=torch.float32)
+        if not _addmm_out_dtype_ok(dev):
+            prod = torch.empty(rows, D, device=dev, dtype=dt)
     gw = torch.empty_like(weight) if needs_weight_grad else None
-    gb = torch.empty(V, device=hidden.device, dtype=torch.float32) if needs_bias_grad else None
-    upcast, prec = _launch_flags(hidden.dtype)
+    gb = torch.empty(V, device=dev, dtype=torch.float32) if needs_bias_grad else None
+    upcast, prec = _launch_flags(dt)
     thr = float(grad_skip_threshold)
-    ent_arg = entropy if has_e else lse
-    e_arg = grad_entropy if has_e else grad_logp
-    for v0 in range(0, V, chunk):
-        v1 = min(v0 + chunk, V)
-        dz = dz_buf[:, : v1 - v0]
-        grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(v1 - v0, cfg.block_v))
-        _dz_kernel[grid](
-            hidden, weight, _bias_arg(bias, hidden), labels, lse, ent_arg, grad_logp, e_arg,
-            dz_buf, N, D, v0, v1, chunk, ignore_index, thr,
-            HAS_BIAS=bias is not None, HAS_E=has_e, SKIP=thr > 0, UPCAST_DOT=upcast, PREC=prec,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        if gw is not None:
-            torch.mm(dz.t(), hidden, out=gw[v0:v1])
+    for r0 in range(0, N, rows):
+        r1 = min(r0 + rows, N)
+        n = r1 - r0
+        h_r = hidden[r0:r1]
+        first_group = r0 == 0
         if gh is not None:
-            if f32:
-                gh.addmm_(dz, weight[v0:v1])
-            else:
-                torch.mm(dz, weight[v0:v1], out=prod)
-                gh.add_(prod)
-        if gb is not None:
-            torch.sum(dz, dim=0, dtype=torch.float32, out=gb[v0:v1])
-    del dz_buf, prod
-    return (
-        gh.to(hidden.dtype) if gh is not None else None,
-        gw,
-        gb.to(bias.dtype) if gb is not None else None,
-    )
+            acc_r = gh[r0:r1] if f32 else acc[:n]
+            acc_r.zero_()
+        for v0 in range(0, V, chunk):
+            v1 = min(v0 + chunk, V)
+            dz = dz_buf[:n, : v1 - v0]
+            grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v1 - v0, cfg.block_v))
+            _dz_kernel[grid](
+                h_r, weight, _bias_arg(bias, hidden), labels[r0:r1], lse[r0:r1],
+                (entropy if has_e else lse)[r0:r1], grad_logp[r0:r1],
+                (grad_entropy if has_e else grad_logp)[r0:r1],
+                dz_buf, n, D, v0, v1, chunk, ignore_index, thr,
+                HAS_BIAS=bias is not None, HAS_E=has_e, SKIP=thr > 0, UPCAST_DOT=upcast,
+                PREC=prec, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+            if gw is not None:
+                if first_group:
+                    torch.mm(dz.t(), h_r, out=gw[v0:v1])
+                else:  # row groups > 1: accumulated in the weight's dtype (see docstring)
+                    gw[v0:v1].addmm_(dz.t(), h_r)
+            if gh is not None:
+                w_c = weight[v0:v1]
+                if f32:
+                    acc_r.addmm_(dz, w_c)
+                elif prod is None:
+                    torch.addmm(acc_r, dz, w_c, out_dtype=torch.float32, out=acc_r)
+                else:
+                    torch.mm(dz, w_c, out=prod[:n])
+                    acc_r.add_(prod[:n])
+            if gb is not None:
+                if first_group:
+                    torch.sum(dz, dim=0, dtype=torch.float32, out=gb[v0:v1])
+                else:
+                    gb[v0:v1] += torch.sum(dz, dim=0, dtype=torch.float32)
+        if gh is not None and not f32:
+            gh[r0:r1].copy_(acc_r)
+    del dz_buf, acc, prod
+    return gh, gw, gb.to(bias.dtype) if gb is not None else None
+
+
+def _addmm_out_dtype_ok(device: torch.device) -> bool:
+    """torch.addmm(..., out_dtype=float32) on half operands: CUDA, torch >= 2.8."""
+    if device.type != "cuda":
+        return False
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 8)
 
 
 def skip_error_bound(grad_logp: Tensor, grad_entropy: Tensor | None, entropy: Tensor | None,

@@ -118,6 +118,7 @@ def cases(draw):
         ignore=draw(st.sampled_from(["none", "some", "all"])),
         with_entropy=draw(st.booleans()), frozen=draw(st.booleans()),
         splits=draw(st.sampled_from([None, 1, 3])), chunk=draw(st.sampled_from([16, 32, 48])),
+        row_group=draw(st.sampled_from([None, None, 16])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -129,7 +130,8 @@ def test_matches_reference(c):
                                   bias=c["bias"], scale=c["scale"], n_neg_inf=c["n_neg_inf"],
                                   ignore=c["ignore"])
     want = _reference(h, w, b, labels, G, E, c["with_entropy"], c["frozen"])
-    with K.override_config(**TINY, splits=c["splits"], vocab_chunk=c["chunk"]):
+    with K.override_config(**TINY, splits=c["splits"], vocab_chunk=c["chunk"],
+                           row_group=c["row_group"]):
         got = _triton(h, w, b, labels, G, E, c["with_entropy"], c["frozen"])
     _check(c["dtype"], got, want, c["frozen"])
     ignored = labels == -100
@@ -211,9 +213,9 @@ def test_ignore_index_inside_vocabulary():
     assert _rel_err(w1.grad, w64.grad) < GRAD_TOL[torch.float32]
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
-    threshold=st.sampled_from([1e-4, 1e-3, 1e-2, 0.1, 0.5]),
+    threshold=st.sampled_from([1e-3, 1e-2, 0.1, 0.5]),
     with_entropy=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
