@@ -11,6 +11,7 @@ shape of a CPO / DR-CPO gradient: any per-token weight), gradients of hidden [N,
 weight [V, d] taken with torch.autograd.grad. Variants:
   - ours:     cpo_fast.linear_token_logprobs (Triton on CUDA; on CPU the Triton
               interpreter, the C++ core if built, and the PyTorch reference)
+  - ours-rows1024: the same with the memory-lean backward (1024 rows per pass)
   - eager:    (h @ W.T).float().log_softmax(-1).gather(labels)
   - compile:  torch.compile of eager
   - liger:    Liger-Kernel's fused linear cross entropy, reduction="none" (per-token -logp)
@@ -69,7 +70,7 @@ from cpo_fast._backend import cpu_extension_available, triton_interpreting  # no
 GPU_N, GPU_V, GPU_D = (4096, 16384, 65536), (32000, 128256, 151936, 262144), (2048, 4096)
 CPU_N, CPU_V, CPU_D = (64, 256), (1001, 4099), (64, 128)
 SMALLEST = ((16,), (257,), (32,))
-Skip = str  # a variant factory returns a callable, or a reason string when unavailable
+Skip = str  # a variant is a callable, (callable, env vars to set around it), or a skip reason
 
 
 def _logp_eager(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -92,12 +93,15 @@ def _cce() -> Callable | Skip:
     return lambda h, w, y: -linear_cross_entropy(h, w, y, reduction="none")
 
 
-def variants(cuda: bool) -> dict[str, Callable | Skip]:
+def variants(cuda: bool) -> dict[str, Callable | tuple[Callable, dict] | Skip]:
     """name -> per-token logp function (h, W, labels) -> [N] float, or a skip reason."""
     out: dict[str, Callable | Skip] = {}
     if cuda:
         out["ours"] = lambda h, w, y: cpo_fast.linear_token_logprobs(
             h, w, y, backend="triton", validate=False)
+        # Memory-lean backward: 1024 rows per pass (CPO_FAST_LINEAR_ROW_GROUP), see the
+        # kernel's docstring; read at backward time, hence set around the whole step.
+        out["ours-rows1024"] = (out["ours"], {"CPO_FAST_LINEAR_ROW_GROUP": "1024"})
         out["eager"] = _logp_eager
         out["compile"] = torch.compile(_logp_eager, dynamic=False)
         out["liger"] = _liger()
@@ -129,8 +133,23 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def run_case(fn: Callable, N: int, V: int, d: int, dtype: torch.dtype, device: str,
-             warmup: int, iters: int) -> dict:
+def run_case(fn: Callable | tuple[Callable, dict], N: int, V: int, d: int, dtype: torch.dtype,
+             device: str, warmup: int, iters: int) -> dict:
+    fn, env = fn if isinstance(fn, tuple) else (fn, {})
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return _run_case(fn, N, V, d, dtype, device, warmup, iters)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_case(fn: Callable, N: int, V: int, d: int, dtype: torch.dtype, device: str,
+              warmup: int, iters: int) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     h = (torch.randn(N, d, generator=g, device=device) / d**0.25).to(dtype).requires_grad_()
     w = (torch.randn(V, d, generator=g, device=device) / d**0.25).to(dtype).requires_grad_()

@@ -105,9 +105,18 @@ def override_config(**kw) -> Iterator[LinearConfig]:
 
 
 def default_config(d: int, dtype: torch.dtype) -> LinearConfig:
-    """GPU defaults keyed on d and dtype (fp32 tiles are twice the bytes: halve BLOCK_D)."""
+    """GPU defaults keyed on d and dtype (fp32 tiles are twice the bytes: halve BLOCK_D).
+
+    ``CPO_FAST_LINEAR_ROW_GROUP=R`` sets the backward's rows per pass (memory-lean mode).
+    """
     if _OVERRIDE is not None:
         return _OVERRIDE
+    cfg = _base_config(d, dtype)
+    rows = os.environ.get("CPO_FAST_LINEAR_ROW_GROUP")
+    return dataclasses.replace(cfg, row_group=int(rows)) if rows else cfg
+
+
+def _base_config(d: int, dtype: torch.dtype) -> LinearConfig:
     if _interpreting():
         # Few, large programs: the interpreter's cost is per program and per op.
         return LinearConfig(block_n=32, block_v=64, block_d=64, num_warps=4, num_stages=1)

@@ -258,3 +258,12 @@ def test_grad_skip_threshold_bound_tight_cases():
         p = torch.linspace(1e-12, tau, 10_000, dtype=torch.float64)[:-1]
         lhs = (p * -torch.log(p)).max().item()
         assert lhs <= tau * max(-math.log(tau), 1.0) + 1e-15
+
+
+def test_row_group_env(monkeypatch):
+    """CPO_FAST_LINEAR_ROW_GROUP selects the memory-lean backward without code changes."""
+    monkeypatch.setenv("CPO_FAST_LINEAR_ROW_GROUP", "16")
+    assert K.default_config(64, torch.float16).row_group == 16
+    h, w, b, labels, G, E = _make(40, 33, 20, torch.float16, seed=7, bias=True)
+    want = _reference(h, w, b, labels, G, E, False, False)
+    _check(torch.float16, _triton(h, w, b, labels, G, E, False, False), want, False)
