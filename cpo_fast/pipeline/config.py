@@ -158,7 +158,7 @@ def _flatten(raw: dict[str, Any], source: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for k, v in raw.items():
         key = str(k).replace("-", "_")
-        if key in SECTIONS and isinstance(v, dict) and key not in FIELDS:
+        if key in SECTIONS and isinstance(v, dict):  # no field takes a mapping
             flat.update(_flatten(v, source))
             continue
         if key not in FIELDS:

@@ -451,6 +451,7 @@ def get_tokenizer(cfg: RunConfig, texts: list[str], out: Path):
 
         tok = train_tokenizer(texts, cfg.vocab_size, model_max_length=cfg.max_tokens)
         tok.save_pretrained(out / "tokenizer")
+    tok.model_max_length = int(1e9)  # encode() truncates; silence HF's length warning
     if tok.pad_token_id is None:  # HF models often ship without a pad token
         tok.pad_token = tok.eos_token
     for name in ("bos", "eos"):
@@ -521,6 +522,9 @@ def prepare(cfg: RunConfig, *, need_dm: bool | None = None, resume: bool = False
     """
     if until not in STAGES:
         raise ValueError(f"until={until!r} is not one of {STAGES}.")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars drown ours
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg)
