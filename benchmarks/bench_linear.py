@@ -68,7 +68,7 @@ import cpo_fast  # noqa: E402
 from cpo_fast._backend import cpu_extension_available, triton_interpreting  # noqa: E402
 
 GPU_N, GPU_V, GPU_D = (4096, 16384, 65536), (32000, 128256, 151936, 262144), (2048, 4096)
-CPU_N, CPU_V, CPU_D = (64, 256), (1001, 4099), (64, 128)
+CPU_N, CPU_V, CPU_D = (64, 128), (1001, 2053), (64,)
 SMALLEST = ((16,), (257,), (32,))
 Skip = str  # a variant is a callable, (callable, env vars to set around it), or a skip reason
 
