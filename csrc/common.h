@@ -59,7 +59,7 @@ struct Kernels {
   void (*forward)(const FwdArgs&);
   void (*backward)(const BwdArgs&);
   void (*block_forward)(const BlockFwdArgs&);
-  void (*exp_f32)(const float* x, float* y, int64_t n);
+  void (*exp_f32)(const float* x, float* y, int64_t n, bool kernel);
 };
 
 extern const Kernels kernels_generic;

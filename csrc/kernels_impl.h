@@ -22,14 +22,15 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
 
 constexpr int64_t kChunk = 1024;  // elements per chunk: L1-resident between the two sweeps
-// Differences z - m are clamped here: exp(-150) is 0 in float32, and the clamp turns
-// (-inf) - m into a finite number so that p * (z - m) is 0 * finite = 0, never NaN.
-constexpr float kDMin = -150.f;
+// Differences z - m (<= 0) are clamped below at kDMin before the kernel exp: it turns
+// (-inf) - m into a finite number, so p * (z - m) is 0 * finite = 0, never NaN, and
+// exp(kDMin) is exactly 0 in kexp (see there).
+constexpr float kDMin = -88.f;
 
 inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 inline v8f vmax(v8f a, v8f b) { return a > b ? a : b; }
 // max(x, lo) that keeps a NaN x (so NaN logits give NaN results, not silently -150).
-inline v8f clamp_lo(v8f x, v8f lo) { return x < lo ? lo : x; }
+inline v8f clamp_lo(v8f x, v8f lo) { return lo > x ? lo : x; }  // = maxps(lo, x)
 inline float fmax1(float a, float b) { return a > b ? a : b; }
 inline float hmax(v8f v) {
   float r = v[0];
@@ -44,8 +45,7 @@ inline float hsum(v8f v) {  // fixed pairwise order: deterministic
 // polynomial for e^r, then a scale by 2^n split in two halves so that results in the
 // subnormal range (x down to about -103.97) round once, and overflow gives +inf.
 // Measured error: within 2 ulp of the correctly rounded float32 result (tests sweep it).
-// vexp_core needs x in [-150, 89] (or NaN); vexp clamps first. The kernels call the core
-// directly: their arguments are differences z - max clamped below at kDMin = -150.
+// vexp_core needs x in [-150, 89] (or NaN); vexp clamps first.
 inline v8f vexp_core(v8f x) {
   const v8f magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
   const v8f t = x * splat(1.44269504088896341f) + magic;
@@ -70,6 +70,29 @@ inline v8f vexp(v8f x) {
   x = clamp_lo(x, splat(-150.f));  // NaN fails both comparisons and propagates
   x = x > splat(89.f) ? splat(89.f) : x;
   return vexp_core(x);
+}
+
+// The kernels' exp, for x in [kDMin, 0] = [-88, 0] (a log-probability): one scale 2^n with
+// n in [-127, 0], where n = -127 gives the bit pattern 0, i.e. exp(x) = 0 exactly for
+// x < about -87.68 (a flush of results below 2^-126; they do not change a sum that holds
+// a 1, and a gradient that small is 0 to within 1e-38). Same polynomial as vexp, so the
+// same error (<= 2 ulp, tested) for results >= 2^-126.
+inline v8f kexp(v8f x) {
+  const v8f magic = splat(12582912.f);
+  const v8f t = x * splat(1.44269504088896341f) + magic;
+  const v8f n = t - magic;
+  v8f r = x - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  v8f p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  const v8f e = p * (r * r) + r + splat(1.f);
+  // bits(t) = bits(magic) + n: fold the exponent bias into one integer add
+  const v8i biased = (v8i)t + (int32_t)(127u - 0x4b400000u);
+  return e * (v8f)(biased << 23);
 }
 
 // ---- dtype conversion -------------------------------------------------------------------
@@ -232,7 +255,7 @@ inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out) {
   for (; i + 16 <= nfull; i += 16) {
     const v8f d0 = clamp_lo(loadv<DT>(p, off + i) - mm, dmin);
     const v8f d1 = clamp_lo(loadv<DT>(p, off + i + 8) - mm, dmin);
-    const v8f e0 = vexp_core(d0), e1 = vexp_core(d1);
+    const v8f e0 = kexp(d0), e1 = kexp(d1);
     acc.s0 += e0;
     acc.s1 += e1;
     if (ENT) {
@@ -242,13 +265,13 @@ inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out) {
   }
   for (; i < nfull; i += 8) {
     const v8f d0 = clamp_lo(loadv<DT>(p, off + i) - mm, dmin);
-    const v8f e0 = vexp_core(d0);
+    const v8f e0 = kexp(d0);
     acc.s0 += e0;
     if (ENT) acc.a0 += e0 * d0;
   }
   if (len > nfull) {
     const v8f d1 = clamp_lo(tail - mm, dmin);  // -inf padding: e = 0, e * d = 0
-    const v8f e1 = vexp_core(d1);
+    const v8f e1 = kexp(d1);
     acc.s1 += e1;
     if (ENT) acc.a1 += e1 * d1;
   }
@@ -348,7 +371,7 @@ struct RowGrad {
 template <int IDT, int ODT, bool ENT>
 inline v8f grad_vec(v8f z, const RowGrad& g) {
   const v8f d = clamp_lo(z - splat(g.lse), splat(kDMin));  // log p, clamped: p = 0 below
-  const v8f p = vexp_core(d);
+  const v8f p = kexp(d);
   if (ENT) return -p * (splat(g.G) + splat(g.E) * (d + splat(g.H)));
   return -p * splat(g.G);
 }
@@ -429,10 +452,17 @@ void backward(const BwdArgs& A) {
 
 // ---- exp, exposed for the accuracy test ---------------------------------------------------
 
-void exp_f32(const float* x, float* y, int64_t n) {
+// kernel = true: the kernels' variant (inputs clamped to [kDMin, 0] first).
+void exp_f32(const float* x, float* y, int64_t n, bool kernel) {
   const int64_t nfull = n & ~int64_t(7);
-  for (int64_t i = 0; i < nfull; i += 8) storev<kF32>(y, i, vexp(loadv<kF32>(x, i)));
-  if (n > nfull) store_tail<kF32>(y, nfull, n - nfull, vexp(load_tail<kF32>(x, nfull, n - nfull, 0.f)));
+  auto f = [kernel](v8f v) {
+    if (!kernel) return vexp(v);
+    v = clamp_lo(v, splat(kDMin));
+    return kexp(v > splat(0.f) ? splat(0.f) : v);
+  };
+  for (int64_t i = 0; i < nfull; i += 8) storev<kF32>(y, i, f(loadv<kF32>(x, i)));
+  if (n > nfull)
+    store_tail<kF32>(y, nfull, n - nfull, f(load_tail<kF32>(x, nfull, n - nfull, 0.f)));
 }
 
 }  // namespace

@@ -3,6 +3,8 @@
 // (cpo_fast/_cpu.py) validates dtypes, shapes and contiguity before calling in.
 #include <pybind11/pybind11.h>
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -62,6 +64,26 @@ View3 view(uintptr_t p, int dt, int64_t B, int64_t T, int64_t V, int64_t sb, int
 
 int threads(int n) { return n < 1 ? 1 : n; }
 
+// A fresh gradient buffer is first touched by the backward kernel, and on virtual machines
+// the 4 KiB page faults of that first touch can cost more than the kernel itself (about
+// 2 ns per float32 element measured on the 2-core CI VM). Asking for transparent huge pages
+// on the 2 MiB-aligned interior of the output (Linux, THP in "madvise" or "always" mode)
+// makes those faults 512x fewer. It is only a hint: pages already present are unaffected,
+// and nothing changes where THP is off or unsupported.
+void advise_hugepages(const View3& o) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const int64_t es = o.dtype == kF32 ? 4 : 2;
+  const int64_t extent = ((o.B - 1) * o.sb + (o.T - 1) * o.st + (o.V - 1) * o.sv + 1) * es;
+  const uintptr_t huge = uintptr_t(1) << 21;
+  if (o.B <= 0 || o.T <= 0 || extent < int64_t(4 * huge)) return;
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(o.ptr) + huge - 1) & ~(huge - 1);
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(o.ptr) + uintptr_t(extent)) & ~(huge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)o;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -97,6 +119,7 @@ PYBIND11_MODULE(_C, m) {
         if (a.grad_entropy && !a.entropy)
           throw std::invalid_argument("grad_entropy given without the saved entropy");
         py::gil_scoped_release nogil;
+        if (out != x) advise_hugepages(a.out);
         K().backward(a);
       },
       "Backward into out (may alias x); grad_ent = 0 when the entropy has no gradient.");
@@ -119,9 +142,11 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "exp_f32",
-      [](uintptr_t x, uintptr_t y, int64_t n) {
+      [](uintptr_t x, uintptr_t y, int64_t n, bool kernel) {
         py::gil_scoped_release nogil;
-        K().exp_f32(ptr<const float>(x), ptr<float>(y), n);
+        K().exp_f32(ptr<const float>(x), ptr<float>(y), n, kernel);
       },
-      "The vectorized exp over n contiguous float32 (exposed for the accuracy test).");
+      py::arg("x"), py::arg("y"), py::arg("n"), py::arg("kernel") = false,
+      "The vectorized exp over n contiguous float32 (exposed for the accuracy test); "
+      "kernel=True: the kernels' variant, inputs clamped to [-88, 0], flush below 2^-126.");
 }

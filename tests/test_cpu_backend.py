@@ -284,6 +284,19 @@ def test_vectorized_exp_within_2_ulp(isa):
     assert out[0] == np.inf and out[1] == 0 and np.isnan(out[2])
     assert out[3] == np.inf and out[4] == np.inf and out[5] == 0 and out[6] == 0 and out[7] == 0
 
+    # The kernels' variant: inputs are log-probabilities clamped to [-88, 0]; results below
+    # 2^-126 (x < -87.34) may flush to 0, and x <= -88 (where -inf lands) gives exactly 0.
+    xk = x[(x <= 0) & (x >= -87.33)]
+    yk = np.empty_like(xk)
+    _C.exp_f32(xk.ctypes.data, yk.ctypes.data, xk.size, True)
+    errk = ulp_error(xk, yk)
+    worst = int(np.argmax(errk))
+    assert errk[worst] <= 2.0, f"kernel exp({xk[worst]!r}): {errk[worst]:.2f} ulp"
+    low = np.float32([-88.0, -90.0, -np.inf, -1e30, -87.9])
+    outk = np.empty_like(low)
+    _C.exp_f32(low.ctypes.data, outk.ctypes.data, low.size, True)
+    assert (outk[:4] == 0).all() and 0 <= outk[4] < 2.0**-126
+
 
 # ---- fused linear ------------------------------------------------------------------------
 
