@@ -1,0 +1,110 @@
+"""``cpo-fast`` end to end on tiny settings: every subcommand, resume, input errors, EmoBank."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cpo_fast.cli import main
+from cpo_fast.pipeline.synthetic import make_corpus, write_corpus
+
+EMOBANK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "emobank.csv"
+TINY = ["--max-tokens", "40", "--vocab-size", "200", "--hidden-size", "32", "--num-layers", "1",
+        "--num-heads", "2", "--f0-steps", "6", "--f0-batch-size", "16", "--steps", "3",
+        "--batch-size", "8", "--dm-batch-size", "8", "--dm-size", "16", "--num-samples", "8",
+        "--max-new-tokens", "10", "--bootstrap", "50", "--outcome-folds", "3",
+        "--warmup-steps", "1", "--progress", "false", "--eval-fraction", "0.2",
+        "--lora-r", "4"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "corpus.csv"
+    write_corpus(make_corpus(100, seed=2), path)
+    return path
+
+
+def test_bad_method_exits_nonzero_with_message(corpus, tmp_path):
+    # A real process: the console entry point's exit status and stderr.
+    r = subprocess.run([sys.executable, "-m", "cpo_fast.cli", "train", "--data", str(corpus),
+                        "--method", "dpo", "--output-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "--method='dpo' is not one of" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_column_exits_nonzero(corpus, tmp_path, capsys):
+    rc = main(["train", "--data", str(corpus), "--outcome-column", "rating",
+               "--output-dir", str(tmp_path), *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2 and "column 'rating'" in err and "available columns" in err
+
+
+def test_other_input_errors(corpus, tmp_path, capsys):
+    assert main(["train", "--output-dir", str(tmp_path), *TINY]) == 2
+    assert "--data is required" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "nope.csv"), "--output-dir",
+                 str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    y = tmp_path / "bad.yaml"
+    y.write_text("train:\n  stepz: 3\n")
+    assert main(["train", "--config", str(y), "--data", str(corpus)]) == 2
+    assert "unknown config key 'stepz'. Did you mean 'steps'?" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse: a non-number for an int flag
+        main(["train", "--steps", "many"])
+    assert e.value.code == 2
+
+
+def test_train_stop_resume_and_other_subcommands(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data", str(corpus), "--group-column", "group", "--output-dir", str(out), *TINY]
+    assert main(["precompute", *common]) == 0
+    assert "cached" in capsys.readouterr().out
+    assert main(["fit-outcome", *common]) == 0
+    assert "out-of-fold R^2" in capsys.readouterr().out
+    # Interrupted after 2 of 3 steps, then resumed: the run finishes and evaluates.
+    assert main(["train", *common, "--method", "dr_cpo", "--stop-after", "2"]) == 0
+    state = out / "dr_cpo" / "checkpoint" / "state.pt"
+    assert state.is_file() and not (out / "dr_cpo" / "model").exists()
+    assert main(["train", *common, "--method", "dr_cpo", "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "3/3 steps" in text and "[eval] dr_cpo" in text
+    res = json.loads((out / "dr_cpo" / "results.json").read_text())
+    assert {"ipw", "snips", "dr"} <= set(res["policy"]["off_policy"])
+    for png in ("training.png", "weights.png", "outcome.png"):
+        assert (out / "dr_cpo" / "plots" / png).stat().st_size > 1000
+    assert main(["generate", *common, "--method", "dr_cpo", "--num-samples", "4"]) == 0
+    lines = (out / "dr_cpo" / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and "ghat" in json.loads(lines[0])
+    assert main(["evaluate", *common, "--model-dir", "f0"]) == 0
+    assert (out / "eval" / "f_0.json").is_file()
+    assert main(["evaluate", *common, "--model-dir", str(tmp_path / "missing")]) == 2
+
+
+def test_tiny_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--quick", "--rows", "120", "--output-dir", str(out), *TINY,
+               "--max-new-tokens", "12", "--num-samples", "16"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for name in ("f_0", "SFT-all", "SFT-top", "OO-RLHF", "CPO", "DR-CPO"):
+        assert f"\n{name:9s} " in text
+    res = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in res["table"]][0] == "f_0" and res["seconds"] > 0
+    assert (out / "plots" / "oracle.png").is_file()
+
+
+@pytest.mark.skipif(not EMOBANK.is_file(), reason=f"{EMOBANK} not present")
+def test_emobank_train(tmp_path, capsys):
+    out = tmp_path / "emo"
+    rc = main(["train", "--data", str(EMOBANK), "--outcome-column", "V", "--id-column", "id",
+               "--max-rows", "300", "--method", "dr_cpo", "--output-dir", str(out), *TINY,
+               "--max-tokens", "48", "--vocab-size", "300"])
+    assert rc == 0
+    res = json.loads((out / "dr_cpo" / "results.json").read_text())
+    assert res["train"]["finished"] and res["policy"]["off_policy"]["n"] == 60
+    assert 1.0 <= res["policy"]["ghat"]["mean"] <= 5.0
