@@ -175,6 +175,9 @@ def test_oracle_deterministic_and_lexicon():
     np.testing.assert_array_equal(g, oracle(texts))
     assert g[2] > g[0] > 3.0 > g[1] and g[3] < 3.0
     assert g[4] == g[5] == 3.0 and ((g > 1) & (g < 5)).all()
+    # sentiment words count only inside statements: word salad is neutral
+    assert oracle(["great superb perfect amazing", "so i loved it"]).tolist() == [
+        3.0, pytest.approx(3 + 2 * np.tanh(2 / 3))]
 
 
 def test_synthetic_corpus_confounding(tmp_path):

@@ -18,7 +18,7 @@ from cpo_fast.pipeline.modeling import (
     output_weight,
     sequence_token_logprobs,
 )
-from cpo_fast.pipeline.outcome import mean_pooled_features
+from cpo_fast.pipeline.outcome import bag_of_words_features, mean_pooled_features
 from cpo_fast.pipeline.precompute import (
     data_fingerprint,
     precompute_ref_logprobs,
@@ -160,3 +160,11 @@ def test_mean_pooled_features_ignore_padding(corpus):
     assert f_small.shape == (len(enc), 32)
     np.testing.assert_allclose(f_small, f_big, atol=1e-4)
     assert m.training  # mode restored
+    f_all = mean_pooled_features(m, enc, batch_size=16, layers="all")
+    assert f_all.shape == (len(enc), 32 * 2)  # embeddings + 1 layer
+    np.testing.assert_allclose(f_all[:, 32:], f_big, atol=1e-5)  # last = ln_f output
+    f_emb = mean_pooled_features(m, enc, batch_size=16, layers=[0])
+    np.testing.assert_allclose(f_emb, f_all[:, :32], atol=1e-6)
+    bow = bag_of_words_features(enc, len(tok))
+    assert bow.shape == (len(enc), len(tok))
+    assert bow.sum(1).tolist() == [len(r) for r in enc.input_ids]

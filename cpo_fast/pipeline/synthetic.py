@@ -19,8 +19,13 @@ Oracle
 present in *any* text (so it scores model generations too): each sentiment word has a
 weight (+2 strong positive, +1 positive, -1 negative, -2 strong negative; topic nouns and
 all other words 0), multiplied by 1.5 after an intensifier ("very", "really", ...) and
-sign-flipped when "not"/"never" is among the two preceding words. Only the sentiment
-words cause the outcome; the topic does not.
+sign-flipped when "not"/"never" is among the two preceding words. A sentiment word counts
+only inside a statement: an adjective within three words after a copula ("was", "is",
+...) or "and", a verb right after a pronoun ("so i loved it"); so a string of positive
+words without syntax ("great superb perfect") scores 3, not 5, and a policy cannot reach
+the top by word salad. tanh saturates: a well-formed sentence with two or three strong
+positive words is near the maximum. Only the sentiment words cause the outcome; the
+topic does not.
 
 Outcomes and confounding
 ------------------------
@@ -84,7 +89,20 @@ _NEGATORS = ["not", "never"]
 
 LEXICON: dict[str, float] = {w: float(k) for pool in (_ADJ, _VERBS)
                              for k, ws in pool.items() for w in ws if k != 0}
+_VERB_WORDS = frozenset(w for ws in _VERBS.values() for w in ws)
 _WORD = re.compile(r"[a-z']+")
+
+
+_LINKS = frozenset({*_COPULAS, "are", "were", "be", "been", "seems", "feels", "looks", "and"})
+_PRONOUNS = frozenset({"i", "we", "they", "you", "he", "she"})
+
+
+def _licensed(words: list[str], j: int, w: str) -> bool:
+    """A sentiment word counts only inside a statement: an adjective within three words
+    after a copula or "and", a verb right after a pronoun (word salad scores 3)."""
+    if w in _VERB_WORDS:
+        return j >= 1 and words[j - 1] in _PRONOUNS
+    return any(p in _LINKS for p in words[max(0, j - 3):j])
 
 
 def oracle(texts: list[str]) -> np.ndarray:
@@ -95,7 +113,7 @@ def oracle(texts: list[str]) -> np.ndarray:
         s = 0.0
         for j, w in enumerate(words):
             v = LEXICON.get(w)
-            if v is None:
+            if v is None or not _licensed(words, j, w):
                 continue
             if j >= 1 and words[j - 1] in _INTENSIFIERS:
                 v *= 1.5
