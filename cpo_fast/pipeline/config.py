@@ -91,6 +91,8 @@ class RunConfig:
     # --- outcome model
     outcome_model: str = _f("ridge", "ridge | mlp on f_0's mean-pooled features", "outcome")
     outcome_folds: int = _f(5, "cross-fitting folds", "outcome")
+    outcome_features: str = _f("f0", "f0 (f_0's mean-pooled hidden states) | tokens (bag of "
+                               "token counts) | both", "outcome")
     # --- direct-method (DM) set
     dm_source: str = _f("f0_completions", "f0_completions | dataset | file", "dm")
     dm_path: str | None = _f(None, "unlabeled texts file for dm_source=file", "dm")
@@ -129,6 +131,7 @@ class RunConfig:
         one_of("arch", ARCHS)
         one_of("on_too_long", ("truncate", "error"))
         one_of("outcome_model", ("ridge", "mlp"))
+        one_of("outcome_features", ("f0", "tokens", "both"))
         if self.dm_source == "file" and not self.dm_path:
             raise ValueError("--dm-source=file needs --dm-path pointing to a file of texts.")
         for name in ("steps", "batch_size", "grad_accum", "max_tokens", "dm_batch_size",

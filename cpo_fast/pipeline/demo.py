@@ -37,10 +37,13 @@ NAMES = {"sft_all": "SFT-all", "sft_top": "SFT-top", "oo_rlhf": "OO-RLHF", "cpo"
 
 
 def demo_config(out_dir: str | Path, *, quick: bool = False, **overrides: Any) -> RunConfig:
+    if overrides.get("data"):
+        raise ValueError("demo: --data is not used (the demo writes its own corpus.csv under "
+                         "--output-dir); use `cpo-fast train --data ...` for your data.")
     values = {**DEMO_DEFAULTS, **(QUICK if quick else {})}
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["output_dir"] = str(out_dir)
-    values.setdefault("data", str(Path(out_dir) / "corpus.csv"))
+    values["data"] = str(Path(out_dir) / "corpus.csv")
     return RunConfig(**values).validate()
 
 

@@ -500,11 +500,25 @@ def _ref_logprobs(prep_model, enc: Encoded, cfg: RunConfig, out: Path, key: str,
                                    backend=cfg.backend, progress=cfg.progress)
 
 
+def token_counts(enc: Encoded, vocab: int) -> np.ndarray:
+    """Bag of scored tokens: counts per vocabulary entry (a model-free ghat feature)."""
+    x = np.zeros((len(enc), vocab), np.float32)
+    for i, (ids, s) in enumerate(zip(enc.input_ids, enc.score_start, strict=True)):
+        np.add.at(x[i], np.asarray(ids[s:], np.int64), 1.0)
+    return x
+
+
 def texts_features(prep: Prepared, enc: Encoded) -> np.ndarray:
+    """ghat's features (``cfg.outcome_features``): f_0's mean-pooled states and/or counts."""
     from cpo_fast.pipeline.outcome import mean_pooled_features
 
-    return mean_pooled_features(prep.load_f0(), enc, batch_size=prep.cfg.batch_size_eval,
-                                device=prep.device)
+    parts = []
+    if prep.cfg.outcome_features in ("f0", "both"):
+        parts.append(mean_pooled_features(prep.load_f0(), enc, batch_size=prep.cfg.batch_size_eval,
+                                          device=prep.device))
+    if prep.cfg.outcome_features in ("tokens", "both"):
+        parts.append(token_counts(enc, len(prep.tokenizer)))
+    return np.concatenate(parts, axis=1)
 
 
 def predict_outcome(prep: Prepared, texts: list[str], prompts: list[str] | None = None):
@@ -572,7 +586,8 @@ def prepare(cfg: RunConfig, *, need_dm: bool | None = None, resume: bool = False
     if eval_enc is not None:
         prep.ghat_eval = fit.predict(texts_features(prep, eval_enc))
     (out / "outcome_model.json").write_text(json.dumps(
-        {"kind": fit.kind, "folds": fit.folds, "r2_oof": fit.r2, "rmse_oof": fit.rmse}, indent=2))
+        {"kind": fit.kind, "features": cfg.outcome_features, "folds": fit.folds,
+         "r2_oof": fit.r2, "rmse_oof": fit.rmse}, indent=2))
 
     if until == "outcome":
         return prep
