@@ -28,7 +28,7 @@ DEMO_DEFAULTS: dict[str, Any] = dict(
     weighting="self_normalized", steps=120, batch_size=64, lr=3e-3, warmup_steps=10,
     lora=True, lora_r=8, lora_alpha=16.0, dm_source="f0_completions", dm_size=1024,
     dm_prefix_fraction=0.3, dm_batch_size=64, num_samples=512, max_new_tokens=36,
-    save_every=0, batch_size_eval=128, bootstrap=1000, top_quantile=0.75,
+    save_every=0, batch_size_eval=128, bootstrap=1000, top_quantile=0.75, outcome_features="both",
 )
 QUICK: dict[str, Any] = dict(f0_steps=200, steps=50, num_samples=256, dm_size=512)
 DEMO_ROWS, QUICK_ROWS = 4000, 2000
