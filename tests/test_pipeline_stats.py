@@ -35,6 +35,19 @@ def test_ridge_recovers_linear_signal_cross_fitted():
                                np.mean([m.predict(xn) for m in fit.fold_models], 0))
 
 
+@pytest.mark.parametrize("shape", [(60, 8), (30, 50)])  # tall (Gram eigh) and wide (SVD)
+def test_ridge_matches_normal_equations(shape):
+    from cpo_fast.pipeline.outcome import _fit_ridge
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=shape) * 3 + 1, rng.normal(size=shape[0])
+    m = _fit_ridge(x, y, alpha=2.0)
+    z = (x - x.mean(0)) / x.std(0)
+    coef = np.linalg.solve(z.T @ z + 2.0 * np.eye(shape[1]), z.T @ (y - y.mean()))
+    np.testing.assert_allclose(m.coef, coef, atol=1e-8)
+    np.testing.assert_allclose(m.predict(x), z @ coef + y.mean(), atol=1e-8)
+
+
 def test_ridge_pure_noise_has_no_skill_out_of_fold():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(200, 50)), rng.normal(size=200)

@@ -13,6 +13,7 @@ from cpo_fast.pipeline.modeling import (
 )
 from cpo_fast.pipeline.outcome import (
     OutcomeFit,
+    bag_of_words_features,
     features_from_callable,
     fit_outcome_model,
     mean_pooled_features,
@@ -26,7 +27,8 @@ from cpo_fast.pipeline.synthetic import make_corpus, oracle, write_corpus
 from cpo_fast.pipeline.tokenizer import train_tokenizer
 
 __all__ = [
-    "DataConfig", "Encoded", "OutcomeFit", "OutcomeTable", "bootstrap_ci", "build_model",
+    "DataConfig", "Encoded", "OutcomeFit", "OutcomeTable", "bag_of_words_features",
+    "bootstrap_ci", "build_model",
     "collate", "data_fingerprint", "encode", "features_from_callable", "fit_outcome_model",
     "last_hidden", "load_table", "make_corpus", "mean_pooled_features", "model_fingerprint",
     "off_policy_estimates", "oracle", "output_weight", "precompute_ref_logprobs",
