@@ -227,9 +227,9 @@ def encode(table: OutcomeTable, tokenizer: Any, max_tokens: int = 128,
     if on_too_long not in ("truncate", "error"):
         raise ValueError(f"on_too_long must be 'truncate' or 'error', got {on_too_long!r}.")
     bos, eos = _special_id(tokenizer, "bos"), _special_id(tokenizer, "eos")
-    resp = tokenizer(list(table.texts), add_special_tokens=False)["input_ids"]
+    resp = tokenizer(list(table.texts), add_special_tokens=False, verbose=False)["input_ids"]
     if table.prompts is not None:
-        prm = tokenizer(list(table.prompts), add_special_tokens=False)["input_ids"]
+        prm = tokenizer(list(table.prompts), add_special_tokens=False, verbose=False)["input_ids"]
     else:
         prm = [[] for _ in resp]
     ids, starts, n_trunc = [], [], 0
