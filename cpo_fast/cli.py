@@ -98,7 +98,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from cpo_fast.pipeline.evaluate import evaluate_model, format_row, write_eval
+    from cpo_fast.pipeline.evaluate import evaluate_model, write_eval
     from cpo_fast.pipeline.plots import outcome_bars, training_curves, weight_histogram
     from cpo_fast.pipeline.train import prepare, train_policy
 
@@ -125,7 +125,7 @@ def cmd_train(args) -> int:
         outcome_bars({"f_0": before, cfg.method: after}, "ghat", mdir / "plots" / "outcome.png")
         for r in (before, after):
             op = r.get("off_policy") or {}
-            print(f"[eval] {r['name']:8s} ghat of generations {format_row(r, 'ghat')}; "
+            print(f"[eval] {r['name']:8s} generations: {_scores(r)}; "
                   f"off-policy {json.dumps(_brief(op))}")
         result.update(f0={k: v for k, v in before.items() if k != "samples"},
                       policy={k: v for k, v in after.items() if k != "samples"})
@@ -133,6 +133,14 @@ def cmd_train(args) -> int:
     (mdir / "results.json").write_text(json.dumps(result, indent=2, default=float))
     print(f"[train] wrote {mdir}/ (model/, checkpoint/, metrics.jsonl, plots/, results.json)")
     return 0
+
+
+def _scores(res: dict) -> str:
+    """'ghat 3.1 [3.0, 3.2], oracle ...' for every scorer in an evaluate_model result."""
+    from cpo_fast.pipeline.evaluate import format_row
+
+    keys = [k for k, v in res.items() if isinstance(v, dict) and {"mean", "lo", "hi"} <= set(v)]
+    return ", ".join(f"{k} {format_row(res, k)}" for k in keys)
 
 
 def _brief(op: dict) -> dict:
@@ -196,7 +204,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from cpo_fast.pipeline.evaluate import evaluate_model, format_row, write_eval
+    from cpo_fast.pipeline.evaluate import evaluate_model, write_eval
     from cpo_fast.pipeline.train import prepare
 
     cfg = config_from(args)
@@ -205,7 +213,7 @@ def cmd_evaluate(args) -> int:
     res = evaluate_model(prep, model, name=name)
     path = Path(cfg.output_dir) / "eval" / f"{name}.json"
     write_eval(res, path)
-    print(f"[evaluate] {name}: ghat of generations {format_row(res, 'ghat')}; off-policy "
+    print(f"[evaluate] {name}: generations: {_scores(res)}; off-policy "
           f"{json.dumps(_brief(res.get('off_policy') or {}))} -> {path}")
     return 0
 

@@ -80,8 +80,13 @@ def test_train_stop_resume_and_other_subcommands(corpus, tmp_path, capsys):
     assert main(["generate", *common, "--method", "dr_cpo", "--num-samples", "4"]) == 0
     lines = (out / "dr_cpo" / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 4 and "ghat" in json.loads(lines[0])
-    assert main(["evaluate", *common, "--model-dir", "f0"]) == 0
-    assert (out / "eval" / "f_0.json").is_file()
+    capsys.readouterr()
+    assert main(["evaluate", *common, "--model-dir", "f0",
+                 "--scorer", "cpo_fast.pipeline.synthetic:oracle"]) == 0
+    assert "oracle " in capsys.readouterr().out
+    assert "oracle" in json.loads((out / "eval" / "f_0.json").read_text())
+    assert main(["evaluate", *common, "--model-dir", "f0", "--scorer", "nope"]) == 2
+    assert "expected 'module:function'" in capsys.readouterr().err
     assert main(["evaluate", *common, "--model-dir", str(tmp_path / "missing")]) == 2
 
 

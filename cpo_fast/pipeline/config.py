@@ -107,6 +107,8 @@ class RunConfig:
     gen_from_prompts: bool = _f(True, "condition on the dataset's prompts when it has them",
                                 "generate")
     bootstrap: int = _f(1000, "bootstrap resamples for the 95% intervals", "generate")
+    scorer: str | None = _f(None, "extra scorer of generations, 'module:function' taking a "
+                            "list of texts (e.g. cpo_fast.pipeline.synthetic:oracle)", "generate")
     # --- run
     output_dir: str = _f("runs/train", "where everything is written", "run")
     seed: int = _f(0, "seed for data order, init, sampling", "run")

@@ -20,13 +20,15 @@ from typing import Any
 
 from cpo_fast.pipeline.config import METHODS, RunConfig
 
-# Settings tuned on a 2-core CPU so the full demo stays under ten minutes.
+# Settings tuned on a 2-core CPU so the full demo stays under ten minutes. One torch thread:
+# at hidden size 64 intra-op parallelism costs more than it gives (and on a shared machine
+# two spinning threads per process made the demo several times slower).
 DEMO_DEFAULTS: dict[str, Any] = dict(
     text_column="text", outcome_column="outcome", group_column="group", id_column="id",
     max_tokens=40, eval_fraction=0.1, vocab_size=600, arch="llama", hidden_size=64,
     num_layers=2, num_heads=4, f0_steps=400, f0_lr=3e-3, f0_batch_size=32,
     weighting="self_normalized", steps=120, batch_size=64, lr=3e-3, warmup_steps=10,
-    lora=True, lora_r=8, lora_alpha=16.0, dm_source="f0_completions", dm_size=1024,
+    lora=True, lora_r=8, lora_alpha=16.0, dm_source="f0_completions", dm_size=1024, threads=1,
     dm_prefix_fraction=0.3, dm_batch_size=64, num_samples=512, max_new_tokens=36,
     save_every=0, batch_size_eval=128, bootstrap=1000, top_quantile=0.75, outcome_features="both",
 )

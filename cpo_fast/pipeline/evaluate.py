@@ -24,6 +24,23 @@ from cpo_fast.pipeline.generate import generate_texts
 Scorer = Callable[[list[str]], np.ndarray]
 
 
+def load_scorer(spec: str) -> tuple[str, Scorer]:
+    """``'package.module:function'`` -> (function name, the function)."""
+    import importlib
+
+    mod, sep, fn = spec.partition(":")
+    if not sep or not mod or not fn:
+        raise ValueError(f"--scorer {spec!r}: expected 'module:function', e.g. "
+                         "'cpo_fast.pipeline.synthetic:oracle'.")
+    try:
+        f = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--scorer {spec!r}: cannot load it ({e}).") from None
+    if not callable(f):
+        raise ValueError(f"--scorer {spec!r} is not callable.")
+    return fn, f
+
+
 @torch.no_grad()
 def sequence_logprobs_of(model, encoded, *, pad_id: int, batch_size: int = 64,
                          backend: str | None = None, length_normalize: bool = False) -> np.ndarray:
@@ -75,7 +92,11 @@ def evaluate_model(prep, model, *, name: str, scorers: dict[str, Scorer] | None 
     scores: dict[str, np.ndarray] = {}
     if prep.outcome_fit is not None:
         scores["ghat"] = np.asarray(predict_outcome(prep, texts, prompts), np.float64)
-    for sname, fn in (scorers or {}).items():
+    scorers = dict(scorers or {})
+    if cfg.scorer:
+        sname, fn = load_scorer(cfg.scorer)
+        scorers.setdefault(sname, fn)
+    for sname, fn in scorers.items():
         scores[sname] = np.asarray(fn(texts), np.float64)
     for sname, v in scores.items():
         res[sname] = ci(v)

@@ -500,24 +500,18 @@ def _ref_logprobs(prep_model, enc: Encoded, cfg: RunConfig, out: Path, key: str,
                                    backend=cfg.backend, progress=cfg.progress)
 
 
-def token_counts(enc: Encoded, vocab: int) -> np.ndarray:
-    """Bag of scored tokens: counts per vocabulary entry (a model-free ghat feature)."""
-    x = np.zeros((len(enc), vocab), np.float32)
-    for i, (ids, s) in enumerate(zip(enc.input_ids, enc.score_start, strict=True)):
-        np.add.at(x[i], np.asarray(ids[s:], np.int64), 1.0)
-    return x
-
-
 def texts_features(prep: Prepared, enc: Encoded) -> np.ndarray:
-    """ghat's features (``cfg.outcome_features``): f_0's mean-pooled states and/or counts."""
-    from cpo_fast.pipeline.outcome import mean_pooled_features
+    """ghat's features (``cfg.outcome_features``): f_0's hidden states mean-pooled over the
+    text (every layer side by side: on a small LM the last layer alone says little about
+    content) and/or bag-of-token counts."""
+    from cpo_fast.pipeline.outcome import bag_of_words_features, mean_pooled_features
 
     parts = []
     if prep.cfg.outcome_features in ("f0", "both"):
         parts.append(mean_pooled_features(prep.load_f0(), enc, batch_size=prep.cfg.batch_size_eval,
-                                          device=prep.device))
+                                          device=prep.device, layers="all"))
     if prep.cfg.outcome_features in ("tokens", "both"):
-        parts.append(token_counts(enc, len(prep.tokenizer)))
+        parts.append(bag_of_words_features(enc, len(prep.tokenizer)))
     return np.concatenate(parts, axis=1)
 
 
