@@ -212,6 +212,42 @@ template <int DT> inline void store_tail(void* p, int64_t i, int64_t cnt, v8f v)
   for (int64_t j = 0; j < cnt; ++j) store1<DT>(p, i + j, v[j]);
 }
 
+// 16 elements as two vectors, for loops that are order-agnostic per element as long as
+// store16 puts each value back where load16 found it. bf16 uses the per-128-bit-lane
+// unpack (vpunpck{l,h}wd with zeros) and its inverse, the per-lane pack (vpackusdw):
+// one instruction each way instead of widening conversions plus cross-lane moves.
+typedef uint16_t v16h __attribute__((vector_size(32)));
+#if defined(__clang__)
+#define CPO_SHUFFLE16(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define CPO_SHUFFLE16(a, b, ...) __builtin_shuffle(a, b, v16h{__VA_ARGS__})
+#endif
+template <int DT> inline void load16(const void* p, int64_t i, v8f& a, v8f& b) {
+  a = loadv<DT>(p, i);
+  b = loadv<DT>(p, i + 8);
+}
+template <> inline void load16<kBF16>(const void* p, int64_t i, v8f& a, v8f& b) {
+  v16h x;
+  __builtin_memcpy(&x, (const uint16_t*)p + i, 32);
+  const v16h z = {};
+  a = (v8f)CPO_SHUFFLE16(z, x, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27);
+  b = (v8f)CPO_SHUFFLE16(z, x, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31);
+}
+template <int DT> inline void store16(void* p, int64_t i, v8f a, v8f b) {
+  storev<DT>(p, i, a);
+  storev<DT>(p, i + 8, b);
+}
+inline v8u bf16_round(v8f v) {  // float bits -> bf16 in the low half, round to nearest even
+  const v8u u = (v8u)v;
+  const v8u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (v != v) ? ((u >> 16) | 0x40u) : r;  // NaN stays NaN
+}
+template <> inline void store16<kBF16>(void* p, int64_t i, v8f a, v8f b) {
+  const v16h ra = (v16h)bf16_round(a), rb = (v16h)bf16_round(b);
+  const v16h x = CPO_SHUFFLE16(ra, rb, 0, 2, 4, 6, 16, 18, 20, 22, 8, 10, 12, 14, 24, 26, 28, 30);
+  __builtin_memcpy((uint16_t*)p + i, &x, 32);
+}
+
 constexpr int64_t esize(int dt) { return dt == kF32 ? 4 : 2; }
 
 // ---- forward ----------------------------------------------------------------------------
@@ -234,8 +270,10 @@ inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out) {
   v8f mx0 = splat(-FLT_MAX), mx1 = mx0;
   int64_t i = 0;
   for (; i + 16 <= nfull; i += 16) {
-    mx0 = vmax(mx0, loadv<DT>(p, off + i));
-    mx1 = vmax(mx1, loadv<DT>(p, off + i + 8));
+    v8f z0, z1;
+    load16<DT>(p, off + i, z0, z1);
+    mx0 = vmax(mx0, z0);
+    mx1 = vmax(mx1, z1);
   }
   for (; i < nfull; i += 8) mx0 = vmax(mx0, loadv<DT>(p, off + i));
   const float cm = hmax(vmax(vmax(mx0, mx1), tail));
@@ -253,8 +291,10 @@ inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out) {
   const v8f mm = splat(acc.m), dmin = splat(kDMin);
   i = 0;
   for (; i + 16 <= nfull; i += 16) {
-    const v8f d0 = clamp_lo(loadv<DT>(p, off + i) - mm, dmin);
-    const v8f d1 = clamp_lo(loadv<DT>(p, off + i + 8) - mm, dmin);
+    v8f z0, z1;
+    load16<DT>(p, off + i, z0, z1);
+    const v8f d0 = clamp_lo(z0 - mm, dmin);
+    const v8f d1 = clamp_lo(z1 - mm, dmin);
     const v8f e0 = kexp(d0), e1 = kexp(d1);
     acc.s0 += e0;
     acc.s1 += e1;
@@ -382,9 +422,10 @@ inline void chunk_grad(const void* in, void* out, int64_t off, int64_t len, cons
   const int64_t nfull = len & ~int64_t(7);
   int64_t i = 0;
   for (; i + 16 <= nfull; i += 16) {
-    const v8f z0 = loadv<IDT>(in, off + i), z1 = loadv<IDT>(in, off + i + 8);
-    storev<ODT>(out, off + i, grad_vec<IDT, ODT, ENT>(z0, g));
-    storev<ODT>(out, off + i + 8, grad_vec<IDT, ODT, ENT>(z1, g));
+    v8f z0, z1;
+    load16<IDT>(in, off + i, z0, z1);
+    static_assert(IDT == ODT, "load16/store16 orders must match");
+    store16<ODT>(out, off + i, grad_vec<IDT, ODT, ENT>(z0, g), grad_vec<IDT, ODT, ENT>(z1, g));
   }
   for (; i < nfull; i += 8)
     storev<ODT>(out, off + i, grad_vec<IDT, ODT, ENT>(loadv<IDT>(in, off + i), g));
