@@ -88,6 +88,9 @@ def test_train_stop_resume_and_other_subcommands(corpus, tmp_path, capsys):
     assert main(["evaluate", *common, "--model-dir", "f0", "--scorer", "nope"]) == 2
     assert "expected 'module:function'" in capsys.readouterr().err
     assert main(["evaluate", *common, "--model-dir", str(tmp_path / "missing")]) == 2
+    capsys.readouterr()
+    assert main(["fit-outcome", *common, "--f0-steps", "7"]) == 2  # stale f_0 refused
+    assert "built with other settings {'f0_steps': (6, 7)}" in capsys.readouterr().err
 
 
 def test_tiny_demo(tmp_path, capsys):

@@ -523,6 +523,26 @@ def predict_outcome(prep: Prepared, texts: list[str], prompts: list[str] | None 
 
 
 STAGES = ("f0", "precompute", "outcome", "all")
+# Settings that decide the cached tokenizer and f_0 in an output dir (prepare.json).
+_PREPARE_KEYS = ("data", "text_column", "prompt_column", "max_rows", "eval_fraction", "seed",
+                 "max_tokens", "on_too_long", "tokenizer", "vocab_size", "base_model",
+                 "f0_model", "arch", "hidden_size", "num_layers", "num_heads", "f0_steps",
+                 "f0_lr", "f0_batch_size")
+
+
+def _check_cached_settings(cfg: RunConfig, out: Path) -> None:
+    """Refuse to reuse a tokenizer / f_0 cached under other settings (stale results)."""
+    path = out / "prepare.json"
+    now = {k: getattr(cfg, k) for k in _PREPARE_KEYS}
+    if path.is_file():
+        before = json.loads(path.read_text())
+        diff = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+        if diff:
+            raise ValueError(f"--output-dir {str(out)!r} holds a tokenizer/f_0 built with other "
+                             f"settings {diff} (then, now); use another --output-dir or the "
+                             "same settings.")
+    else:
+        path.write_text(json.dumps(now, indent=2))
 
 
 def prepare(cfg: RunConfig, *, need_dm: bool | None = None, resume: bool = False,
@@ -540,6 +560,8 @@ def prepare(cfg: RunConfig, *, need_dm: bool | None = None, resume: bool = False
     hf_logging.disable_progress_bar()  # per-file load/save bars drown ours
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if table is None:
+        _check_cached_settings(cfg, out)
     device = pick_device(cfg)
     seed_everything(cfg.seed)
     train_t, eval_t = table if table is not None else load_split(cfg)
@@ -590,7 +612,8 @@ def prepare(cfg: RunConfig, *, need_dm: bool | None = None, resume: bool = False
     if need_dm:
         from cpo_fast.pipeline.dm import build_dm_set, load_dm_set, save_dm_set
 
-        dm_file = out / f"dm_{cfg.dm_source}.jsonl"
+        tag = f"{cfg.dm_size}_{cfg.dm_prefix_fraction}_{Path(cfg.dm_path or '').name}"
+        dm_file = out / f"dm_{cfg.dm_source}_{tag}.jsonl"
         if dm_file.is_file() and cfg.dm_source != "dataset":
             prep.dm = load_dm_set(dm_file, cfg.dm_source)
         else:
