@@ -149,8 +149,10 @@ def _brief(op: dict) -> dict:
     for k, v in op.items():
         if isinstance(v, dict) and "estimate" in v:
             out[k] = round(float(v["estimate"]), 4)
-        elif isinstance(v, (int, float)):
-            out[k] = round(float(v), 4)
+        elif isinstance(v, int):
+            out[k] = v
+        elif isinstance(v, float):
+            out[k] = round(v, 4)
     return out
 
 
