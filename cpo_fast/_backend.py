@@ -26,18 +26,26 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-@functools.cache
-def cpu_extension_available() -> bool:
+def _probe_cpu_extension() -> bool:
     try:
         from cpo_fast import _C  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+# Probed once at import: plain module constants keep resolve_backend traceable by
+# torch.compile (dynamo warns on functools.cache wrappers and cannot trace importlib).
+_TRITON = importlib.util.find_spec("triton") is not None
+_CPU_EXT = _probe_cpu_extension()
+
+
+def triton_available() -> bool:
+    return _TRITON
+
+
+def cpu_extension_available() -> bool:
+    return _CPU_EXT
 
 
 @functools.cache
