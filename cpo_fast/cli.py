@@ -30,7 +30,11 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="the embedded demo (synthetic corpus, all five methods)")
+    d = sub.add_parser("demo", help="the embedded demo (synthetic corpus, all five methods)",
+                       description="The embedded demo. The defaults printed below are those of "
+                       "`train`; the demo's own (smaller) settings are DEMO_DEFAULTS in "
+                       "cpo_fast/pipeline/demo.py (also examples/demo.yaml); any flag overrides "
+                       "them.")
     d.add_argument("--quick", action="store_true", help="smaller and faster (about 2 minutes)")
     d.add_argument("--rows", type=int, default=None, help="corpus rows (default 4000; quick 2000)")
     d.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")

@@ -37,6 +37,14 @@ def test_bad_method_exits_nonzero_with_message(corpus, tmp_path):
     assert "--method='dpo' is not one of" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("command", ["demo", "train", "precompute", "fit-outcome", "generate",
+                                     "evaluate"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and "--output-dir" in capsys.readouterr().out
+
+
 def test_unknown_column_exits_nonzero(corpus, tmp_path, capsys):
     rc = main(["train", "--data", str(corpus), "--outcome-column", "rating",
                "--output-dir", str(tmp_path), *TINY])

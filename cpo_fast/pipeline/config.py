@@ -214,9 +214,9 @@ def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = No
             continue
         sec = f.metadata["section"]
         g = groups.setdefault(sec, parser.add_argument_group(sec))
+        text = f"{f.metadata['help']} (default: {f.default!r})"
         g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_caster(f),
-                       default=None, help=f"{f.metadata['help']} (default: {f.default!r})"
-                       if f.default is not dataclasses.MISSING else f.metadata["help"])
+                       default=None, help=text.replace("%", "%%"))  # argparse formats help
 
 
 def config_from(args: argparse.Namespace | None = None, yaml_path: str | None = None,
