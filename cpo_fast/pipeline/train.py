@@ -530,8 +530,9 @@ _PREPARE_KEYS = ("data", "text_column", "prompt_column", "max_rows", "eval_fract
                  "f0_lr", "f0_batch_size")
 
 
-def _check_cached_settings(cfg: RunConfig, out: Path) -> None:
-    """Refuse to reuse a tokenizer / f_0 cached under other settings (stale results)."""
+def _check_cached_settings(cfg: RunConfig, out: Path, *, record: bool = False) -> None:
+    """Refuse to reuse a tokenizer / f_0 cached under other settings (stale results);
+    ``record=True`` (once f_0 exists) writes the settings down."""
     path = out / "prepare.json"
     now = {k: getattr(cfg, k) for k in _PREPARE_KEYS}
     if path.is_file():
@@ -541,7 +542,7 @@ def _check_cached_settings(cfg: RunConfig, out: Path) -> None:
             raise ValueError(f"--output-dir {str(out)!r} holds a tokenizer/f_0 built with other "
                              f"settings {diff} (then, now); use another --output-dir or the "
                              "same settings.")
-    else:
+    elif record:
         path.write_text(json.dumps(now, indent=2))
 
 
@@ -580,6 +581,8 @@ def prepare(cfg: RunConfig, *, need_dm: bool | None = None, resume: bool = False
     else:  # the SFT loop needs no reference log-probs: zeros stand in for the cache
         zeros = [np.zeros(len(r) - 1, np.float32) for r in train_enc.input_ids]
         f0_dir = fit_f0(cfg, tok, train_enc, zeros, out, device, resume)
+    if table is None:
+        _check_cached_settings(cfg, out, record=True)
     prep = Prepared(cfg, device, out, tok, train_t, eval_t, train_enc, eval_enc, [], None, f0_dir)
     f0 = prep.load_f0()
     f0.eval()
