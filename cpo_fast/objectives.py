@@ -45,6 +45,7 @@ class LossOutput:
     dm_term: Tensor | None = None  # (1/m) sum W'_j ghat'_j
     dm_weights: Tensor | None = None
     dm_ess: Tensor | None = None
+    dm_clip_fraction: Tensor | None = None
     value: Tensor | None = None  # estimate of V(theta) in the outcome's own units
 
 
@@ -198,10 +199,11 @@ def dr_cpo_loss(
         _check_seq("dm_outcome_pred", dm_outcome_pred, "dm_policy_logp", dm_policy_logp)
         check_finite("dm_outcome_pred", dm_outcome_pred)
         ell_dm = dm_policy_logp - dm_ref_logp.to(dm_policy_logp.dtype)
-        obj_dm, W_dm, _, nclamp = _weighted_mean(
+        obj_dm, W_dm, cut_dm, nclamp = _weighted_mean(
             ell_dm, sign * dm_outcome_pred.to(dm_policy_logp.dtype), weighting, **kw)
         out.dm_term, out.dm_weights = obj_dm.detach(), W_dm
         out.dm_ess = _diag(W_dm)[0]
+        out.dm_clip_fraction = cut_dm.float().mean()
         out.num_clamped += nclamp
         total = -obj_dm if total is None else total - obj_dm
     if total is None:
@@ -222,7 +224,7 @@ def oo_rlhf_loss(
     """Outcome-model-only baseline: ``-(1/m) sum_j W'_j ghat(x'_j)``."""
     out = dr_cpo_loss(None, None, None, dm_policy_logp=dm_policy_logp, dm_ref_logp=dm_ref_logp,
                       dm_outcome_pred=dm_outcome_pred, **kw)
-    out.weights, out.ess = out.dm_weights, out.dm_ess
+    out.weights, out.ess, out.clip_fraction = out.dm_weights, out.dm_ess, out.dm_clip_fraction
     if out.weights is not None:
         out.max_weight_share = _diag(out.weights)[1]
     return out

@@ -118,6 +118,8 @@ def test_clipping_and_truncation_diagnostics():
     out = cpo_fast.cpo_loss(s, ref, y, weighting="clipped", clip_eps=0.2)
     # row 1: W=e>1.2 and a>0 -> cut; row 2: W=1/e<0.8 and a<0 -> cut.
     assert out.clip_fraction.item() == pytest.approx(0.5)
+    oo = cpo_fast.oo_rlhf_loss(s, ref, y, weighting="clipped", clip_eps=0.2)
+    assert oo.clip_fraction.item() == pytest.approx(0.5)
     out = cpo_fast.cpo_loss(s, ref, y, weighting="truncated", truncation=2.0)
     assert out.clip_fraction.item() == pytest.approx(0.25)
     assert out.weights.max().item() == pytest.approx(2.0)

@@ -117,6 +117,7 @@ def precompute_ref_logprobs(
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
         with os.fdopen(fd, "wb") as f:
             np.savez(f, flat=flat, offsets=offsets)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is ordinary data
         os.replace(tmp, path)
     return res
 
