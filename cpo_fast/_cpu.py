@@ -188,10 +188,7 @@ def linear_token_logprobs_forward(
     _check_linear(hidden, weight, bias, labels)
     blk = _Blocks(hidden, weight, bias)
     N = blk.N
-    m = torch.full((N,), -torch.finfo(torch.float32).max)
-    s = torch.zeros(N)
-    a = torch.zeros(N)
-    zy = torch.full((N,), float("nan"))  # stays NaN only for an out-of-range label
+    m, s, a, zy = _running_stats(N)
     nt = _threads()
     for c0, c1, w, b in blk.cols():
         for r0, r1 in blk.rows():
@@ -201,6 +198,21 @@ def linear_token_logprobs_forward(
                 int(ignore_index), bool(with_entropy), m[r0:].data_ptr(), s[r0:].data_ptr(),
                 a[r0:].data_ptr(), zy[r0:].data_ptr(), nt,
             )
+    return _finish_stats(labels, ignore_index, with_entropy, m, s, a, zy)
+
+
+def _running_stats(N: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Initial per-row (max, sum, entropy accumulator, label logit) for block_forward."""
+    m = torch.full((N,), -torch.finfo(torch.float32).max)
+    zy = torch.full((N,), float("nan"))  # stays NaN only for an out-of-range label
+    return m, torch.zeros(N), torch.zeros(N), zy
+
+
+def _finish_stats(
+    labels: Tensor, ignore_index: int, with_entropy: bool, m: Tensor, s: Tensor, a: Tensor,
+    zy: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(logp, entropy or [0], lse) from the running statistics; ignored rows give 0."""
     valid = labels != ignore_index
     log_s = torch.log(s)
     zero = torch.zeros(())
@@ -208,6 +220,61 @@ def linear_token_logprobs_forward(
     logp = torch.where(valid, zy - lse, zero)
     ent = torch.where(valid, log_s - a / s, zero) if with_entropy else torch.empty(0)
     return logp, ent, lse
+
+
+@torch.no_grad()
+def linear_token_logprobs_forward_frozen(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
+    with_entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    r"""Forward for a frozen weight: (logp, entropy or [0], lse, pw[N, d], plw[N, d] or [0]).
+
+    Besides the statistics, accumulates per row, online over vocabulary blocks like the
+    logsumexp (flash-attention style), ``pw = sum_v p_v W_v`` and, with entropy,
+    ``plw = sum_v p_v log p_v W_v`` (float32; ignored rows 0). With ``e_v = exp(z_v - m)``
+    relative to the running max m, the sums ``acc = sum e_v W_v`` and
+    ``acc2 = sum e_v (z_v - m) W_v`` follow a max change m -> m' as
+    ``acc' = alpha acc``, ``acc2' = alpha (acc2 + (m - m') acc)``, ``alpha = exp(m - m')``;
+    at the end, since ``log p_v = z_v - m - log s``: ``pw = acc / s`` and
+    ``plw = acc2 / s - log(s) pw``. The C++ kernel turns each logits block into e (and
+    e (z - m')) in place; one ``addmm`` per block adds ``e @ W_blk``. Costs 2NdV FLOPs more
+    than the plain forward (4NdV more with entropy) and makes the hidden gradient an O(N d)
+    expression (see ``cpo_fast/ops/linear_token_logprobs.py``); extra memory O(N d + block).
+    """
+    _check_linear(hidden, weight, bias, labels)
+    blk = _Blocks(hidden, weight, bias)
+    N, d = blk.N, hidden.shape[1]
+    m, s, a, zy = _running_stats(N)
+    alpha, dm = torch.empty(N), torch.empty(N)
+    acc = torch.zeros(N, d)
+    acc2 = torch.zeros(N, d) if with_entropy else None
+    ed_buf = torch.empty_like(blk.buf) if with_entropy else None
+    nt = _threads()
+    for c0, c1, w, b in blk.cols():
+        for r0, r1 in blk.rows():
+            z = blk.logits(r0, r1, c0, c1, w, b)
+            ed = ed_buf[: z.numel()].view_as(z) if ed_buf is not None else None
+            _C.block_forward_frozen(
+                z.data_ptr(), r1 - r0, c1 - c0, z.stride(0), c0, labels[r0:r1].data_ptr(),
+                int(ignore_index), bool(with_entropy), m[r0:].data_ptr(), s[r0:].data_ptr(),
+                a[r0:].data_ptr(), zy[r0:].data_ptr(), alpha[r0:].data_ptr(),
+                dm[r0:].data_ptr(), ed.data_ptr() if ed is not None else 0,
+                ed.stride(0) if ed is not None else 0, nt,
+            )
+            al = alpha[r0:r1, None]
+            if acc2 is not None:  # uses the old acc: update acc2 first
+                acc2[r0:r1].addcmul_(dm[r0:r1, None], acc[r0:r1]).mul_(al).addmm_(ed, w)
+            acc[r0:r1].mul_(al).addmm_(z, w)  # z now holds e = exp(z - m_new)
+    logp, ent, lse = _finish_stats(labels, ignore_index, with_entropy, m, s, a, zy)
+    # ignored rows have s = 0 (and acc = 0): keep them at 0, not 0/0
+    valid = (labels != ignore_index)[:, None]
+    inv_s = torch.where(valid, 1.0 / s[:, None], torch.zeros(()))
+    pw = acc.mul_(inv_s)
+    plw = torch.empty(0)
+    if acc2 is not None:
+        log_s = torch.where(valid, torch.log(s)[:, None], torch.zeros(()))
+        plw = acc2.mul_(inv_s).sub_(pw * log_s)
+    return logp, ent, lse, pw, plw
 
 
 @torch.no_grad()

@@ -54,11 +54,23 @@ struct BlockFwdArgs {
   int nthreads;
 };
 
+// The frozen-weight variant (see block_forward_frozen in kernels_impl.h): base.buf is
+// written in place with e = exp(z - m_new); ed (with entropy) gets e (z - m_new).
+struct BlockFwdFrozenArgs {
+  BlockFwdArgs base;
+  float* buf;     // = base.buf, writable
+  float* ed;      // [rows, ld_ed] or nullptr without entropy
+  int64_t ld_ed;
+  float* alpha;   // [rows] exp(m_old - m_new): the factor for the previous sums
+  float* dm;      // [rows] m_old - m_new (clamped at -88; 0 when the max did not grow)
+};
+
 struct Kernels {
   const char* name;
   void (*forward)(const FwdArgs&);
   void (*backward)(const BwdArgs&);
   void (*block_forward)(const BlockFwdArgs&);
+  void (*block_forward_frozen)(const BlockFwdFrozenArgs&);
   void (*exp_f32)(const float* x, float* y, int64_t n, bool kernel);
 };
 

@@ -24,6 +24,7 @@
 
 namespace cpo {
 const Kernels kernels_avx2 = {"avx2", avx2::forward, avx2::backward, avx2::block_forward,
+                              avx2::block_forward_frozen,
                               avx2::exp_f32};
 }
 #endif

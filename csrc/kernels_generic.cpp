@@ -12,5 +12,6 @@
 
 namespace cpo {
 const Kernels kernels_generic = {"generic", generic::forward, generic::backward,
-                                 generic::block_forward, generic::exp_f32};
+                                 generic::block_forward,
+                                 generic::block_forward_frozen, generic::exp_f32};
 }

@@ -262,8 +262,14 @@ struct Acc {
 };
 
 // One chunk (contiguous, L1-resident): max sweep, rescale if the max grew, exp sweep.
-template <int DT, bool ENT>
-inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out) {
+// WRITE (float32 only, for the frozen-weight fused-linear forward): the exp sweep also
+// stores e = exp(z - m) into e_out[off + i] (may be p itself: each element is read before
+// its slot is written) and, with ENT, e (z - m) into ed_out[off + i], relative to the max
+// of the whole chunk and of acc.m on entry, which is the max every stored value shares.
+template <int DT, bool ENT, bool WRITE = false>
+inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out,
+                        float* e_out = nullptr, float* ed_out = nullptr) {
+  static_assert(!WRITE || DT == kF32, "the written e buffers are float32 like the input");
   Acc acc = acc_out;  // a local copy: stores through p cannot alias it, so it stays in registers
   const int64_t nfull = len & ~int64_t(7);
   const v8f tail = load_tail<DT>(p, off + nfull, len - nfull, -INFINITY);
@@ -302,18 +308,34 @@ inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out) {
       acc.a0 += e0 * d0;
       acc.a1 += e1 * d1;
     }
+    if (WRITE) {
+      storev<kF32>(e_out, off + i, e0);
+      storev<kF32>(e_out, off + i + 8, e1);
+      if (ENT) {
+        storev<kF32>(ed_out, off + i, e0 * d0);
+        storev<kF32>(ed_out, off + i + 8, e1 * d1);
+      }
+    }
   }
   for (; i < nfull; i += 8) {
     const v8f d0 = clamp_lo(loadv<DT>(p, off + i) - mm, dmin);
     const v8f e0 = kexp(d0);
     acc.s0 += e0;
     if (ENT) acc.a0 += e0 * d0;
+    if (WRITE) {
+      storev<kF32>(e_out, off + i, e0);
+      if (ENT) storev<kF32>(ed_out, off + i, e0 * d0);
+    }
   }
   if (len > nfull) {
     const v8f d1 = clamp_lo(tail - mm, dmin);  // -inf padding: e = 0, e * d = 0
     const v8f e1 = kexp(d1);
     acc.s1 += e1;
     if (ENT) acc.a1 += e1 * d1;
+    if (WRITE) {
+      store_tail<kF32>(e_out, off + nfull, len - nfull, e1);
+      if (ENT) store_tail<kF32>(ed_out, off + nfull, len - nfull, e1 * d1);
+    }
   }
   acc_out = acc;
 }
@@ -400,6 +422,51 @@ void block_forward_t(const BlockFwdArgs& A) {
 
 void block_forward(const BlockFwdArgs& A) {
   return A.with_entropy ? block_forward_t<true>(A) : block_forward_t<false>(A);
+}
+
+// Frozen-weight fused-linear forward: the same running-statistics update as
+// block_forward, and the block is turned in place into e = exp(z - m_new) (plus
+// ed = e (z - m_new) with entropy) so that Python can accumulate sum_v e_v W_v with one
+// matrix product per block, after rescaling the previous sums by alpha = exp(m_old - m_new)
+// (and, for the entropy sum, adding dm = m_old - m_new times the plain sum first).
+// The whole block row is one chunk: every stored e must be relative to the same max.
+template <bool ENT>
+void block_forward_frozen_t(const BlockFwdFrozenArgs& F) {
+  const BlockFwdArgs& A = F.base;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(A.nthreads)
+  for (int64_t r = 0; r < A.rows; ++r) {
+    float* row = F.buf + r * A.ld;
+    float* ed = ENT ? F.ed + r * F.ld_ed : nullptr;
+    const int64_t y = A.labels[r];
+    if (y == A.ignore_index) {  // no contribution: the row's sums stay 0
+      __builtin_memset(row, 0, A.cols * sizeof(float));
+      if (ENT) __builtin_memset(ed, 0, A.cols * sizeof(float));
+      F.alpha[r] = 1.f;
+      F.dm[r] = 0.f;
+      continue;
+    }
+    const int64_t yl = y - A.col0;
+    if (yl >= 0 && yl < A.cols) A.zy[r] = row[yl];  // before the row is overwritten
+    const float m_old = A.m[r];
+    Acc acc;
+    acc.m = m_old;
+    acc.s0[0] = A.s[r];
+    if (ENT) acc.a0[0] = A.a[r];
+    chunk_stats<kF32, ENT, true>(row, 0, A.cols, acc, row, ed);
+    // the rescale chunk_stats applied to (s, a), for Python's sums (same expression)
+    const bool grew = acc.m > m_old;
+    const float d = grew ? fmax1(m_old - acc.m, kDMin) : 0.f;
+    F.alpha[r] = grew ? expf(d) : 1.f;
+    F.dm[r] = d;
+    A.m[r] = acc.m;
+    A.s[r] = hsum(acc.s0 + acc.s1);
+    if (ENT) A.a[r] = hsum(acc.a0 + acc.a1);
+  }
+}
+
+void block_forward_frozen(const BlockFwdFrozenArgs& F) {
+  return F.base.with_entropy ? block_forward_frozen_t<true>(F)
+                             : block_forward_frozen_t<false>(F);
 }
 
 // ---- backward ---------------------------------------------------------------------------

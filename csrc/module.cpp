@@ -141,6 +141,29 @@ PYBIND11_MODULE(_C, m) {
       "per-row (max, sum, entropy accumulator, label logit).");
 
   m.def(
+      "block_forward_frozen",
+      [](uintptr_t buf, int64_t rows, int64_t cols, int64_t ld, int64_t col0, uintptr_t labels,
+         int64_t ignore_index, bool with_entropy, uintptr_t m, uintptr_t s, uintptr_t a,
+         uintptr_t zy, uintptr_t alpha, uintptr_t dm, uintptr_t ed, int64_t ld_ed,
+         int nthreads) {
+        if (rows < 0 || cols < 1 || ld < cols)
+          throw std::invalid_argument(
+              "block_forward_frozen: need rows >= 0, cols >= 1, ld >= cols");
+        if (with_entropy && (!ed || ld_ed < cols))
+          throw std::invalid_argument(
+              "block_forward_frozen: with_entropy needs an ed buffer with ld_ed >= cols");
+        BlockFwdArgs base{ptr<const float>(buf), rows, cols, ld, col0,
+                          ptr<const int64_t>(labels), ignore_index, with_entropy, ptr<float>(m),
+                          ptr<float>(s), ptr<float>(a), ptr<float>(zy), threads(nthreads)};
+        BlockFwdFrozenArgs args{base, ptr<float>(buf), with_entropy ? ptr<float>(ed) : nullptr,
+                                ld_ed, ptr<float>(alpha), ptr<float>(dm)};
+        py::gil_scoped_release nogil;
+        K().block_forward_frozen(args);
+      },
+      "block_forward, and the fp32 block is overwritten with e = exp(z - m_new) (ed gets "
+      "e (z - m_new) with entropy); alpha = exp(m_old - m_new), dm = m_old - m_new per row.");
+
+  m.def(
       "exp_f32",
       [](uintptr_t x, uintptr_t y, int64_t n, bool kernel) {
         py::gil_scoped_release nogil;

@@ -380,3 +380,152 @@ def test_linear_backend_ignores_grad_skip_threshold_exactly():
                                        grad_skip_threshold=thr).sum().backward()
         grads.append((h.grad.clone(), w.grad.clone()))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+# ---- fused linear, frozen weight (the LoRA case) ------------------------------------------
+
+@st.composite
+def frozen_cases(draw):
+    N = draw(st.sampled_from([1, 3, 17, 40]))
+    d = draw(st.sampled_from([1, 8, 33]))
+    V = draw(st.sampled_from([1, 2, 31, 100, 257, 1031]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    bias = draw(st.booleans())
+    ignore = draw(st.sampled_from(["none", "some", "all"]))
+    with_entropy = draw(st.booleans())
+    grad_ent = with_entropy and draw(st.booleans())
+    scale = draw(st.sampled_from([1.0, 3.0, 30.0]))  # logits up to ~100: many max changes
+    blocks = draw(st.sampled_from([(1, 1), (7, 16), (5, 9), (64, 100), (2048, 2048)]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return N, d, V, dtype, bias, ignore, with_entropy, grad_ent, scale, blocks, seed
+
+
+@pytest.fixture
+def frozen_path_spy(monkeypatch):
+    """Counts frozen forwards; the backend backward raises (the fast path must not call it)."""
+    calls = {"frozen": 0}
+    real = _cpu.linear_token_logprobs_forward_frozen
+
+    def counting(*args, **kwargs):
+        calls["frozen"] += 1
+        return real(*args, **kwargs)
+
+    def no_backward(*args, **kwargs):
+        raise AssertionError("the frozen-weight path must not call the backend backward")
+
+    monkeypatch.setattr(_cpu, "linear_token_logprobs_forward_frozen", counting)
+    monkeypatch.setattr(_cpu, "linear_token_logprobs_backward", no_backward)
+    return calls
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=frozen_cases())
+def test_linear_frozen_weight_fast_path_matches_reference(case, monkeypatch_blocks,
+                                                          frozen_path_spy):
+    N, d, V, dtype, has_bias, ignore, with_entropy, grad_ent, scale, blocks, seed = case
+    monkeypatch_blocks(*blocks)
+    g = torch.Generator().manual_seed(seed)
+    h64 = torch.randn(N, d, generator=g, dtype=torch.float64)
+    w64 = torch.randn(V, d, generator=g, dtype=torch.float64) / math.sqrt(d) * scale
+    b64 = torch.randn(V, generator=g, dtype=torch.float64) * scale if has_bias else None
+    labels = draw_labels(1, N, V, ignore, seed)[0]
+    h = h64.to(dtype).requires_grad_(True)
+    w = w64.to(dtype)  # frozen, as is the bias
+    b = b64.to(dtype) if has_bias else None
+    before = frozen_path_spy["frozen"]
+    out = cpo_fast.linear_token_logprobs(h, w, labels, bias=b, with_entropy=with_entropy,
+                                         backend="cpu")
+    assert frozen_path_spy["frozen"] == before + 1
+    lp, ent = out if with_entropy else (out, None)
+
+    hr = h.detach().double().requires_grad_(True)
+    br = b.double() if has_bias else None
+    rlp, rent = reference.linear_token_logprobs(hr, w.double(), labels, bias=br,
+                                                with_entropy=True)
+    S = max(1.0, float((hr.detach() @ w.double().T).abs().max())) if V and N else 1.0
+    torch.testing.assert_close(lp.double(), rlp, atol=1e-4 + 8 * EPS32 * S, rtol=1e-4)
+    if with_entropy:
+        torch.testing.assert_close(ent.double(), rent, atol=1e-4, rtol=1e-4)
+
+    G = torch.randn(N, generator=g)
+    E = torch.randn(N, generator=g) if grad_ent else None
+    ((lp * G).sum() + ((ent * E).sum() if E is not None else 0.0)).backward()
+    ((rlp * G.double()).sum() + ((rent * E.double()).sum() if E is not None else 0.0)).backward()
+    assert h.grad.dtype == dtype and torch.isfinite(h.grad).all()
+    wmax = float(w.double().abs().max()) if V else 1.0
+    if dtype == torch.float32:
+        tol = dict(atol=1e-4 * wmax * (1 + math.log(V + 1)), rtol=1e-4)
+    else:  # the gradient is stored in bf16
+        tol = dict(atol=2e-2 * wmax, rtol=2e-2)
+    torch.testing.assert_close(h.grad.double(), hr.grad, **tol)
+    assert (h.grad[labels == -100] == 0).all()
+
+
+def test_linear_frozen_path_only_when_weight_and_bias_frozen(monkeypatch):
+    calls = {"frozen": 0, "backward": 0}
+    real_fwd, real_bwd = _cpu.linear_token_logprobs_forward_frozen, _cpu.linear_token_logprobs_backward
+
+    def fwd(*args, **kwargs):
+        calls["frozen"] += 1
+        return real_fwd(*args, **kwargs)
+
+    def bwd(*args, **kwargs):
+        calls["backward"] += 1
+        return real_bwd(*args, **kwargs)
+
+    monkeypatch.setattr(_cpu, "linear_token_logprobs_forward_frozen", fwd)
+    monkeypatch.setattr(_cpu, "linear_token_logprobs_backward", bwd)
+    torch.manual_seed(0)
+    labels = torch.randint(0, 50, (6,))
+
+    def run(h_grad: bool, w_grad: bool, b_grad: bool | None, grad_mode: bool = True):
+        h = torch.randn(6, 8, requires_grad=h_grad)
+        w = torch.randn(50, 8, requires_grad=w_grad)
+        b = None if b_grad is None else torch.randn(50, requires_grad=b_grad)
+        calls.update(frozen=0, backward=0)
+        with torch.set_grad_enabled(grad_mode):
+            lp = cpo_fast.linear_token_logprobs(h, w, labels, bias=b, backend="cpu")
+            if lp.requires_grad:
+                lp.sum().backward()
+        return dict(calls)
+
+    assert run(True, False, None) == {"frozen": 1, "backward": 0}
+    assert run(True, False, False) == {"frozen": 1, "backward": 0}
+    assert run(True, True, None) == {"frozen": 0, "backward": 1}  # trained weight: recompute
+    assert run(True, False, True) == {"frozen": 0, "backward": 1}  # trained bias
+    assert run(False, True, None) == {"frozen": 0, "backward": 1}
+    assert run(False, False, None) == {"frozen": 0, "backward": 0}  # nothing to train
+    assert run(True, False, None, grad_mode=False) == {"frozen": 0, "backward": 0}
+
+
+def test_linear_frozen_path_gradient_equals_recompute_path():
+    # Same inputs through both paths (a trainable weight forces the recompute one).
+    torch.manual_seed(0)
+    h0 = torch.randn(33, 24) * 2
+    w0 = torch.randn(3001, 24)
+    labels = torch.randint(0, 3001, (33,))
+    labels[::4] = -100
+    G, E = torch.randn(33), torch.randn(33)
+    grads = []
+    for trained in (False, True):
+        h = h0.clone().requires_grad_(True)
+        w = w0.clone().requires_grad_(trained)
+        lp, H = cpo_fast.linear_token_logprobs(h, w, labels, with_entropy=True, backend="cpu")
+        ((lp * G).sum() + (H * E).sum()).backward()
+        grads.append((lp.detach(), H.detach(), h.grad))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_linear_frozen_opcheck():
+    """Schema, fake tensors (the [N, d] pw/plw outputs) and autograd registration agree."""
+    from cpo_fast.ops.linear_token_logprobs import _fwd_op
+
+    torch.manual_seed(0)
+    h = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(40, 8)
+    labels = torch.tensor([1, 2, -100, 39, 0])
+    for with_entropy in (False, True):
+        torch.library.opcheck(
+            _fwd_op, (h, w, torch.empty(0), labels, -100, with_entropy, "cpu", 0.0, True)
+        )

@@ -9,7 +9,21 @@ optional bias ``b[V]``, logits ``z_t = W h_t + b`` (computed tile by tile, never
     dL/dh_t    = sum_v dL/dz_tv W[v]
     dL/dW[v]   = sum_t dL/dz_tv h_t,     dL/db[v] = sum_t dL/dz_tv
 
-Forward stores O(N) values (logp, lse, H); backward recomputes the logits tiles.
+Forward stores O(N) values (logp, lse, H); backward recomputes the logits tiles
+(2NdV FLOPs forward + 6NdV backward with a trained weight, vs 2NdV + 4NdV for eager).
+
+Frozen-weight fast path (LoRA: ``lm_head`` frozen). When ``hidden`` needs a gradient but
+``weight`` and ``bias`` do not, only dL/dh is wanted, and it needs the logits only through
+
+    PW_t = sum_v p_tv W[v],    PLW_t = sum_v p_tv log p_tv W[v]   (PLW: entropy only)
+    dL/dh_t = G_t (W[y_t] - PW_t) - E_t (PLW_t + H_t PW_t)        (ignored rows: 0)
+
+(substitute dL/dz_tv into sum_v dL/dz_tv W[v]: sum_v [v == y_t] W[v] = W[y_t],
+sum_v p_tv log p_tv W[v] = PLW_t). A backend that provides the optional
+``linear_token_logprobs_forward_frozen`` accumulates PW (and PLW) in its forward, online
+over vocabulary blocks like the logsumexp, and the backward is then O(N d) torch ops here
+(no recompute, the backend backward is never called): 4NdV FLOPs in all without entropy,
+as for eager with a frozen weight; extra memory two [N, d] float32 buffers.
 ``grad_skip_threshold > 0`` lets a backend skip backward tiles whose largest softmax
 probability (over the tile) is below the threshold and whose label and entropy terms are
 absent (an approximation, off by default; see the backend's docstring for its error bound).
@@ -19,6 +33,11 @@ for the C++ core)::
 
     linear_token_logprobs_forward(hidden, weight, bias, labels, ignore_index, with_entropy)
         -> (logp[N], entropy[N] or [0], lse[N])      float32
+    # optional (the frozen-weight fast path is used only where a backend has it):
+    linear_token_logprobs_forward_frozen(hidden, weight, bias, labels, ignore_index,
+                                         with_entropy)
+        -> (logp[N], entropy[N] or [0], lse[N], pw[N, d], plw[N, d] or [0])   float32
+           (pw, plw as above; 0 on ignored rows)
     linear_token_logprobs_backward(hidden, weight, bias, labels, lse, entropy, grad_logp,
                                    grad_entropy, ignore_index, needs_hidden_grad,
                                    needs_weight_grad, needs_bias_grad, grad_skip_threshold)
@@ -51,23 +70,41 @@ def _opt(t: Tensor) -> Tensor | None:
     return t if t.numel() > 0 else None
 
 
+def _has_frozen_path(backend: str) -> bool:
+    return hasattr(_impl(backend), "linear_token_logprobs_forward_frozen")
+
+
 @torch.library.custom_op("cpo_fast::linear_token_logprobs_fwd", mutates_args=())
 def _fwd_op(
     hidden: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, ignore_index: int,
-    with_entropy: bool, backend: str, grad_skip_threshold: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+    with_entropy: bool, backend: str, grad_skip_threshold: float, frozen: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(logp, entropy or [0], lse, pw or [0], plw or [0]); pw/plw only when ``frozen``."""
     # bias is an empty tensor when absent (custom ops take no Optional outputs/None mixing).
-    logp, ent, lse = _impl(backend).linear_token_logprobs_forward(
-        hidden, weight, _opt(bias), labels, ignore_index, with_entropy
-    )
-    return logp, ent if with_entropy else ent.new_empty(0), lse
+    # One fresh empty per unused output: custom-op outputs may not alias each other.
+    empty = lambda: hidden.new_empty(0, dtype=torch.float32)
+    impl = _impl(backend)
+    if frozen:
+        logp, ent, lse, pw, plw = impl.linear_token_logprobs_forward_frozen(
+            hidden, weight, _opt(bias), labels, ignore_index, with_entropy
+        )
+        if not with_entropy:
+            plw = empty()
+    else:
+        logp, ent, lse = impl.linear_token_logprobs_forward(
+            hidden, weight, _opt(bias), labels, ignore_index, with_entropy
+        )
+        pw, plw = empty(), empty()
+    return logp, ent if with_entropy else empty(), lse, pw, plw
 
 
 @_fwd_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, with_entropy, backend, grad_skip_threshold):
-    f = lambda n: hidden.new_empty(n, dtype=torch.float32)
-    N = hidden.shape[0]
-    return f(N), f(N if with_entropy else 0), f(N)
+def _(hidden, weight, bias, labels, ignore_index, with_entropy, backend, grad_skip_threshold,
+      frozen):
+    f = lambda *shape: hidden.new_empty(shape, dtype=torch.float32)
+    N, d = hidden.shape
+    return (f(N), f(N if with_entropy else 0), f(N), f(N, d) if frozen else f(0),
+            f(N, d) if frozen and with_entropy else f(0))
 
 
 @torch.library.custom_op("cpo_fast::linear_token_logprobs_bwd", mutates_args=())
@@ -98,26 +135,44 @@ def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, ignor
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, with_entropy, backend, thr = inputs
-    logp, ent, lse = output
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
-    ctx.args = (ignore_index, with_entropy, backend, thr)
-    ctx.mark_non_differentiable(lse)
+    hidden, weight, bias, labels, ignore_index, with_entropy, backend, thr, frozen = inputs
+    logp, ent, lse, pw, plw = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent, pw, plw)
+    ctx.args = (ignore_index, with_entropy, backend, thr, frozen)
+    ctx.mark_non_differentiable(lse, pw, plw)
 
 
-def _backward(ctx, grad_logp, grad_ent, _grad_lse):
-    hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
-    ignore_index, with_entropy, backend, thr = ctx.args
+def _frozen_grad_hidden(hidden: Tensor, weight: Tensor, labels: Tensor, ent: Tensor,
+                        pw: Tensor, plw: Tensor, grad_logp: Tensor, grad_ent: Tensor | None,
+                        ignore_index: int) -> Tensor:
+    """dL/dh = G (W[y] - PW) - E (PLW + H PW), ignored rows 0: O(N d), no logits."""
+    valid = labels != ignore_index
+    # ignored rows' labels may be any value (-100): gather a valid row, then mask
+    wy = weight[torch.where(valid, labels, torch.zeros_like(labels))].float()
+    gh = grad_logp.float()[:, None] * (wy - pw)
+    if grad_ent is not None:
+        gh = gh - grad_ent.float()[:, None] * (plw + ent[:, None] * pw)
+    # where, not a multiply: an upstream inf/NaN on an ignored row must not leak in
+    return torch.where(valid[:, None], gh, torch.zeros((), dtype=gh.dtype)).to(hidden.dtype)
+
+
+def _backward(ctx, grad_logp, grad_ent, _grad_lse, _grad_pw, _grad_plw):
+    hidden, weight, bias, labels, lse, ent, pw, plw = ctx.saved_tensors
+    ignore_index, with_entropy, backend, thr, frozen = ctx.args
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
     if not with_entropy or grad_ent is None:
         grad_ent = lse.new_empty(0)
     nh, nw, nb = ctx.needs_input_grad[:3]
     nb = nb and bias.numel() > 0
+    if frozen and not (nw or nb):  # always the case: frozen is chosen only then
+        gh = _frozen_grad_hidden(hidden, weight, labels, ent, pw, plw, grad_logp,
+                                 grad_ent if grad_ent.numel() > 0 else None, ignore_index)
+        return (gh if nh else None, None, None, None, None, None, None, None, None)
     gh, gw, gb = _bwd_op(hidden, weight, bias, labels, lse, ent, grad_logp, grad_ent,
                          ignore_index, nh, nw, nb, backend, thr)
     return (gh if nh else None, gw if nw else None, gb if nb else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -188,7 +243,12 @@ def linear_token_logprobs(
     shape = labels.shape
     h2 = hidden.reshape(-1, d).contiguous()
     b = bias.contiguous() if bias is not None else h2.new_empty(0)
-    logp, ent, _ = _fwd_op(h2, weight.contiguous(), b, labels.reshape(-1).long().contiguous(),
-                           ignore_index, with_entropy, name, float(grad_skip_threshold))
+    # The frozen-weight fast path is decided here: the custom op's forward runs with grad
+    # mode off and cannot see who will need a gradient.
+    frozen = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+              and (bias is None or not bias.requires_grad) and _has_frozen_path(name))
+    logp, ent, *_ = _fwd_op(h2, weight.contiguous(), b,
+                            labels.reshape(-1).long().contiguous(), ignore_index,
+                            with_entropy, name, float(grad_skip_threshold), frozen)
     logp = logp.view(shape)
     return (logp, ent.view(shape)) if with_entropy else logp
