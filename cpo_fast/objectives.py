@@ -56,6 +56,23 @@ def _distributed(flag: bool | None) -> bool:
     return ready if flag is None else bool(flag)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks: every rank's output depends on every rank's input,
+    so the gradient of the summed per-rank losses is the sum of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
 def _weighted_mean(
     ell: Tensor, a: Tensor, weighting: str, *, max_log_weight: float, truncation: float,
     clip_eps: tuple[float, float], distributed: bool,
@@ -65,14 +82,12 @@ def _weighted_mean(
     clamped = 0
     if weighting == "self_normalized":
         if distributed:
-            from torch.distributed.nn.functional import all_reduce
-
             m = ell.detach().max()
             dist.all_reduce(m, op=dist.ReduceOp.MAX)
             n_global = torch.tensor(float(n), device=ell.device)
             dist.all_reduce(n_global)
             e = torch.exp(ell - m)
-            total = all_reduce(e.sum())
+            total = _AllReduceSum.apply(e.sum())
             W = n_global * e / total
             # DDP averages gradients over ranks: scale so the average is dL/dtheta.
             obj = (W * a).sum() * dist.get_world_size() / n_global

@@ -259,7 +259,8 @@ def _dist_worker(rank: int, world: int, port: int, s: torch.Tensor, ref: torch.T
         sl = s[part].clone().requires_grad_(True)
         out = cpo_fast.cpo_loss(sl, ref[part], y[part])
         out.loss.backward()
-        q.put((rank, out.loss.item(), sl.grad.clone(), out.weights.clone()))
+        # Plain lists: tensors would travel as shared-memory handles that die with this process.
+        q.put((rank, out.loss.item(), sl.grad.tolist(), out.weights.tolist()))
     finally:
         dist.destroy_process_group()
 
@@ -283,9 +284,9 @@ def test_self_normalization_is_global_across_ranks():
     full = s.clone().requires_grad_(True)
     out = cpo_fast.cpo_loss(full, ref, y)
     out.loss.backward()
-    weights = torch.cat([r[3] for r in results])
+    weights = torch.tensor([w for r in results for w in r[3]], **f64)
     torch.testing.assert_close(weights, out.weights)
     # DDP averages per-rank gradients: (1/world) * (rank's grad) == the full-batch gradient.
-    grads = torch.cat([r[2] for r in results]) / 2
+    grads = torch.tensor([v for r in results for v in r[2]], **f64) / 2
     torch.testing.assert_close(grads, full.grad)
     torch.testing.assert_close(torch.tensor(sum(r[1] for r in results) / 2, **f64), out.loss)
