@@ -529,3 +529,24 @@ def test_linear_frozen_opcheck():
         torch.library.opcheck(
             _fwd_op, (h, w, torch.empty(0), labels, -100, with_entropy, "cpu", 0.0, True)
         )
+
+
+def test_linear_frozen_path_under_torch_compile(frozen_path_spy):
+    """The wrapper's path decision traces (fullgraph) and the compiled graph takes it."""
+    torch.manual_seed(0)
+    w = torch.randn(57, 8)
+    labels = torch.tensor([1, 2, -100, 56, 0, 3])
+
+    def f(h):
+        lp, H = cpo_fast.linear_token_logprobs(h, w, labels, with_entropy=True, backend="cpu",
+                                               validate=False)
+        return (lp * torch.arange(6.0)).sum() + 0.1 * H.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    h0 = torch.randn(6, 8)
+    h1, h2 = h0.clone().requires_grad_(True), h0.clone().requires_grad_(True)
+    compiled(h1).backward()
+    n_compiled = frozen_path_spy["frozen"]
+    f(h2).backward()
+    assert n_compiled >= 1 and frozen_path_spy["frozen"] == n_compiled + 1
+    torch.testing.assert_close(h1.grad, h2.grad)

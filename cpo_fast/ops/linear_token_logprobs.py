@@ -23,7 +23,12 @@ sum_v p_tv log p_tv W[v] = PLW_t). A backend that provides the optional
 ``linear_token_logprobs_forward_frozen`` accumulates PW (and PLW) in its forward, online
 over vocabulary blocks like the logsumexp, and the backward is then O(N d) torch ops here
 (no recompute, the backend backward is never called): 4NdV FLOPs in all without entropy,
-as for eager with a frozen weight; extra memory two [N, d] float32 buffers.
+as for eager with a frozen weight (6NdV with entropy: a second product per block for PLW,
+the same count as recomputing, but no second pass over the logits); saved for backward:
+PW and PLW, [N, d] float32 each. The path is chosen in :func:`linear_token_logprobs`,
+where grad mode and ``requires_grad`` are visible (the custom op's forward runs without
+grad mode), and carried into the op as its ``frozen`` flag.
+
 ``grad_skip_threshold > 0`` lets a backend skip backward tiles whose largest softmax
 probability (over the tile) is below the threshold and whose label and entropy terms are
 absent (an approximation, off by default; see the backend's docstring for its error bound).
@@ -70,6 +75,9 @@ def _opt(t: Tensor) -> Tensor | None:
     return t if t.numel() > 0 else None
 
 
+# Called from the Python wrapper, which torch.compile traces: dynamo cannot trace
+# importlib, so the answer (fixed per backend) is taken as a trace-time constant.
+@torch.compiler.assume_constant_result
 def _has_frozen_path(backend: str) -> bool:
     return hasattr(_impl(backend), "linear_token_logprobs_forward_frozen")
 
@@ -196,7 +204,9 @@ def linear_token_logprobs(
         hidden: ``[..., d]`` last hidden states (any float dtype; bf16/fp16 kernels
             accumulate in float32).
         weight: ``[V, d]`` output embedding (``lm_head.weight``; tied embeddings work).
-            Frozen (``requires_grad=False``) weights get no gradient computed. A weight of
+            Frozen (``requires_grad=False``) weights get no gradient computed, and with a
+            frozen weight (and bias) the backward needs no logits recompute when the
+            backend supports it (the C++ CPU one does; see the module docstring). A weight of
             another dtype than ``hidden`` is cast to ``hidden.dtype`` first (as autocast does).
         labels: integer ``hidden.shape[:-1]``, aligned with the rows; ``ignore_index`` rows
             give 0 and no gradient.
