@@ -26,16 +26,17 @@ def read_metrics(path: str | Path) -> list[dict]:
 def training_curves(runs: dict[str, str | Path], path: str | Path) -> Path:
     """Loss (left) and ESS / batch rows (right) against the step, one line per run."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, mpath in runs.items():
+    for i, (name, mpath) in enumerate(runs.items()):
         rows = read_metrics(mpath)
         if not rows:
             continue
+        color = f"C{i}"  # one colour per run in both panels
         steps = [r["step"] for r in rows]
-        a1.plot(steps, [r["loss"] for r in rows], label=name)
+        a1.plot(steps, [r["loss"] for r in rows], label=name, color=color)
         ess = [(r["step"], r["ess"] / max(1, r.get("batch_rows") or 1)) for r in rows
                if r.get("ess") is not None]
         if ess:
-            a2.plot(*zip(*ess, strict=True), label=name)
+            a2.plot(*zip(*ess, strict=True), label=name, color=color)
     a1.set(xlabel="step", ylabel="loss", title="training loss")
     a2.set(xlabel="step", ylabel="ESS / rows", title="effective sample size (share of batch)",
            ylim=(0, 1.05))
@@ -49,12 +50,12 @@ def training_curves(runs: dict[str, str | Path], path: str | Path) -> Path:
 def weight_histogram(runs: dict[str, str | Path], path: str | Path) -> Path:
     """log W of the last logged batch of each weighted run, centred on its mean."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, mpath in runs.items():
+    for i, (name, mpath) in enumerate(runs.items()):
         rows = [r for r in read_metrics(mpath) if r.get("log_weights")]
         if rows:
             lw = rows[-1]["log_weights"]
             m = sum(lw) / len(lw)
-            ax.hist([x - m for x in lw], bins=20, alpha=0.5,
+            ax.hist([x - m for x in lw], bins=20, alpha=0.5, color=f"C{i}",
                     label=f"{name} (step {rows[-1]['step']})")
     ax.set(xlabel="log W - mean (last batch)", ylabel="rows", title="importance weights")
     if ax.patches:
