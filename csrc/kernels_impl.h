@@ -46,10 +46,11 @@ inline float hsum(v8f v) {  // fixed pairwise order: deterministic
 // subnormal range (x down to about -103.97) round once, and overflow gives +inf.
 // Measured error: within 2 ulp of the correctly rounded float32 result (tests sweep it).
 // vexp_core needs x in [-150, 89] (or NaN); vexp clamps first.
-inline v8f vexp_core(v8f x) {
+// The shared range reduction x = n ln2 + r (Cody-Waite, two-part ln2) and the degree-7
+// polynomial for e^r. Returns e^r; t = n + 1.5 * 2^23, whose low bits hold the integer n.
+inline v8f exp_reduced(v8f x, v8f& t) {
   const v8f magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  const v8f t = x * splat(1.44269504088896341f) + magic;
-  const v8i ni = (v8i)t - (v8i)magic;
+  t = x * splat(1.44269504088896341f) + magic;
   const v8f n = t - magic;
   v8f r = x - n * splat(0.693359375f);
   r = r - n * splat(-2.12194440e-4f);
@@ -59,7 +60,13 @@ inline v8f vexp_core(v8f x) {
   p = p * r + splat(4.1665795894e-2f);
   p = p * r + splat(1.6666665459e-1f);
   p = p * r + splat(5.0000001201e-1f);
-  const v8f e = p * (r * r) + r + splat(1.f);
+  return p * (r * r) + r + splat(1.f);
+}
+
+inline v8f vexp_core(v8f x) {
+  v8f t;
+  const v8f e = exp_reduced(x, t);
+  const v8i ni = (v8i)t - (v8i)splat(12582912.f);
   const v8i n1 = ni >> 1;
   const v8i n2 = ni - n1;
   const v8f s1 = (v8f)((n1 + 127) << 23);
@@ -78,18 +85,8 @@ inline v8f vexp(v8f x) {
 // a 1, and a gradient that small is 0 to within 1e-38). Same polynomial as vexp, so the
 // same error (<= 2 ulp, tested) for results >= 2^-126.
 inline v8f kexp(v8f x) {
-  const v8f magic = splat(12582912.f);
-  const v8f t = x * splat(1.44269504088896341f) + magic;
-  const v8f n = t - magic;
-  v8f r = x - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  v8f p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  const v8f e = p * (r * r) + r + splat(1.f);
+  v8f t;
+  const v8f e = exp_reduced(x, t);
   // bits(t) = bits(magic) + n: fold the exponent bias into one integer add
   const v8i biased = (v8i)t + (int32_t)(127u - 0x4b400000u);
   return e * (v8f)(biased << 23);
