@@ -130,8 +130,7 @@ def weighted_objective(
             wc = w.clamp(1 - clip_eps[0], 1 + clip_eps[1])
             terms.append(torch.minimum(w * a[i], wc * a[i]))
     else:
-        W = weights(ell, scheme, max_log_weight=max_log_weight, tau=tau) if scheme != "raw" \
-            else torch.exp(ell.clamp(-max_log_weight, max_log_weight))
+        W = weights(ell, scheme, max_log_weight=max_log_weight, tau=tau)
         terms = [W[i] * a[i] for i in range(n)]
     return torch.stack(terms).sum() / n
 
