@@ -9,7 +9,7 @@ Math (method.md section 6). Rows t (N of them, width d), vocabulary v (V entries
     dz_tv   = G_t ([v == y_t] - p_tv) - E_t p_tv (log p_tv + H_t)     (G = dL/dlogp, E = dL/dH)
     dh_t    = sum_v dz_tv W_v,   dW_v = sum_t dz_tv h_t,   db_v = sum_t dz_tv
 
-Forward (``_fwd_kernel``): grid (cdiv(N, BLOCK_N), S). Program (i, s) owns a row block and
+Forward (``_linear_token_logprobs_fwd_kernel``): grid (cdiv(N, BLOCK_N), S). Program (i, s) owns a row block and
 a contiguous range of vocabulary tiles (split s of S, chosen so the grid fills the GPU
 even when N is small). For each [BLOCK_N, BLOCK_V] tile it accumulates ``tl.dot`` over d
 in BLOCK_D chunks (fp32 accumulator), then folds the tile into an online (m, s, a) per row
@@ -19,7 +19,7 @@ label logit with a masked sum. Each split writes 4 floats per row; a tiny torch 
 FLOPs: 2 N d V.
 
 Backward: a hybrid, vocabulary-chunked scheme. For each chunk of Vc vocabulary entries,
-``_dz_kernel`` (grid (cdiv(N, BLOCK_N), cdiv(Vc, BLOCK_V))) recomputes the logits tile
+``_linear_token_logprobs_bwd_kernel`` (grid (cdiv(N, BLOCK_N), cdiv(Vc, BLOCK_V))) recomputes the logits tile
 (2 N d Vc FLOPs), forms dz in fp32 from the saved lse and H and writes it, in the
 operands' dtype, to an [N, Vc] scratch buffer. Two dense GEMMs then consume the chunk:
 ``grad_weight[chunk] = dz^T @ h`` (written once, no accumulation, no atomics) and
@@ -36,7 +36,7 @@ output) + N d in the operand dtype (a GEMM product, only where addmm cannot writ
 from half operands: CPU, torch < 2.8). Vc defaults to about V / 128 (>= 1024).
 At N = 16384, V = 128256, d = 4096, bf16 (logits: 4.2 GB): dz chunk 34 MB (0.8%) +
 fp32 accumulator 268 MB (6.4%): about 7% extra, above the design's 1% target.
-``LinearConfig.row_group = R`` rows per pass bounds it: the fp32 accumulator becomes
+``Config.row_group = R`` rows per pass bounds it: the fp32 accumulator becomes
 R d floats and the dz chunk R Vc, at the price of accumulating grad_weight (and
 grad_bias) across the N / R passes in the weight's dtype (one rounding per pass, as
 Liger-Kernel does for bf16 weights) and of smaller GEMMs; e.g. R = 1024 gives
@@ -72,12 +72,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Initial running max: finite, so (m_old - m_new) * s never forms -inf * 0.
-_NEG_BIG = -1e30
+from cpo_fast._backend import triton_interpreting
+
+# Initial running max: finite, so (m_old - m_new) * s never forms -inf * 0. A constexpr:
+# the GPU compiler rejects plain module-level floats inside @triton.jit functions.
+_NEG_BIG = tl.constexpr(-1e30)
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearConfig:
+class Config:
     """Tile sizes and launch parameters (tests override them to force many loop trips)."""
 
     block_n: int = 64
@@ -90,45 +93,44 @@ class LinearConfig:
     row_group: int | None = None  # backward rows per pass; None: all N (see docstring)
 
 
-_OVERRIDE: LinearConfig | None = None
+_OVERRIDE: dict | None = None
 
 
 @contextlib.contextmanager
-def override_config(**kw) -> Iterator[LinearConfig]:
-    """Use ``LinearConfig(**kw)`` for every call inside the block (tests: tiny tiles)."""
+def override_config(**fields) -> Iterator[None]:
+    """Replace these ``Config`` fields in every default inside the block (tests: tiny tiles)."""
     global _OVERRIDE
-    old, _OVERRIDE = _OVERRIDE, LinearConfig(**kw)
+    bad = set(fields) - {f.name for f in dataclasses.fields(Config)}
+    if bad:
+        raise TypeError(f"override_config: unknown Config fields {sorted(bad)}")
+    old, _OVERRIDE = _OVERRIDE, fields
     try:
-        yield _OVERRIDE
+        yield
     finally:
         _OVERRIDE = old
 
 
-def default_config(d: int, dtype: torch.dtype) -> LinearConfig:
+def default_config(d: int, dtype: torch.dtype) -> Config:
     """GPU defaults keyed on d and dtype (fp32 tiles are twice the bytes: halve BLOCK_D).
 
     ``CPO_FAST_LINEAR_ROW_GROUP=R`` sets the backward's rows per pass (memory-lean mode).
     """
-    if _OVERRIDE is not None:
-        return _OVERRIDE
     cfg = _base_config(d, dtype)
     rows = os.environ.get("CPO_FAST_LINEAR_ROW_GROUP")
-    return dataclasses.replace(cfg, row_group=int(rows)) if rows else cfg
+    if rows:
+        cfg = dataclasses.replace(cfg, row_group=int(rows))
+    return dataclasses.replace(cfg, **_OVERRIDE) if _OVERRIDE else cfg
 
 
-def _base_config(d: int, dtype: torch.dtype) -> LinearConfig:
-    if _interpreting():
+def _base_config(d: int, dtype: torch.dtype) -> Config:
+    if triton_interpreting():
         # Few, large programs: the interpreter's cost is per program and per op.
-        return LinearConfig(block_n=32, block_v=64, block_d=64, num_warps=4, num_stages=1)
+        return Config(block_n=32, block_v=64, block_d=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return LinearConfig(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=3)
+        return Config(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=3)
     if d <= 2048:
-        return LinearConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
-    return LinearConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=4)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+        return Config(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
+    return Config(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=4)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -162,7 +164,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_v, mask_v, D,
 
 
 @triton.jit
-def _fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, m_ptr, s_ptr, a_ptr, zy_ptr,
+def _linear_token_logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, m_ptr, s_ptr, a_ptr, zy_ptr,
                 N, V, D, tiles_per_split, ignore_index,
                 HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -202,7 +204,7 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, m_ptr, s_ptr, a_ptr, zy_ptr,
 
 
 @triton.jit
-def _dz_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, ent_ptr, g_ptr, e_ptr, dz_ptr,
+def _linear_token_logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, ent_ptr, g_ptr, e_ptr, dz_ptr,
                N, D, v_begin, v_end, stride_dz, ignore_index, threshold,
                HAS_BIAS: tl.constexpr, HAS_E: tl.constexpr, SKIP: tl.constexpr,
                UPCAST_DOT: tl.constexpr, PREC: tl.constexpr,
@@ -240,7 +242,7 @@ def _dz_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, ent_ptr, g_ptr, e_ptr, dz_
 
 
 def _launch_flags(dtype: torch.dtype) -> tuple[bool, str]:
-    upcast = _interpreting() and dtype == torch.bfloat16
+    upcast = triton_interpreting() and dtype == torch.bfloat16
     prec = "ieee" if dtype == torch.float32 or upcast else "tf32"
     return upcast, prec
 
@@ -251,9 +253,9 @@ def _bias_arg(bias: Tensor | None, like: Tensor) -> Tensor:
 
 def linear_token_logprobs_forward(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
-    with_entropy: bool, *, config: LinearConfig | None = None,
+    with_entropy: bool, *, config: Config | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(logp[N], entropy[N] or [0], lse[N]) in float32; ignored rows get logp = H = 0."""
+    """(logp[N], entropy[N] or None, lse[N]) in float32; ignored rows get logp = H = lse = 0."""
     N, D = hidden.shape
     V = weight.shape[0]
     cfg = config or default_config(D, hidden.dtype)
@@ -265,7 +267,7 @@ def linear_token_logprobs_forward(
     splits = triton.cdiv(n_tiles, per)  # every split owns >= 1 tile
     parts = torch.empty(4, splits, N, device=hidden.device, dtype=torch.float32)
     upcast, prec = _launch_flags(hidden.dtype)
-    _fwd_kernel[(n_blocks, splits)](
+    _linear_token_logprobs_fwd_kernel[(n_blocks, splits)](
         hidden, weight, _bias_arg(bias, hidden), labels, parts[0], parts[1], parts[2], parts[3],
         N, V, D, per, ignore_index,
         HAS_BIAS=bias is not None, UPCAST_DOT=upcast, PREC=prec,
@@ -278,18 +280,18 @@ def linear_token_logprobs_forward(
     S = (s * scale).sum(0)
     A = (scale * (a + s * (m - M))).sum(0)
     log_s = torch.log(S)
-    lse = M + log_s
     valid = labels != ignore_index
+    lse = torch.where(valid, M + log_s, 0.0)
     logp = torch.where(valid, zy.sum(0) - lse, 0.0)
-    ent = torch.where(valid, log_s - A / S, 0.0) if with_entropy else lse.new_empty(0)
+    ent = torch.where(valid, log_s - A / S, 0.0) if with_entropy else None
     return logp, ent, lse
 
 
 def linear_token_logprobs_backward(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, lse: Tensor,
-    entropy: Tensor, grad_logp: Tensor, grad_entropy: Tensor | None, ignore_index: int,
+    entropy: Tensor | None, grad_logp: Tensor, grad_entropy: Tensor | None, ignore_index: int,
     needs_hidden_grad: bool, needs_weight_grad: bool, needs_bias_grad: bool,
-    grad_skip_threshold: float, *, config: LinearConfig | None = None,
+    grad_skip_threshold: float, *, config: Config | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients w.r.t. hidden, weight, bias (None where not needed), in the inputs' dtypes."""
     N, D = hidden.shape
@@ -299,7 +301,7 @@ def linear_token_logprobs_backward(
         return None, None, None
     cfg = config or default_config(D, hidden.dtype)
     has_e = grad_entropy is not None
-    if has_e and entropy.numel() != N:
+    if has_e and (entropy is None or entropy.numel() != N):
         raise ValueError("grad_entropy given but the forward did not compute the entropy.")
     dev, dt = hidden.device, hidden.dtype
     f32 = dt == torch.float32
@@ -333,7 +335,7 @@ def linear_token_logprobs_backward(
             v1 = min(v0 + chunk, V)
             dz = dz_buf[:n, : v1 - v0]
             grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v1 - v0, cfg.block_v))
-            _dz_kernel[grid](
+            _linear_token_logprobs_bwd_kernel[grid](
                 h_r, weight, _bias_arg(bias, hidden), labels[r0:r1], lse[r0:r1],
                 (entropy if has_e else lse)[r0:r1], grad_logp[r0:r1],
                 (grad_entropy if has_e else grad_logp)[r0:r1],

@@ -18,6 +18,10 @@ as HF's ``logits[:, :-1, :]`` is read in place. Offsets are int64 (N*V exceeds 2
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
 import torch
 import triton
 import triton.language as tl
@@ -96,42 +100,73 @@ def _token_logprobs_bwd_kernel(
         tl.store(gbase + cols * gstride_v, g.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
-# The largest vocabulary chunk a program holds at once (tests lower it to force many chunks).
-MAX_BLOCK_V = 4096
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Launch parameters: vocabulary chunk a program holds at once, and its warps."""
+
+    block_v: int = 4096
+    num_warps: int = 8
 
 
-def _config(V: int, block_v: int | None) -> tuple[int, int]:
-    if block_v is None:
-        block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
-    num_warps = 4 if block_v <= 1024 else (8 if block_v <= 4096 else 16)
-    return block_v, num_warps
+# The largest vocabulary chunk a program holds at once.
+_MAX_BLOCK_V = 4096
+_OVERRIDE: dict | None = None
+
+
+@contextlib.contextmanager
+def override_config(**fields) -> Iterator[None]:
+    """Replace these ``Config`` fields in every default inside the block (tests: small chunks)."""
+    global _OVERRIDE
+    bad = set(fields) - {f.name for f in dataclasses.fields(Config)}
+    if bad:
+        raise TypeError(f"override_config: unknown Config fields {sorted(bad)}")
+    old, _OVERRIDE = _OVERRIDE, fields
+    try:
+        yield
+    finally:
+        _OVERRIDE = old
+
+
+def default_config(V: int) -> Config:
+    """One program per row walks the row in chunks of up to 4096 (warps scale with the chunk)."""
+    block_v = min(triton.next_power_of_2(V), _MAX_BLOCK_V)
+    cfg = Config(block_v=block_v, num_warps=_warps(block_v))
+    if _OVERRIDE:
+        cfg = dataclasses.replace(cfg, **_OVERRIDE)
+        if "num_warps" not in _OVERRIDE:
+            cfg = dataclasses.replace(cfg, num_warps=_warps(cfg.block_v))
+    return cfg
+
+
+def _warps(block_v: int) -> int:
+    return 4 if block_v <= 1024 else (8 if block_v <= 4096 else 16)
 
 
 def token_logprobs_forward(
     logits3: torch.Tensor, labels: torch.Tensor, ignore_index: int, with_entropy: bool,
-    *, block_v: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backend contract: [B, T, V] logits (any strides) -> fp32 (logp, entropy, lse) [B*T]."""
+    *, config: Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Backend contract: [B, T, V] logits (any strides) -> fp32 (logp, entropy or None, lse)."""
     B, T, V = logits3.shape
     N = B * T
     logp = torch.empty(N, dtype=torch.float32, device=logits3.device)
     lse = torch.empty_like(logp)
-    ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=logits3.device)
+    ent = torch.empty(N, dtype=torch.float32, device=logits3.device) if with_entropy else None
     if N == 0:
         return logp, ent, lse
-    BLOCK_V, num_warps = _config(V, block_v)
+    cfg = config or default_config(V)
     _token_logprobs_fwd_kernel[(N,)](
         logits3, labels, logp, ent if with_entropy else logp, lse,
         T, V, *logits3.stride(), ignore_index,
-        HAS_ENT=with_entropy, BLOCK_V=BLOCK_V, num_warps=num_warps,
+        HAS_ENT=with_entropy, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
     )
     return logp, ent, lse
 
 
 def token_logprobs_backward(
-    logits3: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+    logits3: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor | None,
     grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, ignore_index: int,
-    grad_out3: torch.Tensor, *, block_v: int | None = None,
+    grad_out3: torch.Tensor, *, config: Config | None = None,
 ) -> None:
     """Backend contract: write dL/dlogits into grad_out3 (may be logits3 itself)."""
     B, T, V = logits3.shape
@@ -139,10 +174,12 @@ def token_logprobs_backward(
     if N == 0:
         return
     has_ent = grad_entropy is not None
-    BLOCK_V, num_warps = _config(V, block_v)
+    if has_ent and entropy is None:
+        raise ValueError("grad_entropy given but entropy is None: run the forward with_entropy.")
+    cfg = config or default_config(V)
     _token_logprobs_bwd_kernel[(N,)](
         logits3, grad_out3, labels, lse, entropy if has_ent else lse, grad_logp,
         grad_entropy if has_ent else grad_logp,
         T, V, *logits3.stride(), *grad_out3.stride(), ignore_index,
-        HAS_ENT=has_ent, BLOCK_V=BLOCK_V, num_warps=num_warps,
+        HAS_ENT=has_ent, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
     )

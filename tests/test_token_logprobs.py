@@ -34,11 +34,8 @@ def max_block(block: int | None):
         return
     from cpo_fast.kernels import token_logprobs as tk
 
-    old, tk.MAX_BLOCK_V = tk.MAX_BLOCK_V, block
-    try:
+    with tk.override_config(block_v=block):
         yield
-    finally:
-        tk.MAX_BLOCK_V = old
 
 
 @st.composite

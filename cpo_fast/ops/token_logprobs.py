@@ -71,7 +71,7 @@ def _fwd_op(
     logp, ent, lse = _impl(backend).token_logprobs_forward(
         _as_3d(logits), labels.reshape(-1).long().contiguous(), ignore_index, with_entropy
     )
-    ent = ent.view(labels.shape) if with_entropy else ent.new_empty(0)
+    ent = ent.view(labels.shape) if with_entropy else logp.new_empty(0)
     return logp.view(labels.shape), ent, lse.view(labels.shape)
 
 
