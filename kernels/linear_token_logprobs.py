@@ -9,7 +9,8 @@ Math (method.md section 6). Rows t (N of them, width d), vocabulary v (V entries
     dz_tv   = G_t ([v == y_t] - p_tv) - E_t p_tv (log p_tv + H_t)     (G = dL/dlogp, E = dL/dH)
     dh_t    = sum_v dz_tv W_v,   dW_v = sum_t dz_tv h_t,   db_v = sum_t dz_tv
 
-Forward (``_linear_token_logprobs_fwd_kernel``): grid (cdiv(N, BLOCK_N), S). Program (i, s) owns a row block and
+Forward (``_linear_token_logprobs_fwd_kernel``): grid (cdiv(N, BLOCK_N), S). Program (i, s)
+owns a row block and
 a contiguous range of vocabulary tiles (split s of S, chosen so the grid fills the GPU
 even when N is small). For each [BLOCK_N, BLOCK_V] tile it accumulates ``tl.dot`` over d
 in BLOCK_D chunks (fp32 accumulator), then folds the tile into an online (m, s, a) per row
@@ -126,11 +127,15 @@ def _base_config(d: int, dtype: torch.dtype) -> Config:
     if triton_interpreting():
         # Few, large programs: the interpreter's cost is per program and per op.
         return Config(block_n=32, block_v=64, block_d=64, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return Config(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=3)
+    # Chosen against static budgets (benchmarks/gpu_static.py, docs/gpu.md): no register
+    # spills and a pipelined (cp.async) main loop on sm_80 and sm_90a for both kernels.
+    # 128 x 128 tiles spill on sm_80 in the forward: its online-softmax epilogue keeps
+    # several fp32 copies of the tile live next to the accumulator.
+    if dtype == torch.float32:  # no tensor cores (ieee precision): 8 warps share the FMAs
+        return Config(block_n=64, block_v=64, block_d=32, num_warps=8, num_stages=3)
     if d <= 2048:
-        return Config(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
-    return Config(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=4)
+        return Config(block_n=128, block_v=64, block_d=64, num_warps=8, num_stages=3)
+    return Config(block_n=128, block_v=64, block_d=64, num_warps=8, num_stages=4)
 
 
 def _sm_count(device: torch.device) -> int:

@@ -1,0 +1,348 @@
+"""Static GPU evidence without a GPU: compile every Triton kernel for sm_80 / sm_90a and report.
+
+Each kernel is reached through its real launcher (``cpo_fast.kernels.*`` on meta tensors at
+the design shapes; peers through their own Python entry points), whose launches are
+recorded and compiled ahead of time (benchmarks/_aot.py). Per kernel, arch, dtype and
+config it reports registers, spill bytes, shared memory, warps, occupancy, tensor-core
+instructions, asynchronous copies, and a roofline *model* of an H100 call. Nothing is
+timed: every time here is a model.
+
+    python benchmarks/gpu_static.py              # full report -> benchmarks/results/gpu-static.{md,json}
+    python benchmarks/gpu_static.py --gate       # CI gate: defaults + sampled flags, exit 1 on failure
+
+Run it with TRITON_INTERPRET unset. The build cache goes to a fresh temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _aot  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# design.md shapes for the model: one call of each op at this size.
+SHAPE = dict(N=16384, V=128256, d=4096)
+H100 = dict(bw=3.35e12, bf16=989e12, fp32=67e12)  # datasheet (SXM): HBM3 B/s, dense FLOP/s
+ESIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+# ----------------------------------------------------------------------------- our cases
+def _our_cases(torch) -> list[tuple[str, dict, Callable[[], None]]]:
+    """(tag, meta, launcher call) for every dtype, d/V bucket and flag combination."""
+    from cpo_fast.kernels import linear_token_logprobs as LK
+    from cpo_fast.kernels import token_logprobs as TK
+
+    dts = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    meta = lambda *s, dt=torch.float32: torch.empty(*s, device="meta", dtype=dt)
+    N, V = SHAPE["N"], SHAPE["V"]
+    lab, f = meta(N, dt=torch.int64), meta(N)
+    out = []
+    for name, dt in dts.items():
+        for d in (2048, 4096):  # the dispatcher's d buckets: <= 2048, > 2048
+            h, w, b = meta(N, d, dt=dt), meta(V, d, dt=dt), meta(V, dt=dt)
+            for bias in (False, True):
+                out.append((f"linear.fwd {name} d={d} bias={int(bias)}", dict(dtype=name, d=d),
+                            lambda h=h, w=w, b=b if bias else None:
+                            LK.linear_token_logprobs_forward(h, w, b, lab, -100, True)))
+                for ent in (False, True):
+                    for skip in (0.0, 1e-4):
+                        out.append((f"linear.bwd {name} d={d} bias={int(bias)} ent={int(ent)} "
+                                    f"skip={int(skip > 0)}", dict(dtype=name, d=d),
+                                    lambda h=h, w=w, b=b if bias else None, ent=ent, skip=skip, f=f:
+                                    LK.linear_token_logprobs_backward(
+                                        h, w, b, lab, f, f if ent else None, f, f if ent else None,
+                                        -100, True, True, b is not None, skip)))
+        # logits path: design V (block 4096) and smaller V buckets; V = 50257 gives
+        # unaligned row strides (a shifted HF view of GPT-2's vocabulary).
+        for v in (V, 50257, 1000):
+            lg = meta(4, N // 4, v, dt=dt)
+            shifted = meta(4, N // 4 + 1, v, dt=dt)[:, :-1]
+            for ent in (False, True):
+                for tag, x in (("contig", lg), ("shifted", shifted)):
+                    out.append((f"logits.fwd {name} V={v} ent={int(ent)} {tag}", dict(dtype=name, V=v),
+                                lambda x=x, ent=ent: TK.token_logprobs_forward(x, lab, -100, ent)))
+                    out.append((f"logits.bwd {name} V={v} ent={int(ent)} {tag}", dict(dtype=name, V=v),
+                                lambda x=x, ent=ent:
+                                TK.token_logprobs_backward(x, lab, f, f if ent else None, f,
+                                                           f if ent else None, -100, x)))
+    return out
+
+
+def _is_default(tag: str) -> bool:
+    """Defaults: design-shape configs with every flag off or every flag on (the extremes)."""
+    if tag.startswith("logits"):
+        return f"V={SHAPE['V']}" in tag and "contig" in tag
+    flags = [p.split("=")[1] for p in tag.split() if p.split("=")[0] in ("bias", "ent", "skip")]
+    return len(set(flags)) == 1
+
+
+# ----------------------------------------------------------------------------- peers
+def _peer_cases(torch) -> list[tuple[str, dict, Callable[[], None]]]:
+    """Peers' public entry points on small CPU tensors at the design vocabulary (their
+    launchers call .item() or check the device, which meta tensors cannot serve)."""
+    out = []
+    n, d, V = 64, 256, SHAPE["V"]
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        mk = lambda *s, dt=dt, rg=False: torch.randn(*s, dtype=dt).requires_grad_(rg)
+        lab = torch.randint(0, V, (n,))
+        out.append((f"trl.chunked_logprob {name}", dict(dtype=name), lambda mk=mk, lab=lab:
+                    _trl_chunked(mk(n, d, rg=True), mk(V, d, rg=True), lab)))
+        out.append((f"trl.logprob_entropy {name}", dict(dtype=name), lambda mk=mk, lab=lab:
+                    _trl_lpe(mk(1, n, V, rg=True), lab.view(1, n))))
+        out.append((f"liger.fused_linear_ce {name}", dict(dtype=name), lambda mk=mk, lab=lab:
+                    _liger_flce(mk(n, d, rg=True), mk(V, d, rg=True), lab)))
+        out.append((f"liger.grpo {name}", dict(dtype=name), lambda mk=mk:
+                    _liger_grpo(mk(2, n + 1, V, rg=True), torch.randint(0, V, (2, n)))))
+        out.append((f"cce.linear_ce {name}", dict(dtype=name), lambda mk=mk, lab=lab:
+                    _cce(mk(n, d, rg=True), mk(V, d, rg=True), lab)))
+    return out
+
+
+def _trl_chunked(h, w, lab):
+    from trl.kernels import chunked_logprob as m
+
+    m._use_triton = lambda device: True  # the launcher gates Triton on device.type == "cuda"
+    lp = m.ChunkedLogProbFunction.apply(h, w, None, lab, 1.0, 4096)[0]
+    lp.float().sum().backward()
+
+
+def _trl_lpe(logits, lab):
+    from trl.kernels.logprob_entropy import selective_log_softmax_and_entropy
+
+    lp, ent = selective_log_softmax_and_entropy(logits, lab)
+    (lp.sum() + ent.sum()).backward()
+
+
+def _liger_flce(h, w, lab):
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    LigerFusedLinearCrossEntropyFunction.apply(h, w, lab)[0].backward()
+
+
+def _liger_grpo(logits, ids):
+    import torch
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    B = logits.shape[0]
+    adv, mask = torch.ones(B), torch.ones(ids.shape, dtype=torch.int32)
+    loss = triton_grpo_loss(logits, None, None, ids, adv, mask)
+    (loss[0] if isinstance(loss, tuple) else loss).float().sum().backward()
+
+
+def _cce(h, w, lab):
+    from cut_cross_entropy import linear_cross_entropy
+
+    linear_cross_entropy(h, w, lab, reduction="none", impl="cce").float().sum().backward()
+
+
+# ----------------------------------------------------------------------------- build
+_LAUNCHES: list = []
+
+
+def _build_one(job: tuple[int, int]) -> tuple[int, int, dict | None, str | None, float]:
+    i, cc = job
+    t0 = time.time()
+    res, err = _aot.run_quietly(lambda: _aot.build(_LAUNCHES[i], cc))
+    return i, cc, res, err, time.time() - t0
+
+
+def collect(cases, torch) -> list[dict]:
+    """Run each case under capture; one row per distinct launch (first tag wins)."""
+    rows, seen = [], {}
+    for tag, meta, fn in cases:
+        with _aot.capture() as found:
+            _, err = _aot.run_quietly(fn)
+        if err and not found:
+            rows.append(dict(tag=tag, **meta, capture_error=err))
+            continue
+        for launch in found:
+            k = launch.key()
+            if k in seen:
+                continue
+            seen[k] = launch
+            launch.tag = tag
+            rows.append(dict(tag=tag, **meta, kernel=launch.name, launch=launch,
+                             consts=launch.constants(), capture_error=err if err else None))
+    return rows
+
+
+def build_all(rows: list[dict], archs: list[int], jobs: int) -> None:
+    global _LAUNCHES
+    _LAUNCHES = [r.get("launch") for r in rows]
+    work = [(i, cc) for i, r in enumerate(rows) if "launch" in r for cc in archs]
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(jobs) as pool:
+        for i, cc, res, err, secs in pool.imap_unordered(_build_one, work):
+            rows[i].setdefault("builds", {})[cc] = dict(res or {}, error=err, seconds=round(secs, 2))
+
+
+# ----------------------------------------------------------------------------- model
+def roofline(row: dict) -> dict:
+    """Bytes and FLOPs of one op call at SHAPE and the H100 time they imply (a model)."""
+    k, e = row.get("kernel", ""), ESIZE.get(row.get("dtype"), 2)
+    N, V, d = SHAPE["N"], SHAPE["V"], SHAPE["d"]
+    peak = H100["fp32"] if row.get("dtype") == "fp32" else H100["bf16"]
+    if k == "_token_logprobs_fwd_kernel":
+        byt, flop, what = N * V * e, 0, "read N V"
+    elif k == "_token_logprobs_bwd_kernel":
+        byt, flop, what = 2 * N * V * e, 0, "read + write N V"
+    elif k == "_linear_token_logprobs_fwd_kernel":
+        byt, flop, what = (N + V) * d * e, 2 * N * d * V, "2 N d V; h, W once"
+    elif k == "_linear_token_logprobs_bwd_kernel":
+        byt, flop, what = (N + V) * d * e + N * V * e, 2 * N * d * V, "2 N d V recompute; writes dz N V"
+    else:
+        return {}
+    t = max(byt / H100["bw"], flop / peak)
+    return dict(model_bytes=byt, model_flops=flop, model_ms=round(t * 1e3, 3), model_basis=what)
+
+
+def tile_intensity(row: dict) -> float | None:
+    """FLOPs per byte a matmul tile loads (bf16: BN BV / (BN + BV)); higher reuses more."""
+    c = row.get("consts", {})
+    if "BLOCK_N" not in c or "BLOCK_D" not in c:
+        return None
+    e = ESIZE.get(row.get("dtype"), 2)
+    bn, bv = c["BLOCK_N"], c["BLOCK_V"]
+    return round(2 * bn * bv / ((bn + bv) * e), 1)
+
+
+# ----------------------------------------------------------------------------- gate
+def failures(rows: list[dict], archs: list[int]) -> list[str]:
+    """Compile errors anywhere, spills at defaults, shared memory over the arch limit,
+    the interpreter's dot upcast in a GPU build."""
+    bad = []
+    for r in rows:
+        if r.get("capture_error") and "launch" not in r:
+            bad.append(f"{r['tag']}: launcher failed: {r['capture_error']}")
+            continue
+        if "launch" not in r:
+            continue
+        if r["consts"].get("UPCAST_DOT"):
+            bad.append(f"{r['tag']}: UPCAST_DOT=True in a GPU build")
+        for cc in archs:
+            b = r.get("builds", {}).get(cc, {})
+            if b.get("error"):
+                bad.append(f"{r['tag']} sm_{cc}: {b['error']}")
+                continue
+            if r["default"] and (b["spill_store"] or b["spill_load"]):
+                bad.append(f"{r['tag']} sm_{cc}: spills {b['spill_store']} B at a default config")
+            if b["smem"] > _aot.ARCH[cc]["smem_block"]:
+                bad.append(f"{r['tag']} sm_{cc}: shared memory {b['smem']} B over the limit")
+    return bad
+
+
+# ----------------------------------------------------------------------------- report
+def _cfg(r: dict) -> str:
+    c = r.get("consts", {})
+    keys = [k for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D", "BLOCK_SIZE", "BLOCK_B", "BLOCK_M") if k in c]
+    tiles = "x".join(str(c[k]) for k in keys) or "-"
+    flags = ",".join(k for k, v in c.items() if v is True)
+    return f"{tiles} {flags}".strip()
+
+
+def markdown(rows: list[dict], archs: list[int], meta: dict) -> str:
+    out = ["# GPU static report (compiled ahead of time, no GPU)", "",
+           f"Triton {meta['triton']}, torch {meta['torch']}; built {meta['n_builds']} kernels for "
+           f"{', '.join(_aot.ARCH[a]['name'] for a in archs)} in {meta['seconds']:.0f} s "
+           f"({meta['jobs']} processes). Generated by `benchmarks/gpu_static.py`.", "",
+           "Registers, spills (ptxas -v) and shared memory (Triton's metadata) are compiler output. "
+           "Occupancy is a **model** from registers and shared memory (65536 registers, 64 warps, "
+           "164 KB (sm_80) / 228 KB (sm_90a) shared memory per SM). `mma`/`wgmma` count tensor-core "
+           "instructions, `cp.async`/`TMA` asynchronous copies in the PTX (present only where the "
+           "main loop is software-pipelined). **model ms** is a roofline model of one op call at "
+           f"N={SHAPE['N']}, V={SHAPE['V']}, d={SHAPE['d']} on an H100 SXM at datasheet rates "
+           "(3.35 TB/s; 989 TFLOP/s bf16/fp16 dense, 67 TFLOP/s fp32): max(bytes/BW, FLOPs/peak). "
+           "It is not a measurement. `tile FLOP/B`: FLOPs per byte a matmul tile loads.", ""]
+    hdr = ("| case | kernel | arch | config | warps/stages | regs | spill B | smem KB | CTAs/SM "
+           "(warps) | mma | wgmma | cp.async | TMA | tile FLOP/B | model ms |")
+    for group, title in (("ours", "## cpo_fast kernels"), ("peer", "## Peers' kernels (same harness)")):
+        out += [title, "", hdr, "|" + "---|" * 15]
+        for r in rows:
+            if r["group"] != group:
+                continue
+            if "launch" not in r:
+                out.append(f"| {r['tag']} | - | - | not captured: {r['capture_error']} |" + " |" * 11)
+                continue
+            m = r.get("model", {})
+            for cc in archs:
+                b = r.get("builds", {}).get(cc, {})
+                name = _aot.ARCH[cc]["name"]
+                if b.get("error"):
+                    out.append(f"| {r['tag']} | {r['kernel']} | {name} | {_cfg(r)} | "
+                               f"compile error: {b['error']} |" + " |" * 10)
+                    continue
+                out.append(
+                    f"| {r['tag']}{' (default)' if r.get('default') else ''} | {r['kernel']} | {name} "
+                    f"| {_cfg(r)} | {b['warps']}/{b['stages']} | {b['regs']} | "
+                    f"{b['spill_store']}/{b['spill_load']} | {b['smem'] / 1024:.1f} | "
+                    f"{b['ctas_per_sm']} ({b['warps_per_sm']}) | {b['mma']} | {b['wgmma']} | "
+                    f"{b['cp_async']} | {b['tma']} | {tile_intensity(r) or '-'} | "
+                    f"{m.get('model_ms', '-')} |")
+        out.append("")
+    if meta.get("failures") is not None:
+        out += ["## Gate", "", f"{len(meta['failures'])} failures."] + [f"- {f}" for f in meta["failures"]]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gate", action="store_true",
+                    help="defaults + a sample of flag combos; exit 1 on failure")
+    ap.add_argument("--sample", type=int, default=6, help="non-default cases per run under --gate")
+    ap.add_argument("--seed", type=int, default=int(os.environ.get("CPO_FAST_GATE_SEED", "0")))
+    ap.add_argument("--archs", default="80,90", help="compute capabilities, e.g. 80,90,100")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--out", default=str(RESULTS), help="directory for gpu-static.md/.json")
+    ap.add_argument("--json", default=None, help="write the rows as JSON here (gate)")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("unset TRITON_INTERPRET: the interpreter replaces the compiler this script checks")
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="cpo-fast-gpu-static-")  # no cache hits
+    import torch
+    import triton
+
+    archs = [int(a) for a in args.archs.split(",")]
+    t0 = time.time()
+    cases = _our_cases(torch)
+    if args.gate:
+        rest = [c for c in cases if not _is_default(c[0])]
+        keep = set(random.Random(args.seed).sample(range(len(rest)), min(args.sample, len(rest))))
+        cases = [c for c in cases if _is_default(c[0])] + [c for i, c in enumerate(rest) if i in keep]
+    rows = [dict(r, group="ours", default=_is_default(r["tag"])) for r in collect(cases, torch)]
+    if not (args.gate or args.no_peers):
+        rows += [dict(r, group="peer", default=False) for r in collect(_peer_cases(torch), torch)]
+    build_all(rows, archs, args.jobs)
+    for r in rows:
+        r["model"] = roofline(r)
+    bad = failures([r for r in rows if r["group"] == "ours"], archs)
+    meta = dict(triton=triton.__version__, torch=torch.__version__, seconds=time.time() - t0,
+                jobs=args.jobs, n_builds=sum(len(r.get("builds", {})) for r in rows), failures=bad,
+                archs=archs, gate=args.gate)
+    plain = [{k: v for k, v in r.items() if k != "launch"} for r in rows]
+    doc = dict(meta=meta, rows=plain)
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
+    if not args.gate:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu-static.json").write_text(json.dumps(doc, indent=1, default=str))
+        (out / "gpu-static.md").write_text(markdown(rows, archs, meta))
+    print(f"{meta['n_builds']} builds in {meta['seconds']:.0f} s; {len(bad)} failures")
+    for f in bad:
+        print("FAIL", f)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
