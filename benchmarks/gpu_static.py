@@ -112,6 +112,15 @@ def _trl_chunked(h, w, lab):
     from trl.kernels import chunked_logprob as m
 
     m._use_triton = lambda device: True  # the launcher gates Triton on device.type == "cuda"
+    # Its backward imports trl.trainer.utils (pandas, ...) for one no-op context outside
+    # distributed runs; stand that in so the backward kernel is reached without TRL's deps.
+    if "trl.trainer.utils" not in sys.modules:
+        import contextlib
+        import types
+
+        stub = types.ModuleType("trl.trainer.utils")
+        stub.maybe_gather_lm_head_ctx = lambda *a, **k: contextlib.nullcontext()
+        sys.modules["trl.trainer.utils"] = stub
     lp = m.ChunkedLogProbFunction.apply(h, w, None, lab, 1.0, 4096)[0]
     lp.float().sum().backward()
 
@@ -131,11 +140,14 @@ def _liger_flce(h, w, lab):
 
 def _liger_grpo(logits, ids):
     import torch
+    from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
     from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
+    fused_selective_log_softmax(logits, ids)
     B = logits.shape[0]
     adv, mask = torch.ones(B), torch.ones(ids.shape, dtype=torch.int32)
-    loss = triton_grpo_loss(logits, None, None, ids, adv, mask)
+    old, ref = torch.zeros(ids.shape), torch.zeros(ids.shape)
+    loss = triton_grpo_loss(logits, old, ref, ids, adv, mask)
     (loss[0] if isinstance(loss, tuple) else loss).float().sum().backward()
 
 
@@ -187,23 +199,54 @@ def build_all(rows: list[dict], archs: list[int], jobs: int) -> None:
 
 
 # ----------------------------------------------------------------------------- model
+# Per kernel: (bytes, FLOPs, basis) of one op call at SHAPE, e = element size. Logits-path
+# kernels (ours and the hybrids' fold kernels) move N x V elements; fused matmul kernels
+# read h and W once (compulsory traffic) and do their share of the 8 N d V.
+def _model_terms(kernel: str, N: int, V: int, d: int, e: int) -> tuple[int, int, str] | None:
+    nv, hw, ndv = N * V * e, (N + V) * d * e, N * d * V
+    table = {
+        "_token_logprobs_fwd_kernel": (nv, 0, "read N V"),
+        "_token_logprobs_bwd_kernel": (2 * nv, 0, "read + write N V"),
+        "_linear_token_logprobs_fwd_kernel": (hw, 2 * ndv, "2NdV; h, W once"),
+        "_linear_token_logprobs_bwd_kernel": (hw + nv, 2 * ndv, "2NdV recompute; write dz N V"),
+        "_forward_kernel": (nv, 0, "read N V (logits tile from the GEMM)"),
+        "_backward_kernel": (2 * nv, 0, "read + write N V"),
+        "liger_cross_entropy_kernel": (2 * nv, 0, "read + in-place grad N V"),
+        "_selective_log_softmax_kernel": (nv, 0, "read N V"),
+        "_grpo_loss_fwd_kernel": (nv, 0, "read N V"),
+        "_grpo_loss_bwd_kernel": (2 * nv, 0, "read + write N V"),
+        "_cce_lse_forward_kernel": (hw, 2 * ndv, "2NdV; h, W once"),
+        "_cce_backward_kernel": (2 * hw, 6 * ndv, "6NdV dense (filtering skips some); h, W"),
+        "_indexed_neg_dot_forward_kernel": (2 * N * d * e, 2 * N * d, "N dot products"),
+    }
+    return table.get(kernel)
+
+
 def roofline(row: dict) -> dict:
     """Bytes and FLOPs of one op call at SHAPE and the H100 time they imply (a model)."""
-    k, e = row.get("kernel", ""), ESIZE.get(row.get("dtype"), 2)
-    N, V, d = SHAPE["N"], SHAPE["V"], SHAPE["d"]
-    peak = H100["fp32"] if row.get("dtype") == "fp32" else H100["bf16"]
-    if k == "_token_logprobs_fwd_kernel":
-        byt, flop, what = N * V * e, 0, "read N V"
-    elif k == "_token_logprobs_bwd_kernel":
-        byt, flop, what = 2 * N * V * e, 0, "read + write N V"
-    elif k == "_linear_token_logprobs_fwd_kernel":
-        byt, flop, what = (N + V) * d * e, 2 * N * d * V, "2 N d V; h, W once"
-    elif k == "_linear_token_logprobs_bwd_kernel":
-        byt, flop, what = (N + V) * d * e + N * V * e, 2 * N * d * V, "2 N d V recompute; writes dz N V"
-    else:
+    e = ESIZE.get(row.get("dtype"), 2)
+    terms = _model_terms(row.get("kernel", ""), SHAPE["N"], SHAPE["V"], SHAPE["d"], e)
+    if terms is None:
         return {}
+    byt, flop, what = terms
+    peak = H100["fp32"] if row.get("dtype") == "fp32" else H100["bf16"]
     t = max(byt / H100["bw"], flop / peak)
-    return dict(model_bytes=byt, model_flops=flop, model_ms=round(t * 1e3, 3), model_basis=what)
+    return dict(model_bytes=byt, model_flops=flop, model_ms=round(t * 1e3, 2), model_basis=what)
+
+
+def op_models() -> list[tuple[str, float, str]]:
+    """Whole fused-linear op, bf16, at SHAPE: fwd + bwd roofline per design (a model)."""
+    N, V, d = SHAPE["N"], SHAPE["V"], SHAPE["d"]
+    gemm = 2 * N * d * V / H100["bf16"]
+    nv = N * V * 2 / H100["bw"]
+    return [
+        ("floor: 8 N d V at the bf16 rate", 4 * gemm, "design.md's FLOP floor"),
+        ("cpo_fast (a) fused fwd + hybrid bwd", gemm + (gemm + nv) + 2 * gemm + 2 * nv,
+         "fwd 2NdV; bwd dz tile 2NdV + write dz, 2 GEMMs read dz"),
+        ("(b) hybrid fwd (GEMM + fold) + same bwd", (gemm + 2 * nv) + (gemm + nv) + 2 * gemm + 2 * nv,
+         "fwd adds a write + read of N V (TRL, Liger style)"),
+        ("CCE fused fwd + fused bwd (dense)", gemm + 3 * gemm, "no N V traffic; bwd atomics not modelled"),
+    ]
 
 
 def tile_intensity(row: dict) -> float | None:
@@ -263,10 +306,15 @@ def markdown(rows: list[dict], archs: list[int], meta: dict) -> str:
            f"N={SHAPE['N']}, V={SHAPE['V']}, d={SHAPE['d']} on an H100 SXM at datasheet rates "
            "(3.35 TB/s; 989 TFLOP/s bf16/fp16 dense, 67 TFLOP/s fp32): max(bytes/BW, FLOPs/peak). "
            "It is not a measurement. `tile FLOP/B`: FLOPs per byte a matmul tile loads.", ""]
+    out += ["## Modelled whole-op time (fused-linear, bf16, H100 datasheet; a model)", "",
+            "| design | model ms (fwd+bwd) | basis |", "|---|---|---|"]
+    out += [f"| {name} | {t * 1e3:.1f} | {basis} |" for name, t, basis in op_models()]
+    out.append("")
     hdr = ("| case | kernel | arch | config | warps/stages | regs | spill B | smem KB | CTAs/SM "
            "(warps) | mma | wgmma | cp.async | TMA | tile FLOP/B | model ms |")
     for group, title in (("ours", "## cpo_fast kernels"), ("peer", "## Peers' kernels (same harness)")):
         out += [title, "", hdr, "|" + "---|" * 15]
+        shown = set()
         for r in rows:
             if r["group"] != group:
                 continue
@@ -281,14 +329,21 @@ def markdown(rows: list[dict], archs: list[int], meta: dict) -> str:
                     out.append(f"| {r['tag']} | {r['kernel']} | {name} | {_cfg(r)} | "
                                f"compile error: {b['error']} |" + " |" * 10)
                     continue
-                out.append(
+                line = (
                     f"| {r['tag']}{' (default)' if r.get('default') else ''} | {r['kernel']} | {name} "
                     f"| {_cfg(r)} | {b['warps']}/{b['stages']} | {b['regs']} | "
                     f"{b['spill_store']}/{b['spill_load']} | {b['smem'] / 1024:.1f} | "
                     f"{b['ctas_per_sm']} ({b['warps_per_sm']}) | {b['mma']} | {b['wgmma']} | "
                     f"{b['cp_async']} | {b['tma']} | {tile_intensity(r) or '-'} | "
                     f"{m.get('model_ms', '-')} |")
+                if line not in shown:  # peers launch one kernel per chunk: show each build once
+                    shown.add(line)
+                    out.append(line)
         out.append("")
+    notes = sorted({f"- {r['tag']}: {r['capture_error']}" for r in rows if r.get("capture_error")})
+    if notes:
+        out += ["Launcher errors after the launches shown (their later kernels are missing):", ""]
+        out += notes + [""]
     if meta.get("failures") is not None:
         out += ["## Gate", "", f"{len(meta['failures'])} failures."] + [f"- {f}" for f in meta["failures"]]
     return "\n".join(out) + "\n"
