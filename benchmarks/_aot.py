@@ -172,13 +172,10 @@ def ptxas_report(ptx: str, cc: int) -> dict:
 
 def ptx_features(ptx: str) -> dict:
     """Static speed proxies: tensor-core and asynchronous-copy instructions in the PTX."""
-    return dict(
-        mma=len(re.findall(r"^\s*mma\.sync", ptx, re.M)),
-        wgmma=len(re.findall(r"^\s*wgmma\.mma_async", ptx, re.M)),
-        tcgen05=len(re.findall(r"^\s*tcgen05\.mma", ptx, re.M)),
-        cp_async=len(re.findall(r"^\s*cp\.async\.c[ag]", ptx, re.M)),
-        tma=len(re.findall(r"^\s*cp\.async\.bulk", ptx, re.M)),
-    )
+    count = lambda op: len(re.findall(r"^\s*(?:@!?%p\d+\s+)?" + op, ptx, re.M))  # maybe predicated
+    return dict(mma=count(r"mma\.sync"), wgmma=count(r"wgmma\.mma_async"),
+                tcgen05=count(r"tcgen05\.mma"), cp_async=count(r"cp\.async\.c[ag]"),
+                tma=count(r"cp\.async\.bulk"))
 
 
 def occupancy(regs: int, smem: int, warps: int, cc: int) -> dict:

@@ -24,9 +24,10 @@ ln -s "$ROOT/kernels" "$SHIM/cpo_fast/kernels"
 
 export PYTHONPATH="$SHIM"
 unset TRITON_INTERPRET
-"$VENV/bin/python" - <<'EOF'
+# Not from the checkout's root: there, '' on sys.path would find ./cpo_fast without kernels/.
+cd "$SHIM"
+"$VENV/bin/python" -c '
 import torch, triton, cpo_fast.kernels.linear_token_logprobs as k
-print(f"triton {triton.__version__} from {triton.__file__}; torch {torch.__version__}; kernels from {k.__file__}")
-EOF
-cd "$ROOT"
-"$VENV/bin/python" benchmarks/gpu_static.py --gate --jobs "${JOBS:-2}" --json "${OUT_JSON:-/tmp/gate-triton-$VERSION.json}"
+print(f"triton {triton.__version__} from {triton.__file__}; torch {torch.__version__}; kernels from {k.__file__}")'
+"$VENV/bin/python" "$ROOT/benchmarks/gpu_static.py" --gate --jobs "${JOBS:-2}" \
+    --json "${OUT_JSON:-/tmp/gate-triton-$VERSION.json}"

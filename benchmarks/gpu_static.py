@@ -225,7 +225,8 @@ def _model_terms(kernel: str, N: int, V: int, d: int, e: int) -> tuple[int, int,
 def roofline(row: dict) -> dict:
     """Bytes and FLOPs of one op call at SHAPE and the H100 time they imply (a model)."""
     e = ESIZE.get(row.get("dtype"), 2)
-    terms = _model_terms(row.get("kernel", ""), SHAPE["N"], SHAPE["V"], SHAPE["d"], e)
+    terms = _model_terms(row.get("kernel", ""), SHAPE["N"], row.get("V", SHAPE["V"]),
+                         row.get("d", SHAPE["d"]), e)
     if terms is None:
         return {}
     byt, flop, what = terms
@@ -303,7 +304,8 @@ def markdown(rows: list[dict], archs: list[int], meta: dict) -> str:
            "164 KB (sm_80) / 228 KB (sm_90a) shared memory per SM). `mma`/`wgmma` count tensor-core "
            "instructions, `cp.async`/`TMA` asynchronous copies in the PTX (present only where the "
            "main loop is software-pipelined). **model ms** is a roofline model of one op call at "
-           f"N={SHAPE['N']}, V={SHAPE['V']}, d={SHAPE['d']} on an H100 SXM at datasheet rates "
+           f"N={SHAPE['N']}, V={SHAPE['V']}, d={SHAPE['d']} (or the case's d / V) on an H100 SXM "
+           "at datasheet rates "
            "(3.35 TB/s; 989 TFLOP/s bf16/fp16 dense, 67 TFLOP/s fp32): max(bytes/BW, FLOPs/peak). "
            "It is not a measurement. `tile FLOP/B`: FLOPs per byte a matmul tile loads.", ""]
     out += ["## Modelled whole-op time (fused-linear, bf16, H100 datasheet; a model)", "",
@@ -311,7 +313,7 @@ def markdown(rows: list[dict], archs: list[int], meta: dict) -> str:
     out += [f"| {name} | {t * 1e3:.1f} | {basis} |" for name, t, basis in op_models()]
     out.append("")
     hdr = ("| case | kernel | arch | config | warps/stages | regs | spill B | smem KB | CTAs/SM "
-           "(warps) | mma | wgmma | cp.async | TMA | tile FLOP/B | model ms |")
+           "(warps) | mma | wgmma/tcgen05 | cp.async | TMA | tile FLOP/B | model ms |")
     for group, title in (("ours", "## cpo_fast kernels"), ("peer", "## Peers' kernels (same harness)")):
         out += [title, "", hdr, "|" + "---|" * 15]
         shown = set()
@@ -333,7 +335,7 @@ def markdown(rows: list[dict], archs: list[int], meta: dict) -> str:
                     f"| {r['tag']}{' (default)' if r.get('default') else ''} | {r['kernel']} | {name} "
                     f"| {_cfg(r)} | {b['warps']}/{b['stages']} | {b['regs']} | "
                     f"{b['spill_store']}/{b['spill_load']} | {b['smem'] / 1024:.1f} | "
-                    f"{b['ctas_per_sm']} ({b['warps_per_sm']}) | {b['mma']} | {b['wgmma']} | "
+                    f"{b['ctas_per_sm']} ({b['warps_per_sm']}) | {b['mma']} | {b['wgmma'] + b['tcgen05']} | "
                     f"{b['cp_async']} | {b['tma']} | {tile_intensity(r) or '-'} | "
                     f"{m.get('model_ms', '-')} |")
                 if line not in shown:  # peers launch one kernel per chunk: show each build once
@@ -349,6 +351,48 @@ def markdown(rows: list[dict], archs: list[int], meta: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def compare(before: dict, rows: list[dict], archs: list[int]) -> list[str]:
+    """Before/after lines for the default configs, from an earlier run's JSON (--compare)."""
+    # by case: each of our cases launches one kernel (whose name may have changed since)
+    now = {r["tag"]: r for r in rows if r["group"] == "ours"}
+    out = [f"## Before and after ({before['meta'].get('label', 'earlier run')})", "",
+           "| case | arch | before: config, regs, spill B | after: config, regs, spill B | model ms |",
+           "|---|---|---|---|---|"]
+    for b in before["rows"]:
+        a = now.get(b["tag"])
+        if not b.get("default") or a is None:
+            continue
+        for cc in archs:
+            bb, ab = b.get("builds", {}).get(str(cc), {}), a.get("builds", {}).get(cc, {})
+            cell = lambda r, x: (f"compile error: {x['error'][:60]}" if x.get("error") else
+                                 f"{_cfg(r)} {x.get('warps')}w/{x.get('stages')}s, {x.get('regs')}, "
+                                 f"{x.get('spill_store')}")
+            out.append(f"| {b['tag']} | {_aot.ARCH[cc]['name']} | {cell(b, bb)} | {cell(a, ab)} | "
+                       f"{a.get('model', {}).get('model_ms', '-')} |")
+    return out + [""]
+
+
+def summarize(run: dict) -> list[str]:
+    """A section for another gate run (--also): another Triton, or another architecture."""
+    m = run["meta"]
+    archs = ", ".join(_aot.ARCH[int(a)]["name"] for a in m["archs"])
+    out = [f"## {m.get('label') or 'Another gate run'}", "",
+           f"Triton {m['triton']}, torch {m['torch']}, {archs}: {m['n_builds']} builds in "
+           f"{m['seconds']:.0f} s, {len(m['failures'])} failures.", ""]
+    out += [f"- {f[:200]}" for f in m["failures"]]
+    worst = {}
+    for r in run["rows"]:
+        for cc, b in r.get("builds", {}).items():
+            if r.get("default") and not b.get("error"):
+                k = (r["kernel"], cc)
+                regs, spill = worst.get(k, (0, 0))
+                worst[k] = (max(regs, b["regs"]), max(spill, b["spill_store"]))
+    out += ["", "| kernel | arch | most registers / most spill B at a default |", "|---|---|---|"]
+    out += [f"| {k} | {_aot.ARCH[int(cc)]['name']} | {r} / {sp} |"
+            for (k, cc), (r, sp) in sorted(worst.items())]
+    return out + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gate", action="store_true",
@@ -360,6 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--out", default=str(RESULTS), help="directory for gpu-static.md/.json")
     ap.add_argument("--json", default=None, help="write the rows as JSON here (gate)")
+    ap.add_argument("--label", default=None, help="a name for this run, kept in its JSON")
+    ap.add_argument("--compare", action="append", default=[],
+                    help="an earlier run's JSON: add a before/after table for its defaults")
+    ap.add_argument("--also", action="append", default=[],
+                    help="another run's JSON (other Triton / arch): add a summary section")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: the interpreter replaces the compiler this script checks")
@@ -383,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = failures([r for r in rows if r["group"] == "ours"], archs)
     meta = dict(triton=triton.__version__, torch=torch.__version__, seconds=time.time() - t0,
                 jobs=args.jobs, n_builds=sum(len(r.get("builds", {})) for r in rows), failures=bad,
-                archs=archs, gate=args.gate)
+                archs=archs, gate=args.gate, label=args.label)
     plain = [{k: v for k, v in r.items() if k != "launch"} for r in rows]
     doc = dict(meta=meta, rows=plain)
     if args.json:
@@ -392,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "gpu-static.json").write_text(json.dumps(doc, indent=1, default=str))
-        (out / "gpu-static.md").write_text(markdown(rows, archs, meta))
+        extra = [line for path in args.compare
+                 for line in compare(json.loads(Path(path).read_text()), rows, archs)]
+        extra += [line for path in args.also for line in summarize(json.loads(Path(path).read_text()))]
+        (out / "gpu-static.md").write_text(markdown(rows, archs, meta) + "\n".join(extra))
     print(f"{meta['n_builds']} builds in {meta['seconds']:.0f} s; {len(bad)} failures")
     for f in bad:
         print("FAIL", f)
