@@ -1,6 +1,6 @@
 r"""Triton backend of the fused-linear path: per-token log-probs from ``hidden`` and ``weight``.
 
-Math (method.md section 6). Rows t (N of them, width d), vocabulary v (V entries):
+Math (docs/math.md). Rows t (N of them, width d), vocabulary v (V entries):
 
     z_tv    = h_t . W_v + b_v                          (never stored as an N x V tensor)
     lse_t   = log sum_v exp z_tv,   logp_t = z_t,y_t - lse_t
@@ -54,7 +54,7 @@ so |d grad_h[t, k]| <= b_t sum_v |W[v, k]|, |d grad_W[v, k]| <= sum_t b_t |h[t, 
 zeroed tiles (the saving would need a block-sparse GEMM); the option keeps the op's
 semantics identical across backends.
 
-Interpreter: ``tl.dot`` on bf16 operands is wrong under TRITON_INTERPRET=1 (facts.md), so
+Interpreter: ``tl.dot`` on bf16 operands is wrong under TRITON_INTERPRET=1 (docs/gpu.md), so
 the constexpr UPCAST_DOT casts the tiles to fp32 there. fp32 operands use
 input_precision="ieee" (no TF32) to match torch's default matmul precision.
 Pointer offsets are int64 (N V and V d exceed 2^31 at the design shapes).
