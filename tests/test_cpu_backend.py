@@ -1,4 +1,4 @@
-"""The C++ CPU core (cpo_fast._C via cpo_fast._cpu) against the float64 reference.
+"""The C++ CPU core (cpo_fast._C via cpo_fast.cpu) against the float64 reference.
 
 Both ops, forward values and gradients, on hypothesis-drawn shapes: odd V, V not a
 multiple of the 8-wide vectors nor of the 1024-element chunks, N = 1, ignored and
@@ -10,6 +10,7 @@ vectorized exp's error in ulp over a dense sweep of its input range.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -25,7 +26,9 @@ from cpo_fast._backend import cpu_extension_available
 pytestmark = pytest.mark.skipif(not cpu_extension_available(), reason="cpo_fast._C not built")
 
 if cpu_extension_available():
-    from cpo_fast import _C, _cpu
+    from cpo_fast import _C
+    from cpo_fast.cpu import linear_token_logprobs as cpu_linear
+    from cpo_fast.cpu import token_logprobs as cpu_tok
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Relative error of a stored gradient element: the kernels write the logits' dtype.
@@ -233,11 +236,11 @@ def test_backend_errors_are_clear():
     x = torch.randn(2, 3, 5, dtype=torch.float64)
     labels = torch.zeros(6, dtype=torch.int64)
     with pytest.raises(TypeError, match="float64"):
-        _cpu.token_logprobs_forward(x, labels, -100, False)
+        cpu_tok.token_logprobs_forward(x, labels, -100, False)
     with pytest.raises(ValueError, match="labels"):
-        _cpu.token_logprobs_forward(x.float(), labels[:5], -100, False)
+        cpu_tok.token_logprobs_forward(x.float(), labels[:5], -100, False)
     with pytest.raises(ValueError, match="labels"):
-        _cpu.token_logprobs_forward(x.float(), labels.int(), -100, False)
+        cpu_tok.token_logprobs_forward(x.float(), labels.int(), -100, False)
 
 
 def test_out_of_range_label_never_read_out_of_bounds():
@@ -359,13 +362,13 @@ def test_linear_token_logprobs_matches_reference(case, monkeypatch_blocks):
 
 @pytest.fixture
 def monkeypatch_blocks():
-    old = (_cpu.BLOCK_ROWS, _cpu.BLOCK_COLS)
+    """Force the fused-linear block shape through the backend's override_config."""
+    with contextlib.ExitStack() as stack:
 
-    def set_blocks(rows: int, cols: int) -> None:
-        _cpu.BLOCK_ROWS, _cpu.BLOCK_COLS = rows, cols
+        def set_blocks(rows: int, cols: int) -> None:
+            stack.enter_context(cpu_linear.override_config(block_rows=rows, block_cols=cols))
 
-    yield set_blocks
-    _cpu.BLOCK_ROWS, _cpu.BLOCK_COLS = old
+        yield set_blocks
 
 
 def test_linear_backend_ignores_grad_skip_threshold_exactly():
@@ -404,7 +407,7 @@ def frozen_cases(draw):
 def frozen_path_spy(monkeypatch):
     """Counts frozen forwards; the backend backward raises (the fast path must not call it)."""
     calls = {"frozen": 0}
-    real = _cpu.linear_token_logprobs_forward_frozen
+    real = cpu_linear.linear_token_logprobs_forward_frozen
 
     def counting(*args, **kwargs):
         calls["frozen"] += 1
@@ -413,8 +416,8 @@ def frozen_path_spy(monkeypatch):
     def no_backward(*args, **kwargs):
         raise AssertionError("the frozen-weight path must not call the backend backward")
 
-    monkeypatch.setattr(_cpu, "linear_token_logprobs_forward_frozen", counting)
-    monkeypatch.setattr(_cpu, "linear_token_logprobs_backward", no_backward)
+    monkeypatch.setattr(cpu_linear, "linear_token_logprobs_forward_frozen", counting)
+    monkeypatch.setattr(cpu_linear, "linear_token_logprobs_backward", no_backward)
     return calls
 
 
@@ -463,7 +466,8 @@ def test_linear_frozen_weight_fast_path_matches_reference(case, monkeypatch_bloc
 
 def test_linear_frozen_path_only_when_weight_and_bias_frozen(monkeypatch):
     calls = {"frozen": 0, "backward": 0}
-    real_fwd, real_bwd = _cpu.linear_token_logprobs_forward_frozen, _cpu.linear_token_logprobs_backward
+    real_fwd = cpu_linear.linear_token_logprobs_forward_frozen
+    real_bwd = cpu_linear.linear_token_logprobs_backward
 
     def fwd(*args, **kwargs):
         calls["frozen"] += 1
@@ -473,8 +477,8 @@ def test_linear_frozen_path_only_when_weight_and_bias_frozen(monkeypatch):
         calls["backward"] += 1
         return real_bwd(*args, **kwargs)
 
-    monkeypatch.setattr(_cpu, "linear_token_logprobs_forward_frozen", fwd)
-    monkeypatch.setattr(_cpu, "linear_token_logprobs_backward", bwd)
+    monkeypatch.setattr(cpu_linear, "linear_token_logprobs_forward_frozen", fwd)
+    monkeypatch.setattr(cpu_linear, "linear_token_logprobs_backward", bwd)
     torch.manual_seed(0)
     labels = torch.randint(0, 50, (6,))
 
