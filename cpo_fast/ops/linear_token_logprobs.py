@@ -1,7 +1,7 @@
 r"""Fused-linear path: per-token log-probabilities straight from hidden states and the
 output weight, never materializing the N x V logits.
 
-Math (method.md section 6). With hidden states ``h[N, d]``, output weight ``W[V, d]``,
+Math (docs/math.md). With hidden states ``h[N, d]``, output weight ``W[V, d]``,
 optional bias ``b[V]``, logits ``z_t = W h_t + b`` (computed tile by tile, never stored):
 
     logp_t = z_t[y_t] - lse(z_t),   H_t = lse(z_t) - sum_v p_tv z_tv

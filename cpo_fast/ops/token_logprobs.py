@@ -1,6 +1,6 @@
 r"""Fused logits path: per-token log-probabilities (and entropy) from a logits tensor.
 
-Math (method.md sections 3 and 6). For a row of logits :math:`z \in \mathbb{R}^V` and its
+Math (docs/math.md). For a row of logits :math:`z \in \mathbb{R}^V` and its
 label :math:`y`, with :math:`\mathrm{lse} = \log\sum_v e^{z_v}` and :math:`p = \mathrm{softmax}(z)`:
 
     logp = z[y] - lse
