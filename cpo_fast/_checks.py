@@ -60,7 +60,7 @@ def check_same_shape(name: str, t: torch.Tensor | None, ref_name: str, ref: torc
         )
 
 
-def _index_list(mask: torch.Tensor, limit: int = 5) -> str:
+def index_list(mask: torch.Tensor, limit: int = 5) -> str:
     idx = [tuple(i) if len(i) > 1 else i[0] for i in mask.nonzero()[:limit].tolist()]
     more = int(mask.sum()) - len(idx)
     return f"{idx}" + (f" and {more} more" if more > 0 else "")
@@ -79,7 +79,7 @@ def warn_nonfinite_rows(op: str, source: str, labels: torch.Tensor, ignore_index
     if bool(bad.any()):
         warnings.warn(
             f"cpo_fast.{op}: non-finite log-probability or entropy at rows (index into "
-            f"labels) {_index_list(bad)}: {source} holds NaN or +-inf there (or the label's "
+            f"labels) {index_list(bad)}: {source} holds NaN or +-inf there (or the label's "
             "logit is -inf). Check the model for overflow (e.g. fp16 logits) and the input "
             "data; pass validate=False to skip this check.",
             RuntimeWarning, stacklevel=3,
@@ -92,7 +92,7 @@ def check_finite_seq(name: str, t: torch.Tensor) -> None:
     if bool(bad.any()):
         vals = t.detach()[bad][:5].tolist()
         raise ValueError(
-            f"{name} has non-finite values {vals} at indices {_index_list(bad)}. Sequence "
+            f"{name} has non-finite values {vals} at indices {index_list(bad)}. Sequence "
             "log-probabilities must be finite: a NaN or inf comes from the model (overflow, "
             "NaN logits) or from a label whose logit is -inf; fix the model/data or drop "
             "those rows."

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from cpo_fast._checks import check_finite, check_finite_seq, check_same_shape
+from cpo_fast._checks import check_finite, check_finite_seq, check_same_shape, index_list
 from cpo_fast.constants import CLIP_EPS, MAX_LOG_WEIGHT, METHODS, TRUNCATION, WEIGHTINGS
 
 
@@ -221,7 +221,9 @@ def _outcome_rows(policy_logp: Tensor, ref_logp: Tensor, outcome: Tensor,
         _check_seq("outcome_pred", outcome_pred, "policy_logp", policy_logp)
         check_finite("outcome_pred", outcome_pred)
         a = a - sign * outcome_pred.to(policy_logp.dtype)
-    return policy_logp - ref_logp.to(policy_logp.dtype), a
+    ell = policy_logp - ref_logp.to(policy_logp.dtype)
+    check_finite_seq("policy_logp - ref_logp (the log weight)", ell)
+    return ell, a
 
 
 def _dm_rows(dm_policy_logp: Tensor, dm_ref_logp: Tensor, dm_outcome_pred: Tensor,
@@ -236,6 +238,7 @@ def _dm_rows(dm_policy_logp: Tensor, dm_ref_logp: Tensor, dm_outcome_pred: Tenso
     check_finite("dm_ref_logp", dm_ref_logp)
     check_finite("dm_outcome_pred", dm_outcome_pred)
     ell = dm_policy_logp - dm_ref_logp.to(dm_policy_logp.dtype)
+    check_finite_seq("dm_policy_logp - dm_ref_logp (the log weight)", ell)
     return ell, sign * dm_outcome_pred.to(dm_policy_logp.dtype)
 
 
@@ -308,8 +311,20 @@ def dr_cpo_loss(
     if not terms:
         raise ValueError("nothing to optimize: pass policy_logp/ref_logp/outcome or the dm_* set.")
     out.loss = -terms[0] if len(terms) == 1 else -terms[0] - terms[1]
+    _check_loss_finite(out.loss, "outcomes and predictions")
     out.value = -sc.sign * out.loss.detach()
     return out
+
+
+def _check_loss_finite(loss: Tensor, scale_of: str) -> None:
+    """Inputs were checked finite, so a non-finite loss is an overflow: say so, not NaN."""
+    if not bool(torch.isfinite(loss.detach())):
+        raise ValueError(
+            f"the loss overflowed to {loss.item()} in {loss.dtype} although every input is "
+            f"finite: the {scale_of} are too large for this dtype (or for weights up to "
+            "exp(max_log_weight)). Standardize them, lower max_log_weight, use "
+            "weighting='self_normalized', or compute in float64."
+        )
 
 
 def cpo_loss(policy_logp: Tensor, ref_logp: Tensor, outcome: Tensor, **kw) -> LossOutput:
@@ -328,19 +343,25 @@ def oo_rlhf_loss(
     return out
 
 
+def _masked(t: Tensor, m: Tensor) -> Tensor:
+    """t where the mask is nonzero, else 0: a NaN or inf on a masked-out position (padding)
+    must not reach the sum, nor the gradient (0 * NaN is NaN)."""
+    return torch.where(m != 0, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
 def sequence_logprobs(token_logp: Tensor, mask: Tensor, *, length_normalize: bool = False) -> Tensor:
     """s_i = sum_t m_t logp_t over ``[B, T]`` (or the mean over masked tokens)."""
     if token_logp.shape != mask.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} != token_logp shape {tuple(token_logp.shape)}.")
     m = mask.to(token_logp.dtype)
-    s = (token_logp * m).sum(-1)
+    s = (_masked(token_logp, m) * m).sum(-1)
     return s / m.sum(-1).clamp_min(1) if length_normalize else s
 
 
 def sft_loss(token_logp: Tensor, mask: Tensor) -> Tensor:
     """Mean negative log-likelihood over masked tokens (the SFT baselines)."""
     m = mask.to(token_logp.dtype)
-    return -(token_logp * m).sum() / m.sum().clamp_min(1)
+    return -(_masked(token_logp, m) * m).sum() / m.sum().clamp_min(1)
 
 
 def top_quantile_mask(outcome: Tensor, quantile: float = 0.75, *, higher_is_better: bool = True) -> Tensor:
@@ -354,13 +375,13 @@ def top_quantile_mask(outcome: Tensor, quantile: float = 0.75, *, higher_is_bett
 def entropy_bonus(entropy: Tensor, mask: Tensor, coef: float) -> Tensor:
     """``-c_H * mean_t H_t`` over masked tokens."""
     m = mask.to(entropy.dtype)
-    return -coef * (entropy * m).sum() / m.sum().clamp_min(1)
+    return -coef * (_masked(entropy, m) * m).sum() / m.sum().clamp_min(1)
 
 
 def kl_penalty(token_logp: Tensor, ref_token_logp: Tensor, mask: Tensor, coef: float = 1.0) -> Tensor:
     """``coef * mean_t (exp(r_t) - r_t - 1)``, r_t = ref_logp_t - logp_t (k3 estimator)."""
-    r = ref_token_logp.to(token_logp.dtype) - token_logp
     m = mask.to(token_logp.dtype)
+    r = _masked(ref_token_logp.to(token_logp.dtype) - token_logp, m)
     return coef * ((torch.expm1(r) - r) * m).sum() / m.sum().clamp_min(1)
 
 
@@ -421,7 +442,29 @@ def assemble_loss(
         out = _ipw_loss(method, batch, dm, length_normalize, kw)
     reg = dm if (dm is not None and (regularize_on == "dm" or batch is None)) else batch
     out.loss = _add_regularizers(out.loss, reg, entropy_coef, kl_coef)
+    if not bool(torch.isfinite(out.loss.detach())):
+        _raise_nonfinite_tokens(out.loss, {"batch": batch, "dm": dm})
     return out
+
+
+def _raise_nonfinite_tokens(loss: Tensor, batches: dict[str, TokenBatch | None]) -> None:
+    """Name the (row, token) positions whose NaN / inf made the loss non-finite."""
+    found = []
+    for bname, b in batches.items():
+        if b is None:
+            continue
+        for field in ("logp", "ref_logp", "entropy"):
+            t = getattr(b, field)
+            if t is None:
+                continue
+            bad = ~torch.isfinite(t.detach()) & (b.mask != 0)
+            if bool(bad.any()):
+                found.append(f"{bname}.{field} at (row, token) {index_list(bad)}")
+    if found:
+        raise ValueError(f"the loss is {loss.item()}: non-finite values on counted tokens in "
+                         + "; ".join(found) + ". Fix the model output / data there, or mask "
+                         "those tokens out.")
+    _check_loss_finite(loss, "token log-probs, entropies or reference log-probs")
 
 
 def _seq(b: TokenBatch, t: Tensor, length_normalize: bool) -> Tensor:

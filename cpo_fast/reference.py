@@ -41,8 +41,10 @@ def token_logprobs(
 
     Computes in float32 for half inputs, in the input dtype otherwise (float64 in tests).
     """
-    z = _upcast(logits)
     valid = labels != ignore_index
+    # Ignored rows are zeroed before the softmax: a NaN there must reach neither the output
+    # nor (through log_softmax's backward, where 0 * NaN = NaN) the gradient.
+    z = torch.where(valid.unsqueeze(-1), _upcast(logits), 0.0)
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     logsm = torch.log_softmax(z, dim=-1)
     logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
@@ -62,7 +64,10 @@ def linear_token_logprobs(
     ignore_index: int = IGNORE_INDEX, with_entropy: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """token_logprobs(hidden @ weight.T + bias, labels): materializes the logits."""
-    logits = _upcast(hidden) @ _upcast(weight).T
+    # Ignored rows are zeroed (and get no gradient): a NaN in their hidden state must not
+    # reach grad_weight, nor a NaN weight their grad_hidden (0 * NaN = NaN in a matmul).
+    valid = (labels != ignore_index).unsqueeze(-1)
+    logits = torch.where(valid, _upcast(hidden), 0.0) @ _upcast(weight).T
     if bias is not None:
         logits = logits + _upcast(bias)
     return token_logprobs(logits, labels, ignore_index=ignore_index, with_entropy=with_entropy)

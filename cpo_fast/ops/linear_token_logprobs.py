@@ -161,6 +161,8 @@ def _backward(ctx, grad_logp, grad_ent, _grad_lse, _grad_pw, _grad_plw):
         return (gh if nh else None, None, None, None, None, None, None, None, None)
     gh, gw, gb = _bwd_op(hidden, weight, bias, labels, lse, ent, grad_logp, grad_ent,
                          ignore_index, nh, nw, nb, backend, thr)
+    if nh:  # dz = 0 on ignored rows, but 0 * (a NaN in W) is NaN: they get 0, as documented
+        gh = torch.where((labels != ignore_index)[:, None], gh, torch.zeros((), dtype=gh.dtype))
     return (gh if nh else None, gw if nw else None, gb if nb else None,
             None, None, None, None, None, None)
 
@@ -249,14 +251,19 @@ def _fused(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
     if bias is not None and bias.dtype != hidden.dtype:
         bias = bias.to(hidden.dtype)
     shape = labels.shape
+    flat_labels = labels.reshape(-1).long().contiguous()
     h2 = hidden.reshape(-1, d).contiguous()
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        # grad_W sums dz * h over rows, dz = 0 on ignored rows, but 0 * NaN is NaN: zero
+        # their hidden states (O(N d), only when the weight is trained).
+        h2 = torch.where((flat_labels != ignore_index)[:, None], h2,
+                         torch.zeros((), dtype=h2.dtype))
     b = bias.contiguous() if bias is not None else h2.new_empty(0)
     # The frozen-weight fast path is decided here: the custom op's forward runs with grad
     # mode off and cannot see who will need a gradient.
     frozen = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
               and (bias is None or not bias.requires_grad) and _has_frozen_path(name))
-    logp, ent, *_ = _fwd_op(h2, weight.contiguous(), b,
-                            labels.reshape(-1).long().contiguous(), ignore_index,
+    logp, ent, *_ = _fwd_op(h2, weight.contiguous(), b, flat_labels, ignore_index,
                             with_entropy, name, float(grad_skip_threshold), frozen)
     logp = logp.view(shape)
     return (logp, ent.view(shape)) if with_entropy else logp
