@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import cpo_fast
 from cpo_fast import reference
 from cpo_fast._backend import cpu_extension_available
+from cpo_fast.constants import IGNORE_INDEX
 
 pytestmark = pytest.mark.skipif(not cpu_extension_available(), reason="cpo_fast._C not built")
 
@@ -94,9 +95,9 @@ def draw_labels(B, T, V, ignore, seed):
     g = torch.Generator().manual_seed(seed + 1)
     labels = torch.randint(0, V, (B, T), generator=g)
     if ignore == "all":
-        labels[:] = -100
+        labels[:] = IGNORE_INDEX
     elif ignore == "some":
-        labels[torch.rand(B, T, generator=g) < 0.4] = -100
+        labels[torch.rand(B, T, generator=g) < 0.4] = IGNORE_INDEX
     return labels
 
 
@@ -143,7 +144,7 @@ def test_token_logprobs_matches_reference(isa, case):
     atol = 16 * EPS32 * S * gmax + 1e-6 * gmax
     torch.testing.assert_close(got.double(), want, atol=atol + 1e-30,
                                rtol=2 * STORE_TOL[dtype] + 1e-6)
-    ignored = labels == -100
+    ignored = labels == IGNORE_INDEX
     assert (got[ignored] == 0).all()
 
 
@@ -182,7 +183,7 @@ def test_inplace_gradient_lives_in_the_logits_buffer():
     for dtype in (torch.float32, torch.bfloat16):
         base = (torch.randn(2, 5, 77) * 3).to(dtype)
         labels = torch.randint(0, 77, (2, 4))
-        labels[1, 2] = -100
+        labels[1, 2] = IGNORE_INDEX
         grads = []
         for inplace in (False, True):
             leaf = base.clone().requires_grad_(True)
@@ -201,7 +202,7 @@ def test_thread_count_independence(dtype):
     torch.manual_seed(0)
     x = (torch.randn(37, 4099) * 5).to(dtype)
     labels = torch.randint(0, 4099, (37,))
-    labels[::5] = -100
+    labels[::5] = IGNORE_INDEX
     G, E = torch.randn(37), torch.randn(37)
     old = torch.get_num_threads()
     outs = []
@@ -236,11 +237,11 @@ def test_backend_errors_are_clear():
     x = torch.randn(2, 3, 5, dtype=torch.float64)
     labels = torch.zeros(6, dtype=torch.int64)
     with pytest.raises(TypeError, match="float64"):
-        cpu_tok.token_logprobs_forward(x, labels, -100, False)
+        cpu_tok.token_logprobs_forward(x, labels, IGNORE_INDEX, False)
     with pytest.raises(ValueError, match="labels"):
-        cpu_tok.token_logprobs_forward(x.float(), labels[:5], -100, False)
+        cpu_tok.token_logprobs_forward(x.float(), labels[:5], IGNORE_INDEX, False)
     with pytest.raises(ValueError, match="labels"):
-        cpu_tok.token_logprobs_forward(x.float(), labels.int(), -100, False)
+        cpu_tok.token_logprobs_forward(x.float(), labels.int(), IGNORE_INDEX, False)
 
 
 def test_out_of_range_label_never_read_out_of_bounds():
@@ -461,7 +462,7 @@ def test_linear_frozen_weight_fast_path_matches_reference(case, monkeypatch_bloc
     else:  # the gradient is stored in bf16
         tol = dict(atol=2e-2 * wmax, rtol=2e-2)
     torch.testing.assert_close(h.grad.double(), hr.grad, **tol)
-    assert (h.grad[labels == -100] == 0).all()
+    assert (h.grad[labels == IGNORE_INDEX] == 0).all()
 
 
 def test_linear_frozen_path_only_when_weight_and_bias_frozen(monkeypatch):
@@ -508,7 +509,7 @@ def test_linear_frozen_path_gradient_equals_recompute_path():
     h0 = torch.randn(33, 24) * 2
     w0 = torch.randn(3001, 24)
     labels = torch.randint(0, 3001, (33,))
-    labels[::4] = -100
+    labels[::4] = IGNORE_INDEX
     G, E = torch.randn(33), torch.randn(33)
     grads = []
     for trained in (False, True):
@@ -528,10 +529,10 @@ def test_linear_frozen_opcheck():
     torch.manual_seed(0)
     h = torch.randn(5, 8, requires_grad=True)
     w = torch.randn(40, 8)
-    labels = torch.tensor([1, 2, -100, 39, 0])
+    labels = torch.tensor([1, 2, IGNORE_INDEX, 39, 0])
     for with_entropy in (False, True):
         torch.library.opcheck(
-            _fwd_op, (h, w, torch.empty(0), labels, -100, with_entropy, "cpu", 0.0, True)
+            _fwd_op, (h, w, torch.empty(0), labels, IGNORE_INDEX, with_entropy, "cpu", 0.0, True)
         )
 
 
@@ -539,7 +540,7 @@ def test_linear_frozen_path_under_torch_compile(frozen_path_spy):
     """The wrapper's path decision traces (fullgraph) and the compiled graph takes it."""
     torch.manual_seed(0)
     w = torch.randn(57, 8)
-    labels = torch.tensor([1, 2, -100, 56, 0, 3])
+    labels = torch.tensor([1, 2, IGNORE_INDEX, 56, 0, 3])
 
     def f(h):
         lp, H = cpo_fast.linear_token_logprobs(h, w, labels, with_entropy=True, backend="cpu",

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import cpo_fast
 from cpo_fast import reference
+from cpo_fast.constants import IGNORE_INDEX
 from cpo_fast.objectives import WEIGHTINGS
 
 f64 = dict(dtype=torch.float64)
@@ -185,8 +186,8 @@ def test_module_matches_functional_and_end_to_end_logits_gradient():
     B, T, V = 4, 6, 23
     logits = torch.randn(B, T + 1, V, **f64)
     labels = torch.randint(0, V, (B, T))
-    labels[:, :2] = -100  # a prompt
-    mask = labels != -100
+    labels[:, :2] = IGNORE_INDEX  # a prompt
+    mask = labels != IGNORE_INDEX
     ref_tok = -torch.rand(B, T, **f64)
     y, ghat = torch.randn(B, **f64), torch.randn(B, **f64)
     mod = cpo_fast.DRCPOLoss("self_normalized", entropy_coef=0.01, kl_coef=0.1)

@@ -206,6 +206,23 @@ def linear_token_logprobs(
         ``logp`` shaped like ``labels``; or ``(logp, entropy)`` with ``with_entropy``:
         float32, or float64 when ``hidden`` is float64 (the reference path).
     """
+    _check_inputs(hidden, weight, labels, bias, ignore_index, grad_skip_threshold, validate)
+    name = select_backend(backend, hidden.device, hidden.dtype)
+    if name == "reference" or hidden.numel() == 0:
+        out = reference.linear_token_logprobs(hidden, weight, labels, bias=bias,
+                                              ignore_index=ignore_index,
+                                              with_entropy=with_entropy)
+    else:
+        out = _fused(hidden, weight, labels, bias, ignore_index, with_entropy, name,
+                     grad_skip_threshold)
+    if validate:
+        warn_nonfinite_rows("linear_token_logprobs", "hidden @ weight.T + bias", labels,
+                            ignore_index, *(out if with_entropy else (out,)))
+    return out
+
+
+def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
+                  ignore_index: int, grad_skip_threshold: float, validate: bool) -> None:
     check_float("hidden", hidden)
     check_float("weight", weight)
     if weight.dim() != 2:
@@ -227,18 +244,6 @@ def linear_token_logprobs(
             raise ValueError(f"{name} is on {t.device} but hidden on {hidden.device}.")
     if grad_skip_threshold < 0:
         raise ValueError(f"grad_skip_threshold must be >= 0, got {grad_skip_threshold}.")
-    name = select_backend(backend, hidden.device, hidden.dtype)
-    if name == "reference" or hidden.numel() == 0:
-        out = reference.linear_token_logprobs(hidden, weight, labels, bias=bias,
-                                              ignore_index=ignore_index,
-                                              with_entropy=with_entropy)
-    else:
-        out = _fused(hidden, weight, labels, bias, ignore_index, with_entropy, name,
-                     grad_skip_threshold)
-    if validate:
-        warn_nonfinite_rows("linear_token_logprobs", "hidden @ weight.T + bias", labels,
-                            ignore_index, *(out if with_entropy else (out,)))
-    return out
 
 
 def _fused(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
