@@ -194,7 +194,10 @@ def linear_token_logprobs(
             another dtype than ``hidden`` is cast to ``hidden.dtype`` first (as autocast does).
         labels: integer ``hidden.shape[:-1]``, aligned with the rows; ``ignore_index`` rows
             give 0 and no gradient.
-        bias: optional ``[V]``.
+        bias: optional ``[V]``. Mask tokens with a ``-inf`` bias entry, not with an infinite
+            weight: ``hidden`` and ``weight`` must be finite (a NaN makes the rows it reaches
+            NaN, with the warning below; an infinite entry makes the gradient undefined,
+            0 * inf where a logit is -inf).
         grad_skip_threshold: skip backward vocabulary tiles whose softmax mass is below this
             (approximate; 0 disables).
         backend: as in :func:`cpo_fast.token_logprobs`.
