@@ -555,3 +555,50 @@ def test_linear_frozen_path_under_torch_compile(frozen_path_spy):
     f(h2).backward()
     assert n_compiled >= 1 and frozen_path_spy["frozen"] == n_compiled + 1
     torch.testing.assert_close(h1.grad, h2.grad)
+
+
+# ---- tuning knobs and the bridge -----------------------------------------------------------
+
+def test_config_reads_env_at_call_time_and_override_wins(monkeypatch):
+    monkeypatch.setenv("CPO_FAST_CPU_BLOCK_ROWS", "7")
+    monkeypatch.setenv("CPO_FAST_CPU_BLOCK_COLS", "13")
+    assert cpu_linear.default_config() == cpu_linear.Config(block_rows=7, block_cols=13)
+    with cpu_linear.override_config(block_cols=5):
+        assert cpu_linear.default_config() == cpu_linear.Config(block_rows=7, block_cols=5)
+    assert cpu_linear.default_config().block_cols == 13  # restored on exit
+    monkeypatch.setenv("CPO_FAST_CPU_BLOCK_ROWS", "seven")
+    with pytest.raises(ValueError, match="CPO_FAST_CPU_BLOCK_ROWS"):
+        cpu_linear.default_config()
+    with pytest.raises(TypeError, match="unknown field"), cpu_tok.override_config(tile=1):
+        pass
+
+
+def test_tiny_blocks_and_one_thread_give_the_same_result():
+    torch.manual_seed(0)
+    h, w = torch.randn(9, 8), torch.randn(45, 8)
+    labels = torch.tensor([0, 5, IGNORE_INDEX, 44, 3, 3, 1, IGNORE_INDEX, 20])
+    big = cpo_fast.linear_token_logprobs(h, w, labels, with_entropy=True, backend="cpu")
+    with cpu_linear.override_config(block_rows=2, block_cols=3, num_threads=1):
+        small = cpo_fast.linear_token_logprobs(h, w, labels, with_entropy=True, backend="cpu")
+    for a, b in zip(big, small, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bridge_takes_named_arguments_and_dtype_names():
+    assert _C.DType.bfloat16 != _C.DType.float32
+    x = torch.randn(1, 2, 5)
+    labels = torch.tensor([1, 4])
+    logp, lse = torch.empty(2), torch.empty(2)
+    _C.token_logprobs_forward(
+        logits=x.data_ptr(), dtype=_C.DType.float32, B=1, T=2, V=5, stride_b=10, stride_t=5,
+        stride_v=1, labels=labels.data_ptr(), ignore_index=IGNORE_INDEX, logp=logp.data_ptr(),
+        entropy=0, lse=lse.data_ptr(), nthreads=1)
+    torch.testing.assert_close(logp, reference.token_logprobs(x[0], labels))
+    with pytest.raises(TypeError):  # an integer is not a dtype name any more
+        _C.token_logprobs_forward(x.data_ptr(), 0, 1, 2, 5, 10, 5, 1, labels.data_ptr(),
+                                  IGNORE_INDEX, logp.data_ptr(), 0, lse.data_ptr(), 1)
+    with pytest.raises(ValueError, match="row_offset"):
+        _C.block_forward(block=x.data_ptr(), rows=1, cols=5, ld=5, col0=0,
+                         labels=labels.data_ptr(), ignore_index=IGNORE_INDEX, with_entropy=False,
+                         m=lse.data_ptr(), s=lse.data_ptr(), a=lse.data_ptr(),
+                         zy=lse.data_ptr(), row_offset=-1)
