@@ -193,12 +193,17 @@ def select_backend(backend: str | None, device: torch.device, dtype: torch.dtype
     return name
 
 
-def backend_module(backend: str, op: str) -> ModuleType:
-    """The module implementing ``op``'s contract on the fused ``backend`` (triton, cpu)."""
+def module_name(backend: str, op: str) -> str:
+    """Dotted name of the module implementing ``op`` on the fused ``backend`` (triton, cpu)."""
     if backend not in _MODULES or op not in OPS:
         raise ValueError(f"no fused implementation of op {op!r} on backend {backend!r}; "
                          f"fused backends are {tuple(_MODULES)}, ops {OPS}.")
-    return importlib.import_module(f"{_MODULES[backend]}.{op}")
+    return f"{_MODULES[backend]}.{op}"
+
+
+def backend_module(backend: str, op: str) -> ModuleType:
+    """The module implementing ``op``'s contract on the fused ``backend`` (imported)."""
+    return importlib.import_module(module_name(backend, op))
 
 
 def optional(t: Tensor | None) -> Tensor | None:

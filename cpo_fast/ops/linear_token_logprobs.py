@@ -46,13 +46,17 @@ import torch
 from torch import Tensor
 
 from cpo_fast import reference
-from cpo_fast._backend import backend_module, optional, select_backend
+from cpo_fast._backend import backend_module, module_name, optional, select_backend
 from cpo_fast._checks import check_float, check_labels, warn_nonfinite_rows
 from cpo_fast.constants import IGNORE_INDEX
 
 
 def _impl(backend: str):
     return backend_module(backend, "linear_token_logprobs")
+
+
+# Backward-compatible alias (backend -> module name); the dispatch is in cpo_fast._backend.
+_IMPL_MODULES = {b: module_name(b, "linear_token_logprobs") for b in ("triton", "cpu")}
 
 
 # Called from the Python wrapper, which torch.compile traces: dynamo cannot trace
