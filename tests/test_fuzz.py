@@ -96,7 +96,7 @@ def _run(name: str, strategy, checks: dict, n: int) -> None:
     ROWS_DIR.mkdir(parents=True, exist_ok=True)
     row = dict(name=name, backends=list(checks), tally=tally, failure=failure or "none",
                seconds=time.perf_counter() - t0)
-    (ROWS_DIR / f"{name.replace(' ', '_')}.json").write_text(json.dumps(row))
+    (ROWS_DIR / f"{name.replace(' ', '_').replace('/', '-')}.json").write_text(json.dumps(row))
     compose()
     assert not failure, failure
 
