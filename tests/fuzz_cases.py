@@ -225,7 +225,11 @@ def check_linear_case(c: dict, backend: str) -> str:
         G = torch.randn(lp.shape, generator=g, dtype=lp.dtype)
         (lp * G).sum().backward()
         got = h.grad.double()
-        assert bool(torch.isfinite(got[valid]).all()), "non-finite hidden gradient, finite output"
+        # |dL/dh| <= 2 |G| max|W|: past the dtype's range an inf is the correct rounding
+        bound = 2 * G.double().abs() * float(w64.abs().max())
+        fits = bound < torch.finfo(h0.dtype).max
+        assert bool(torch.isfinite(got[valid & fits]).all()), (
+            "non-finite hidden gradient, finite output")
         assert (got[~valid] == 0).all(), "an ignored row got a gradient"
     return "warned" if bad else "ok"
 
