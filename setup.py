@@ -1,7 +1,7 @@
 """Build script: packages (kernels/ installs as cpo_fast.kernels) and the optional C++ core.
 
 The C++ extension `cpo_fast._C` needs only a C++17 compiler and pybind11 (no libtorch):
-Python passes data pointers, shapes, strides and dtype codes. If it fails to build, the
+Python passes data pointers, shapes, strides and a dtype enum (`_C.DType`). If it fails to build, the
 package still installs and runs on the Triton and reference backends.
 """
 
@@ -12,7 +12,7 @@ import os
 
 from setuptools import setup
 
-packages = ["cpo_fast", "cpo_fast.ops", "cpo_fast.kernels", "cpo_fast.pipeline"]
+packages = ["cpo_fast", "cpo_fast.cpu", "cpo_fast.ops", "cpo_fast.kernels", "cpo_fast.pipeline"]
 package_dir = {"cpo_fast.kernels": "kernels"}
 
 ext_modules: list = []

@@ -4,13 +4,19 @@ Public API:
     token_logprobs(logits, labels, ...)              per-token log-probs (fused logits path)
     linear_token_logprobs(hidden, weight, labels)    same, logits never materialized
     dr_cpo_loss / cpo_loss / oo_rlhf_loss            importance-weighted objectives
+    assemble_loss(method, TokenBatch, dm=...)        a training step's loss, one place
     sequence_logprobs, sft_loss, entropy_bonus, kl_penalty, top_quantile_mask, DRCPOLoss
+    IGNORE_INDEX                                     label of positions with no loss (-100)
+
+``cpo_fast.reference`` holds the plain-PyTorch ground truth under the same names.
 """
 
+from cpo_fast.constants import IGNORE_INDEX, WEIGHTINGS
 from cpo_fast.objectives import (
-    WEIGHTINGS,
     DRCPOLoss,
     LossOutput,
+    TokenBatch,
+    assemble_loss,
     cpo_loss,
     dr_cpo_loss,
     entropy_bonus,
@@ -25,7 +31,7 @@ from cpo_fast.ops import linear_token_logprobs, token_logprobs
 __version__ = "0.1.0"
 
 __all__ = [
-    "WEIGHTINGS", "DRCPOLoss", "LossOutput", "cpo_loss", "dr_cpo_loss", "entropy_bonus",
-    "kl_penalty", "linear_token_logprobs", "oo_rlhf_loss", "sequence_logprobs", "sft_loss",
-    "token_logprobs", "top_quantile_mask",
+    "IGNORE_INDEX", "WEIGHTINGS", "DRCPOLoss", "LossOutput", "TokenBatch", "assemble_loss",
+    "cpo_loss", "dr_cpo_loss", "entropy_bonus", "kl_penalty", "linear_token_logprobs",
+    "oo_rlhf_loss", "sequence_logprobs", "sft_loss", "token_logprobs", "top_quantile_mask",
 ]

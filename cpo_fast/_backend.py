@@ -1,28 +1,113 @@
-"""Backend selection for the fused ops.
+"""Backend selection and dispatch for the fused ops: the backend contract, written once.
 
-Backends:
-  - ``"triton"``: Triton kernels (``cpo_fast.kernels``). Native on CUDA tensors; on CPU
-    tensors only under Triton's interpreter (``TRITON_INTERPRET=1`` set before import).
-  - ``"cpu"``: the C++/OpenMP core (``cpo_fast._C``), CPU tensors only.
-  - ``"reference"``: plain PyTorch (materializes log-softmax; the ground truth in tests).
+Backends (one module per op per backend, same function names in each):
 
-``backend=None`` picks the best available for the tensor's device; the environment
-variable ``CPO_FAST_BACKEND`` overrides that default (an explicit argument wins over both).
+==============  ================================  =========================================
+backend         module for op ``<op>``            runs on
+==============  ================================  =========================================
+``"triton"``    ``cpo_fast.kernels.<op>``         CUDA tensors natively; CPU tensors only
+                                                  under Triton's interpreter
+                                                  (``TRITON_INTERPRET=1`` set before import)
+``"cpu"``       ``cpo_fast.cpu.<op>``             CPU tensors, through the C++/OpenMP core
+                                                  ``cpo_fast._C``
+``"reference"`` ``cpo_fast.reference.<op>``       anything torch runs on (plain PyTorch,
+                                                  materializes log-softmax; the tests'
+                                                  ground truth and the float64 path)
+==============  ================================  =========================================
+
+Ops (``<op>``): ``token_logprobs`` and ``linear_token_logprobs``.
+
+Selection (:func:`select_backend`). ``backend=None`` picks the best available for the
+tensor's device (CUDA: triton; CPU: cpu when ``cpo_fast._C`` is built, else reference with a
+one-time warning); the environment variable ``CPO_FAST_BACKEND`` overrides that default; an
+explicit ``backend=`` argument wins over both. float64 inputs always run on the reference
+(the kernels accumulate in float32; float64 is the gradcheck dtype). Empty inputs run on
+the reference too (nothing to launch).
+
+Contract of a fused backend module (``triton`` and ``cpu``). The public wrappers in
+``cpo_fast/ops/<op>.py`` validate every argument first, so a backend receives:
+
+* ``labels``: int64, contiguous, ``[N]`` (N = number of rows), each either in ``[0, V)``
+  or equal to ``ignore_index`` (unless the caller passed ``validate=False``: then a backend
+  must still never read out of bounds, and gives NaN for an out-of-range label).
+* float inputs of dtype float32, bfloat16 or float16 (never float64).
+* A missing optional tensor is ``None``, on input and on output (``bias=None``,
+  ``grad_entropy=None`` when the entropy has no gradient, ``entropy=None`` returned when
+  ``with_entropy=False``). Only the ``torch.library`` custom-op boundary in ``cpo_fast/ops/``
+  turns None into an empty tensor and back (custom ops must return tensors); it accepts an
+  empty tensor from a backend as None too.
+* Ignored rows (label == ignore_index) get logp = 0, entropy = 0, lse = 0 and a zero
+  gradient, and their logits are not read.
+
+``token_logprobs`` backends define::
+
+    token_logprobs_forward(logits3, labels, ignore_index, with_entropy, *, config=None)
+        -> (logp [N], entropy [N] or None, lse [N])          float32
+    token_logprobs_backward(logits3, labels, lse, entropy, grad_logp, grad_entropy,
+                            ignore_index, grad_out3, *, config=None) -> None
+
+``logits3`` is a ``[B, T, V]`` view with arbitrary element strides (N = B*T);
+``grad_out3`` has its shape and dtype (it may be ``logits3`` itself, for the in-place
+backward) and the backend writes every element of it.
+
+``linear_token_logprobs`` backends define::
+
+    linear_token_logprobs_forward(hidden, weight, bias, labels, ignore_index, with_entropy,
+                                  *, config=None)
+        -> (logp [N], entropy [N] or None, lse [N])          float32
+    linear_token_logprobs_backward(hidden, weight, bias, labels, lse, entropy, grad_logp,
+                                   grad_entropy, ignore_index, needs_hidden_grad,
+                                   needs_weight_grad, needs_bias_grad, grad_skip_threshold,
+                                   *, config=None)
+        -> (grad_hidden [N, d] or None, grad_weight [V, d] or None, grad_bias [V] or None)
+    # optional: the frozen-weight fast path (see cpo_fast/ops/linear_token_logprobs.py)
+    linear_token_logprobs_forward_frozen(hidden, weight, bias, labels, ignore_index,
+                                         with_entropy, *, config=None)
+        -> (logp, entropy or None, lse, pw [N, d], plw [N, d] or None)
+
+``hidden [N, d]`` and ``weight [V, d]`` are contiguous and share a dtype, ``bias`` is None
+or contiguous ``[V]``; gradients come back in their input's dtype (accumulated in float32).
+
+Saved state. The forward saves only O(N) values for the backward: ``lse`` (and the entropy
+when it has a gradient; ``pw``/``plw`` on the frozen path). The ``ctx`` of each op holds the
+saved tensors through ``ctx.save_for_backward`` and its non-tensor arguments as one tuple
+``ctx.args``.
+
+Tuning knobs. Each backend module defines a frozen dataclass ``Config`` (tile sizes,
+threads...), ``default_config(...) -> Config`` (environment variables such as
+``CPO_FAST_CPU_BLOCK_ROWS`` or ``CPO_FAST_LINEAR_ROW_GROUP`` are read when it is called,
+never at import) and a context manager ``override_config(**fields)``, the one way tests
+force small tiles. Launchers take ``config: Config | None = None`` (None: the default).
+
+Adding a backend: write ``<package>/<op>.py`` for both ops with the functions above, add it
+to ``BACKENDS`` and ``_MODULES`` here and a device rule to :func:`resolve_backend`, and add
+its name to the tests' ``kernel_backends()`` (tests/conftest.py); the op tests then compare
+it against the float64 reference on hypothesis-drawn cases.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 import warnings
+from types import ModuleType
 
 import torch
+from torch import Tensor
 
 BACKENDS = ("triton", "cpu", "reference")
 
 
+# The packages whose <op> submodules implement the contract above.
+_MODULES = {"triton": "cpo_fast.kernels", "cpu": "cpo_fast.cpu"}
+OPS = ("token_logprobs", "linear_token_logprobs")
+
+
 def triton_interpreting() -> bool:
+    """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1): the one place that
+    reads the variable (kernels and tests import this)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -97,3 +182,30 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                 "run `pip install -e .` with a C++ compiler available."
             )
     return backend
+
+
+def select_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs an op on ``device``/``dtype``: :func:`resolve_backend`, then
+    float64 rerouted to the reference (the kernels accumulate in float32)."""
+    name = resolve_backend(backend, device)
+    if name != "reference" and dtype == torch.float64:
+        return "reference"
+    return name
+
+
+def module_name(backend: str, op: str) -> str:
+    """Dotted name of the module implementing ``op`` on the fused ``backend`` (triton, cpu)."""
+    if backend not in _MODULES or op not in OPS:
+        raise ValueError(f"no fused implementation of op {op!r} on backend {backend!r}; "
+                         f"fused backends are {tuple(_MODULES)}, ops {OPS}.")
+    return f"{_MODULES[backend]}.{op}"
+
+
+def backend_module(backend: str, op: str) -> ModuleType:
+    """The module implementing ``op``'s contract on the fused ``backend`` (imported)."""
+    return importlib.import_module(module_name(backend, op))
+
+
+def optional(t: Tensor | None) -> Tensor | None:
+    """A backend's 'no tensor' as None (an empty tensor from a custom op counts as None)."""
+    return None if t is None or t.numel() == 0 else t

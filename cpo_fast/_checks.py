@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -42,6 +44,7 @@ def check_labels(
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
+    """Outcomes, predictions and reference log-probs: NaN / +-inf raise with the index."""
     if not bool(torch.isfinite(t).all()):
         bad = (~torch.isfinite(t)).nonzero()[0].tolist()
         raise ValueError(
@@ -54,4 +57,43 @@ def check_same_shape(name: str, t: torch.Tensor | None, ref_name: str, ref: torc
     if t is not None and tuple(t.shape) != tuple(ref.shape):
         raise ValueError(
             f"{name} has shape {tuple(t.shape)} but must match {ref_name} {tuple(ref.shape)}."
+        )
+
+
+def index_list(mask: torch.Tensor, limit: int = 5) -> str:
+    idx = [tuple(i) if len(i) > 1 else i[0] for i in mask.nonzero()[:limit].tolist()]
+    more = int(mask.sum()) - len(idx)
+    return f"{idx}" + (f" and {more} more" if more > 0 else "")
+
+
+def warn_nonfinite_rows(op: str, source: str, labels: torch.Tensor, ignore_index: int,
+                        *outputs: torch.Tensor) -> None:
+    """Warn, naming the rows, when an op's O(N) outputs are NaN or infinite on rows that
+    are not ignored (the cheap check: never a pass over the N x V input)."""
+    if labels.numel() == 0:
+        return
+    bad = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    for out in outputs:
+        bad |= ~torch.isfinite(out.detach())
+    bad &= labels != ignore_index
+    if bool(bad.any()):
+        warnings.warn(
+            f"cpo_fast.{op}: non-finite log-probability or entropy at rows (index into "
+            f"labels) {index_list(bad)}: {source} holds NaN or +-inf there (or the label's "
+            "logit is -inf). Check the model for overflow (e.g. fp16 logits) and the input "
+            "data; pass validate=False to skip this check.",
+            RuntimeWarning, stacklevel=3,
+        )
+
+
+def check_finite_seq(name: str, t: torch.Tensor) -> None:
+    """Per-sequence policy log-probs: NaN / +-inf raise with the indices (no silent NaN)."""
+    bad = ~torch.isfinite(t.detach())
+    if bool(bad.any()):
+        vals = t.detach()[bad][:5].tolist()
+        raise ValueError(
+            f"{name} has non-finite values {vals} at indices {index_list(bad)}. Sequence "
+            "log-probabilities must be finite: a NaN or inf comes from the model (overflow, "
+            "NaN logits) or from a label whose logit is -inf; fix the model/data or drop "
+            "those rows."
         )

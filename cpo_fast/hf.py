@@ -14,7 +14,10 @@ as for causal-LM SFT), ``outcome`` [B], and the reference log-probability: eithe
 ``ref_token_logp`` [B, T-1] (f_0's token log-probs aligned with the shifted labels).
 Optional ``outcome_pred`` [B] (cross-fitted ghat) turns CPO into DR-CPO. Token log-probs
 come from the fused-linear op on the backbone's last hidden states and the output weight,
-so the N x V logits are never built.
+so the N x V logits are never built. The loss is put together by
+:func:`cpo_fast.objectives.assemble_loss` (method ``dr_cpo``), as in ``DRCPOLoss`` and the
+pipeline, so ``cpo_loss_kwargs`` may also hold ``entropy_coef`` and ``kl_coef`` (the latter
+needs ``ref_token_logp``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Any
 
 import torch
 
-from cpo_fast.objectives import LossOutput, dr_cpo_loss, sequence_logprobs
+from cpo_fast.constants import IGNORE_INDEX
+from cpo_fast.objectives import LossOutput, TokenBatch, assemble_loss
 from cpo_fast.ops import linear_token_logprobs
 from cpo_fast.pipeline.modeling import last_hidden, output_weight
 
@@ -46,17 +50,19 @@ def drcpo_compute_loss(
     labels = inputs["labels"][:, 1:]
     hidden = last_hidden(model, inputs["input_ids"], inputs.get("attention_mask"))
     weight, bias = output_weight(model)
-    logp = linear_token_logprobs(hidden[:, :-1], weight, labels, bias=bias, backend=backend)
-    mask = labels != -100
-    seq = sequence_logprobs(logp, mask, length_normalize=length_normalize)
-    if "ref_logp" in inputs:
-        ref = inputs["ref_logp"].to(seq.dtype)
-    else:
-        ref = sequence_logprobs(inputs["ref_token_logp"].to(seq.dtype), mask,
-                                length_normalize=length_normalize)
-    pred = inputs.get("outcome_pred")
-    out = dr_cpo_loss(seq, ref, inputs["outcome"].to(seq.dtype),
-                      None if pred is None else pred.to(seq.dtype), **loss_kwargs)
+    want_entropy = bool(loss_kwargs.get("entropy_coef"))
+    out = linear_token_logprobs(hidden[:, :-1], weight, labels, bias=bias, backend=backend,
+                                with_entropy=want_entropy)
+    logp, entropy = out if want_entropy else (out, None)
+    pred, ref_tok = inputs.get("outcome_pred"), inputs.get("ref_token_logp")
+    batch = TokenBatch(
+        logp, labels != IGNORE_INDEX,
+        ref_logp=None if ref_tok is None else ref_tok.to(logp.dtype), entropy=entropy,
+        outcome=inputs["outcome"].to(logp.dtype),
+        outcome_pred=None if pred is None else pred.to(logp.dtype),
+        log_propensity=inputs["ref_logp"].to(logp.dtype) if "ref_logp" in inputs else None,
+    )
+    out = assemble_loss("dr_cpo", batch, length_normalize=length_normalize, **loss_kwargs)
     return (out.loss, out) if return_outputs else out.loss
 
 

@@ -1,18 +1,21 @@
-"""Pure-PyTorch reference for every quantity in method.md sections 3 to 6.
+"""Pure-PyTorch reference for every quantity of docs/math.md, under the public names.
 
-Readable first: these are the ground truth of the tests (run them in float64) and the
-fallback backend. They materialize full log-softmax tensors, so they are memory-hungry
-at scale. Bold-faced names follow method.md:
+Each function here has the name and the parameters of its fast counterpart
+(``cpo_fast.token_logprobs``, ``cpo_fast.dr_cpo_loss``, ...), so a test, or a reader, can
+put the two side by side. Readable first: these are the ground truth of the tests (run them
+in float64) and the ``"reference"`` backend of the ops. They materialize full log-softmax
+tensors (memory-hungry at scale) and loop over rows in the obvious way, where
+``cpo_fast.objectives`` is vectorized, log-space and distributed-aware:
 
     logp_t = z_t[y] - lse(z_t)                 token_logprobs
     H_t    = lse(z_t) - sum_v p_v z_v           token_logprobs(with_entropy=True)
+    dL/dz  = G([v==y] - p) - E p (log p + H)    token_logprobs_grad
     s_i    = sum_t m_t logp_t  (or mean)        sequence_logprobs
     ell_i  = s_i - log P^R(x_i)                 log_weights
-    W_i    = scheme(ell)_i                      weights
-    L_CPO, L_DR, L_OO, L_SFT, entropy, KL       cpo_objective, dr_cpo_objective, ...
-
-The objectives here loop over rows in the obvious way; ``cpo_fast.objectives`` holds the
-vectorized, log-space, distributed-aware versions that the tests compare against these.
+    W_i    = weighting(ell)_i                   weights
+    L_CPO, L_DR, L_OO                           cpo_loss, dr_cpo_loss, oo_rlhf_loss
+    L_SFT, entropy bonus, KL (k3)               sft_loss, entropy_bonus, kl_penalty
+    ESS, max weight share                       ess, max_weight_share
 """
 
 from __future__ import annotations
@@ -20,20 +23,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cpo_fast.constants import CLIP_EPS, IGNORE_INDEX, MAX_LOG_WEIGHT, TRUNCATION, WEIGHTINGS
+from cpo_fast.objectives import LossOutput
+
 
 def _upcast(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+# ---- per-token log-probabilities ---------------------------------------------------------
+
 def token_logprobs(
-    logits: Tensor, labels: Tensor, *, ignore_index: int = -100, with_entropy: bool = False
+    logits: Tensor, labels: Tensor, *, ignore_index: int = IGNORE_INDEX,
+    with_entropy: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log softmax(logits)[labels] (and entropy); 0 at ignore_index positions.
 
     Computes in float32 for half inputs, in the input dtype otherwise (float64 in tests).
     """
-    z = _upcast(logits)
     valid = labels != ignore_index
+    # Ignored rows are zeroed before the softmax: a NaN there must reach neither the output
+    # nor (through log_softmax's backward, where 0 * NaN = NaN) the gradient.
+    z = torch.where(valid.unsqueeze(-1), _upcast(logits), 0.0)
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     logsm = torch.log_softmax(z, dim=-1)
     logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
@@ -50,10 +61,13 @@ def token_logprobs(
 
 def linear_token_logprobs(
     hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
-    ignore_index: int = -100, with_entropy: bool = False,
+    ignore_index: int = IGNORE_INDEX, with_entropy: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """token_logprobs(hidden @ weight.T + bias, labels): materializes the logits."""
-    logits = _upcast(hidden) @ _upcast(weight).T
+    # Ignored rows are zeroed (and get no gradient): a NaN in their hidden state must not
+    # reach grad_weight, nor a NaN weight their grad_hidden (0 * NaN = NaN in a matmul).
+    valid = (labels != ignore_index).unsqueeze(-1)
+    logits = torch.where(valid, _upcast(hidden), 0.0) @ _upcast(weight).T
     if bias is not None:
         logits = logits + _upcast(bias)
     return token_logprobs(logits, labels, ignore_index=ignore_index, with_entropy=with_entropy)
@@ -61,9 +75,9 @@ def linear_token_logprobs(
 
 def token_logprobs_grad(
     logits: Tensor, labels: Tensor, grad_logp: Tensor, grad_entropy: Tensor | None = None,
-    *, ignore_index: int = -100,
+    *, ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
-    """The closed form of method.md section 6: G([v==y] - p) - E p (log p + H)."""
+    """The closed form dL/dz = G([v==y] - p) - E p (log p + H) (docs/math.md)."""
     z = _upcast(logits)
     valid = (labels != ignore_index).unsqueeze(-1)
     logsm = torch.log_softmax(z, dim=-1)
@@ -88,93 +102,149 @@ def sequence_logprobs(token_logp: Tensor, mask: Tensor, *, length_normalize: boo
     return s
 
 
+# ---- importance weights ------------------------------------------------------------------
+
 def log_weights(seq_logp: Tensor, log_propensity: Tensor) -> Tensor:
     """ell_i = s_i - log P^R(x_i)."""
     return seq_logp - log_propensity
 
 
-def weights(ell: Tensor, scheme: str, *, max_log_weight: float = 50.0, tau: float = 10.0) -> Tensor:
+def weights(ell: Tensor, weighting: str, *, max_log_weight: float = MAX_LOG_WEIGHT,
+            truncation: float = TRUNCATION) -> Tensor:
     """W_i for the schemes that are a per-row weight (raw, self_normalized, truncated).
 
     ``clipped`` is an objective, not a weight: its W is the raw weight (see
-    :func:`weighted_objective`).
+    :func:`_weighted_mean`).
     """
     n = ell.shape[0]
-    if scheme in ("raw", "clipped"):
+    if weighting in ("raw", "clipped"):
         return torch.exp(ell.clamp(-max_log_weight, max_log_weight))
-    if scheme == "self_normalized":
+    if weighting == "self_normalized":
         e = torch.exp(ell - ell.max())
         return n * e / e.sum()
-    if scheme == "truncated":
-        return torch.clamp(torch.exp(ell.clamp(max=max_log_weight)), max=tau)
-    raise ValueError(scheme)
+    if weighting == "truncated":
+        return torch.clamp(torch.exp(ell.clamp(-max_log_weight, max_log_weight)), max=truncation)
+    raise ValueError(f"weighting={weighting!r} is not one of {WEIGHTINGS}.")
 
 
-def weighted_objective(
-    ell: Tensor, a: Tensor, scheme: str, *, max_log_weight: float = 50.0, tau: float = 10.0,
-    clip_eps: tuple[float, float] = (0.2, 0.2),
-) -> Tensor:
+def ess(W: Tensor) -> Tensor:
+    """(sum W)^2 / sum W^2, computed in float64 (the textbook formula)."""
+    W = W.double()
+    return W.sum() ** 2 / (W**2).sum()
+
+
+def max_weight_share(W: Tensor) -> Tensor:
+    """max W / sum W, computed in float64."""
+    W = W.double()
+    return W.max() / W.sum()
+
+
+def _weighted_mean(ell: Tensor, a: Tensor, weighting: str, *, max_log_weight: float,
+                   truncation: float, clip_eps: tuple[float, float]) -> Tensor:
     """(1/n) sum_i obj_i with obj_i = W_i a_i, or min(W a, clip(W) a) for ``clipped``.
 
     Differentiable in ell. Written as an explicit loop over rows.
     """
     n = ell.shape[0]
-    if scheme == "self_normalized":
+    if weighting == "self_normalized":
         m = ell.max()
         denom = torch.exp(ell - m).sum()
         terms = [n * torch.exp(ell[i] - m) / denom * a[i] for i in range(n)]
-    elif scheme == "clipped":
+    elif weighting == "clipped":
         terms = []
         for i in range(n):
             w = torch.exp(ell[i].clamp(-max_log_weight, max_log_weight))
             wc = w.clamp(1 - clip_eps[0], 1 + clip_eps[1])
             terms.append(torch.minimum(w * a[i], wc * a[i]))
     else:
-        W = weights(ell, scheme, max_log_weight=max_log_weight, tau=tau)
+        W = weights(ell, weighting, max_log_weight=max_log_weight, truncation=truncation)
         terms = [W[i] * a[i] for i in range(n)]
     return torch.stack(terms).sum() / n
 
 
-def cpo_objective(ell: Tensor, y: Tensor, scheme: str, **kw) -> Tensor:
-    """L_CPO = -(1/n) sum_i W_i y_i (y already signed so that higher is better)."""
-    return -weighted_objective(ell, y, scheme, **kw)
+# ---- objectives (same signatures as cpo_fast.objectives) ---------------------------------
+
+def dr_cpo_loss(
+    policy_logp: Tensor | None, ref_logp: Tensor | None, outcome: Tensor | None,
+    outcome_pred: Tensor | None = None, *, dm_policy_logp: Tensor | None = None,
+    dm_ref_logp: Tensor | None = None, dm_outcome_pred: Tensor | None = None,
+    weighting: str = "self_normalized", higher_is_better: bool = True,
+    max_log_weight: float = MAX_LOG_WEIGHT, truncation: float = TRUNCATION,
+    clip_eps: float | tuple[float, float] = CLIP_EPS, distributed: bool | None = None,
+) -> LossOutput:
+    """L_DR = -(1/n) sum_i W_i (y_i - ghat_i) - (1/m) sum_j W'_j ghat'_j (signed so that
+    higher is better); CPO without ghat, the outcome rows as DM set when only ghat is given.
+
+    Returns a LossOutput with ``loss``, ``value``, ``weights``, ``ess``,
+    ``max_weight_share`` (outcome rows) and ``dm_weights``/``dm_ess`` (DM rows); no checks,
+    no clamp reporting, single process only.
+    """
+    if distributed:
+        raise ValueError("the reference dr_cpo_loss is single-process: distributed=False.")
+    sign = 1.0 if higher_is_better else -1.0
+    eps = (clip_eps, clip_eps) if isinstance(clip_eps, (int, float)) else tuple(clip_eps)
+    kw = dict(max_log_weight=max_log_weight, truncation=truncation, clip_eps=eps)
+    out, total = LossOutput(), 0.0
+    if policy_logp is not None:
+        ell = log_weights(policy_logp, ref_logp)
+        a = sign * outcome if outcome_pred is None else sign * (outcome - outcome_pred)
+        total = total - _weighted_mean(ell, a, weighting, **kw)
+        if outcome_pred is not None and dm_policy_logp is None:
+            dm_policy_logp, dm_ref_logp, dm_outcome_pred = policy_logp, ref_logp, outcome_pred
+        out.weights = _scheme_weights(ell.detach(), weighting, **kw)
+        out.ess, out.max_weight_share = ess(out.weights), max_weight_share(out.weights)
+    if dm_policy_logp is not None:
+        ell_dm = log_weights(dm_policy_logp, dm_ref_logp)
+        total = total - _weighted_mean(ell_dm, sign * dm_outcome_pred, weighting, **kw)
+        out.dm_weights = _scheme_weights(ell_dm.detach(), weighting, **kw)
+        out.dm_ess = ess(out.dm_weights)
+    out.loss = total
+    out.value = -sign * total.detach()
+    return out
 
 
-def dr_cpo_objective(ell: Tensor, y: Tensor, ghat: Tensor, ell_dm: Tensor, ghat_dm: Tensor,
-                     scheme: str, **kw) -> Tensor:
-    """L_DR = -(1/n) sum W_i (y_i - ghat_i) - (1/m) sum_j W'_j ghat'_j."""
-    return -weighted_objective(ell, y - ghat, scheme, **kw) - weighted_objective(
-        ell_dm, ghat_dm, scheme, **kw)
+def _scheme_weights(ell: Tensor, weighting: str, **kw) -> Tensor:
+    kw.pop("clip_eps", None)
+    return weights(ell, weighting, **kw)
 
 
-def oo_rlhf_objective(ell_dm: Tensor, ghat_dm: Tensor, scheme: str, **kw) -> Tensor:
+def cpo_loss(policy_logp: Tensor, ref_logp: Tensor, outcome: Tensor, **kw) -> LossOutput:
+    """L_CPO = -(1/n) sum_i W_i y_i."""
+    return dr_cpo_loss(policy_logp, ref_logp, outcome, **kw)
+
+
+def oo_rlhf_loss(dm_policy_logp: Tensor, dm_ref_logp: Tensor, dm_outcome_pred: Tensor,
+                 **kw) -> LossOutput:
     """L_OO = -(1/m) sum_j W'_j ghat'_j."""
-    return -weighted_objective(ell_dm, ghat_dm, scheme, **kw)
+    out = dr_cpo_loss(None, None, None, dm_policy_logp=dm_policy_logp,
+                      dm_ref_logp=dm_ref_logp, dm_outcome_pred=dm_outcome_pred, **kw)
+    out.weights, out.ess = out.dm_weights, out.dm_ess
+    out.max_weight_share = max_weight_share(out.weights)
+    return out
 
 
-def sft_objective(token_logp: Tensor, mask: Tensor) -> Tensor:
+def sft_loss(token_logp: Tensor, mask: Tensor) -> Tensor:
     """Mean negative log-likelihood over masked tokens."""
     m = mask.to(token_logp.dtype)
     return -(token_logp * m).sum() / m.sum().clamp_min(1)
 
 
-def entropy_term(entropy: Tensor, mask: Tensor, coef: float) -> Tensor:
+def entropy_bonus(entropy: Tensor, mask: Tensor, coef: float) -> Tensor:
     """-c_H * mean_t H_t over masked tokens."""
     m = mask.to(entropy.dtype)
     return -coef * (entropy * m).sum() / m.sum().clamp_min(1)
 
 
-def kl_k3(token_logp: Tensor, ref_token_logp: Tensor, mask: Tensor) -> Tensor:
-    """mean_t over masked tokens of exp(r_t) - r_t - 1, r_t = ref_logp_t - logp_t."""
+def kl_penalty(token_logp: Tensor, ref_token_logp: Tensor, mask: Tensor,
+               coef: float = 1.0) -> Tensor:
+    """coef * mean_t over masked tokens of exp(r_t) - r_t - 1, r_t = ref_logp_t - logp_t."""
     r = ref_token_logp - token_logp
     m = mask.to(token_logp.dtype)
-    return ((torch.exp(r) - r - 1) * m).sum() / m.sum().clamp_min(1)
+    return coef * ((torch.exp(r) - r - 1) * m).sum() / m.sum().clamp_min(1)
 
 
-def ess(W: Tensor) -> Tensor:
-    """(sum W)^2 / sum W^2."""
-    return W.sum() ** 2 / (W**2).sum()
-
-
-def max_weight_share(W: Tensor) -> Tensor:
-    return W.max() / W.sum()
+__all__ = [
+    "cpo_loss", "dr_cpo_loss", "entropy_bonus", "ess", "kl_penalty", "linear_token_logprobs",
+    "log_weights", "max_weight_share", "oo_rlhf_loss", "sequence_logprobs", "sft_loss",
+    "token_logprobs", "token_logprobs_grad", "weights",
+]

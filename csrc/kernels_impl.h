@@ -2,7 +2,7 @@
 // kernels_avx2.cpp include this file (no include guard on purpose) after defining CPO_NS
 // and, for AVX2, a target pragma. All system headers are included by those files first.
 //
-// Math (method.md sections 3 and 6), per row z of length V with label y:
+// Math (docs/math.md, the per-token quantities and their gradient), per row z of length V with label y:
 //   forward:  m = max z, s = sum e^(z-m), a = sum e^(z-m) (z-m)     (one pass, online in m)
 //             lse = m + log s,  logp = z_y - lse,  H = lse - sum p z = log s - a / s
 //   backward: dL/dz_v = G([v==y] - p_v) - E p_v (log p_v + H),  p_v = e^(z_v - lse)
@@ -41,13 +41,9 @@ inline float hsum(v8f v) {  // fixed pairwise order: deterministic
   return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
 
-// exp(x) for 8 floats. Cody-Waite reduction x = n ln2 + r (|r| <= ln2/2), Cephes' minimax
-// polynomial for e^r, then a scale by 2^n split in two halves so that results in the
-// subnormal range (x down to about -103.97) round once, and overflow gives +inf.
-// Measured error: within 2 ulp of the correctly rounded float32 result (tests sweep it).
-// vexp_core needs x in [-150, 89] (or NaN); vexp clamps first.
-// The shared range reduction x = n ln2 + r (Cody-Waite, two-part ln2) and the degree-7
-// polynomial for e^r. Returns e^r; t = n + 1.5 * 2^23, whose low bits hold the integer n.
+// The range reduction shared by both exps below: x = n ln2 + r with |r| <= ln2/2
+// (Cody-Waite, ln2 in two parts) and Cephes' minimax polynomial for e^r. Returns e^r and
+// sets t = n + 1.5 * 2^23, whose low mantissa bits hold the integer n.
 inline v8f exp_reduced(v8f x, v8f& t) {
   const v8f magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
   t = x * splat(1.44269504088896341f) + magic;
@@ -63,6 +59,10 @@ inline v8f exp_reduced(v8f x, v8f& t) {
   return p * (r * r) + r + splat(1.f);
 }
 
+// exp(x) for 8 floats: e^r from exp_reduced, then a scale by 2^n split in two halves so
+// that results in the subnormal range (x down to about -103.97) round once, and overflow
+// gives +inf. Measured error: within 2 ulp of the correctly rounded float32 result (tests
+// sweep it). vexp_core needs x in [-150, 89] (or NaN); vexp clamps first.
 inline v8f vexp_core(v8f x) {
   v8f t;
   const v8f e = exp_reduced(x, t);
@@ -142,11 +142,18 @@ inline uint16_t f2h(float f) {
   return (uint16_t)(o | (sign >> 16));
 }
 inline float bf2f(uint16_t h) { return bits2f((uint32_t)h << 16); }
-inline uint16_t f2bf(float f) {
-  const uint32_t u = f2bits(f);
-  if (f != f) return (uint16_t)((u >> 16) | 0x40u);  // quiet NaN
-  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+
+// The one float -> bfloat16 rounding (round to nearest even; a NaN stays a quiet NaN), for
+// a float (F = float, U = uint32_t) or 8 of them (F = v8f, U = v8u): the bf16 bits come
+// back in the low 16 bits of each U.
+template <class F, class U>
+inline U bf16_round(F v) {
+  U u;
+  __builtin_memcpy(&u, &v, sizeof(U));
+  const U r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (v != v) ? U((u >> 16) | 0x40u) : r;
 }
+inline uint16_t f2bf(float f) { return (uint16_t)bf16_round<float, uint32_t>(f); }
 
 template <int DT> struct Elem;
 template <> struct Elem<kF32> { typedef float T; };
@@ -190,10 +197,7 @@ template <> inline void storev<kF32>(void* p, int64_t i, v8f v) {
   __builtin_memcpy((float*)p + i, &v, 32);
 }
 template <> inline void storev<kBF16>(void* p, int64_t i, v8f v) {
-  const v8u u = (v8u)v;
-  v8u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
-  r = (v != v) ? ((u >> 16) | 0x40u) : r;          // NaN stays NaN
-  const v8h h = __builtin_convertvector(r, v8h);
+  const v8h h = __builtin_convertvector((bf16_round<v8f, v8u>(v)), v8h);
   __builtin_memcpy((uint16_t*)p + i, &h, 16);
 }
 template <> inline void storev<kF16>(void* p, int64_t i, v8f v) {
@@ -234,13 +238,8 @@ template <int DT> inline void store16(void* p, int64_t i, v8f a, v8f b) {
   storev<DT>(p, i, a);
   storev<DT>(p, i + 8, b);
 }
-inline v8u bf16_round(v8f v) {  // float bits -> bf16 in the low half, round to nearest even
-  const v8u u = (v8u)v;
-  const v8u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return (v != v) ? ((u >> 16) | 0x40u) : r;  // NaN stays NaN
-}
 template <> inline void store16<kBF16>(void* p, int64_t i, v8f a, v8f b) {
-  const v16h ra = (v16h)bf16_round(a), rb = (v16h)bf16_round(b);
+  const v16h ra = (v16h)bf16_round<v8f, v8u>(a), rb = (v16h)bf16_round<v8f, v8u>(b);
   const v16h x = CPO_SHUFFLE16(ra, rb, 0, 2, 4, 6, 16, 18, 20, 22, 8, 10, 12, 14, 24, 26, 28, 30);
   __builtin_memcpy((uint16_t*)p + i, &x, 32);
 }

@@ -1,6 +1,9 @@
 // pybind11 front of the CPU kernels (cpo_fast._C). Tensors cross as raw addresses, shapes,
-// element strides and dtype codes, so nothing here links against libtorch. The Python side
-// (cpo_fast/_cpu.py) validates dtypes, shapes and contiguity before calling in.
+// element strides and a DType (an enum exposed to Python as cpo_fast._C.DType), so nothing
+// here links against libtorch. Every function takes named arguments (py::arg) and the
+// Python side (cpo_fast/cpu/*.py) calls them by keyword, after validating dtypes, shapes
+// and contiguity. Per-row arrays (labels, lse, entropy, gradients, running statistics)
+// are passed as the address of row 0 plus a row_offset in rows, never a byte offset.
 #include <pybind11/pybind11.h>
 
 #include <sys/mman.h>
@@ -45,9 +48,9 @@ void set_isa(const std::string& name) {
   }
 }
 
-void check_dtype(int dt) {
+void check_dtype(DType dt) {
   if (dt != kF32 && dt != kBF16 && dt != kF16)
-    throw std::invalid_argument("dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16)");
+    throw std::invalid_argument("dtype must be DType.float32, DType.bfloat16 or DType.float16");
 }
 
 template <class T>
@@ -55,7 +58,17 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-View3 view(uintptr_t p, int dt, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st,
+// Row r0 of a per-row array of T starting at address p (nullptr stays nullptr).
+template <class T>
+T* row(uintptr_t p, int64_t r0) {
+  return p ? reinterpret_cast<T*>(p) + r0 : nullptr;
+}
+
+void check_row_offset(int64_t r0) {
+  if (r0 < 0) throw std::invalid_argument("row_offset must be >= 0");
+}
+
+View3 view(uintptr_t p, DType dt, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st,
            int64_t sv) {
   check_dtype(dt);
   if (B < 0 || T < 0 || V < 1) throw std::invalid_argument("shape must be [B>=0, T>=0, V>=1]");
@@ -87,7 +100,12 @@ void advise_hugepages(const View3& o) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "cpo_fast C++ CPU core (OpenMP + SIMD); see cpo_fast/_cpu.py for the contract.";
+  m.doc() = "cpo_fast C++ CPU core (OpenMP + SIMD); see cpo_fast/cpu/ for the contract.";
+
+  py::enum_<DType>(m, "DType", "Element type of a logits / gradient buffer.")
+      .value("float32", kF32)
+      .value("bfloat16", kBF16)
+      .value("float16", kF16);
 
   m.def("isa", [] { return std::string(K().name); }, "Name of the kernel build in use.");
   m.def("set_isa", &set_isa, py::arg("name"),
@@ -95,71 +113,104 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "token_logprobs_forward",
-      [](uintptr_t x, int dt, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st,
-         int64_t sv, uintptr_t labels, int64_t ignore_index, uintptr_t logp, uintptr_t ent,
-         uintptr_t lse, int nthreads) {
-        FwdArgs a{view(x, dt, B, T, V, sb, st, sv), ptr<const int64_t>(labels), ignore_index,
-                  ptr<float>(logp), ent ? ptr<float>(ent) : nullptr, ptr<float>(lse),
-                  threads(nthreads)};
+      [](uintptr_t logits, DType dtype, int64_t B, int64_t T, int64_t V, int64_t stride_b,
+         int64_t stride_t, int64_t stride_v, uintptr_t labels, int64_t ignore_index,
+         uintptr_t logp, uintptr_t entropy, uintptr_t lse, int nthreads) {
+        FwdArgs a{view(logits, dtype, B, T, V, stride_b, stride_t, stride_v),
+                  ptr<const int64_t>(labels), ignore_index, ptr<float>(logp),
+                  entropy ? ptr<float>(entropy) : nullptr, ptr<float>(lse), threads(nthreads)};
         py::gil_scoped_release nogil;
         K().forward(a);
       },
-      "Forward over a [B,T,V] view; ent = 0 for no entropy.");
+      py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"),
+      py::arg("stride_b"), py::arg("stride_t"), py::arg("stride_v"), py::arg("labels"),
+      py::arg("ignore_index"), py::arg("logp"), py::arg("entropy"), py::arg("lse"),
+      py::arg("nthreads"),
+      "Forward over a [B,T,V] view (element strides); entropy = 0 for no entropy. "
+      "labels, logp, entropy, lse: [B*T] (int64 / float32).");
 
   m.def(
       "token_logprobs_backward",
-      [](uintptr_t x, int dt, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st,
-         int64_t sv, uintptr_t out, int64_t osb, int64_t ost, int64_t osv, uintptr_t labels,
-         int64_t label_offset, int64_t ignore_index, uintptr_t lse, uintptr_t ent,
-         uintptr_t grad_logp, uintptr_t grad_ent, int nthreads) {
-        BwdArgs a{view(x, dt, B, T, V, sb, st, sv), view(out, dt, B, T, V, osb, ost, osv),
-                  ptr<const int64_t>(labels), label_offset, ignore_index, ptr<const float>(lse),
-                  ent ? ptr<const float>(ent) : nullptr, ptr<const float>(grad_logp),
-                  grad_ent ? ptr<const float>(grad_ent) : nullptr, threads(nthreads)};
+      [](uintptr_t logits, DType dtype, int64_t B, int64_t T, int64_t V, int64_t stride_b,
+         int64_t stride_t, int64_t stride_v, uintptr_t grad_out, int64_t out_stride_b,
+         int64_t out_stride_t, int64_t out_stride_v, uintptr_t labels, int64_t label_offset,
+         int64_t ignore_index, uintptr_t lse, uintptr_t entropy, uintptr_t grad_logp,
+         uintptr_t grad_entropy, int64_t row_offset, int nthreads) {
+        check_row_offset(row_offset);
+        const int64_t r0 = row_offset;
+        BwdArgs a{view(logits, dtype, B, T, V, stride_b, stride_t, stride_v),
+                  view(grad_out, dtype, B, T, V, out_stride_b, out_stride_t, out_stride_v),
+                  row<const int64_t>(labels, r0), label_offset, ignore_index,
+                  row<const float>(lse, r0), row<const float>(entropy, r0),
+                  row<const float>(grad_logp, r0), row<const float>(grad_entropy, r0),
+                  threads(nthreads)};
         if (a.grad_entropy && !a.entropy)
           throw std::invalid_argument("grad_entropy given without the saved entropy");
         py::gil_scoped_release nogil;
-        if (out != x) advise_hugepages(a.out);
+        if (grad_out != logits) advise_hugepages(a.out);
         K().backward(a);
       },
-      "Backward into out (may alias x); grad_ent = 0 when the entropy has no gradient.");
+      py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"),
+      py::arg("stride_b"), py::arg("stride_t"), py::arg("stride_v"), py::arg("grad_out"),
+      py::arg("out_stride_b"), py::arg("out_stride_t"), py::arg("out_stride_v"),
+      py::arg("labels"), py::arg("label_offset"), py::arg("ignore_index"), py::arg("lse"),
+      py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"),
+      py::arg("row_offset") = 0, py::arg("nthreads") = 1,
+      "Backward into grad_out (may alias logits); grad_entropy = 0 when the entropy has no "
+      "gradient. Label y sits at column y - label_offset (fused-linear blocks); the per-row "
+      "arrays are read from row row_offset on.");
 
   m.def(
       "block_forward",
-      [](uintptr_t buf, int64_t rows, int64_t cols, int64_t ld, int64_t col0, uintptr_t labels,
-         int64_t ignore_index, bool with_entropy, uintptr_t m, uintptr_t s, uintptr_t a,
-         uintptr_t zy, int nthreads) {
+      [](uintptr_t block, int64_t rows, int64_t cols, int64_t ld, int64_t col0,
+         uintptr_t labels, int64_t ignore_index, bool with_entropy, uintptr_t m, uintptr_t s,
+         uintptr_t a, uintptr_t zy, int64_t row_offset, int nthreads) {
         if (rows < 0 || cols < 1 || ld < cols)
           throw std::invalid_argument("block_forward: need rows >= 0, cols >= 1, ld >= cols");
-        BlockFwdArgs args{ptr<const float>(buf), rows, cols, ld, col0,
-                          ptr<const int64_t>(labels), ignore_index, with_entropy, ptr<float>(m),
-                          ptr<float>(s), ptr<float>(a), ptr<float>(zy), threads(nthreads)};
+        check_row_offset(row_offset);
+        const int64_t r0 = row_offset;
+        BlockFwdArgs args{ptr<const float>(block), rows, cols, ld, col0,
+                          row<const int64_t>(labels, r0), ignore_index, with_entropy,
+                          row<float>(m, r0), row<float>(s, r0), row<float>(a, r0),
+                          row<float>(zy, r0), threads(nthreads)};
         py::gil_scoped_release nogil;
         K().block_forward(args);
       },
+      py::arg("block"), py::arg("rows"), py::arg("cols"), py::arg("ld"), py::arg("col0"),
+      py::arg("labels"), py::arg("ignore_index"), py::arg("with_entropy"), py::arg("m"),
+      py::arg("s"), py::arg("a"), py::arg("zy"), py::arg("row_offset") = 0,
+      py::arg("nthreads") = 1,
       "Merge an fp32 [rows, cols] block (row stride ld, first column col0) into running "
-      "per-row (max, sum, entropy accumulator, label logit).");
+      "per-row (max m, sum s, entropy accumulator a, label logit zy), rows row_offset on.");
 
   m.def(
       "block_forward_frozen",
-      [](uintptr_t buf, int64_t rows, int64_t cols, int64_t ld, int64_t col0, uintptr_t labels,
-         int64_t ignore_index, bool with_entropy, uintptr_t m, uintptr_t s, uintptr_t a,
-         uintptr_t zy, uintptr_t alpha, uintptr_t dm, uintptr_t ed, int64_t ld_ed,
-         int nthreads) {
+      [](uintptr_t block, int64_t rows, int64_t cols, int64_t ld, int64_t col0,
+         uintptr_t labels, int64_t ignore_index, bool with_entropy, uintptr_t m, uintptr_t s,
+         uintptr_t a, uintptr_t zy, uintptr_t alpha, uintptr_t dm, uintptr_t ed, int64_t ld_ed,
+         int64_t row_offset, int nthreads) {
         if (rows < 0 || cols < 1 || ld < cols)
           throw std::invalid_argument(
               "block_forward_frozen: need rows >= 0, cols >= 1, ld >= cols");
         if (with_entropy && (!ed || ld_ed < cols))
           throw std::invalid_argument(
               "block_forward_frozen: with_entropy needs an ed buffer with ld_ed >= cols");
-        BlockFwdArgs base{ptr<const float>(buf), rows, cols, ld, col0,
-                          ptr<const int64_t>(labels), ignore_index, with_entropy, ptr<float>(m),
-                          ptr<float>(s), ptr<float>(a), ptr<float>(zy), threads(nthreads)};
-        BlockFwdFrozenArgs args{base, ptr<float>(buf), with_entropy ? ptr<float>(ed) : nullptr,
-                                ld_ed, ptr<float>(alpha), ptr<float>(dm)};
+        check_row_offset(row_offset);
+        const int64_t r0 = row_offset;
+        BlockFwdArgs base{ptr<const float>(block), rows, cols, ld, col0,
+                          row<const int64_t>(labels, r0), ignore_index, with_entropy,
+                          row<float>(m, r0), row<float>(s, r0), row<float>(a, r0),
+                          row<float>(zy, r0), threads(nthreads)};
+        BlockFwdFrozenArgs args{base, ptr<float>(block),
+                                with_entropy ? ptr<float>(ed) : nullptr, ld_ed,
+                                row<float>(alpha, r0), row<float>(dm, r0)};
         py::gil_scoped_release nogil;
         K().block_forward_frozen(args);
       },
+      py::arg("block"), py::arg("rows"), py::arg("cols"), py::arg("ld"), py::arg("col0"),
+      py::arg("labels"), py::arg("ignore_index"), py::arg("with_entropy"), py::arg("m"),
+      py::arg("s"), py::arg("a"), py::arg("zy"), py::arg("alpha"), py::arg("dm"),
+      py::arg("ed"), py::arg("ld_ed"), py::arg("row_offset") = 0, py::arg("nthreads") = 1,
       "block_forward, and the fp32 block is overwritten with e = exp(z - m_new) (ed gets "
       "e (z - m_new) with entropy); alpha = exp(m_old - m_new), dm = m_old - m_new per row.");
 

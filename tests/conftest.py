@@ -31,11 +31,9 @@ def device() -> str:
 
 
 def triton_usable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    from cpo_fast._backend import triton_available, triton_interpreting
+
+    return triton_available() and (torch.cuda.is_available() or triton_interpreting())
 
 
 def kernel_backends() -> list[str]:

@@ -1,4 +1,4 @@
-"""The C++ CPU core (cpo_fast._C via cpo_fast._cpu) against the float64 reference.
+"""The C++ CPU core (cpo_fast._C via cpo_fast.cpu) against the float64 reference.
 
 Both ops, forward values and gradients, on hypothesis-drawn shapes: odd V, V not a
 multiple of the 8-wide vectors nor of the 1024-element chunks, N = 1, ignored and
@@ -10,6 +10,7 @@ vectorized exp's error in ulp over a dense sweep of its input range.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -21,11 +22,14 @@ from hypothesis import strategies as st
 import cpo_fast
 from cpo_fast import reference
 from cpo_fast._backend import cpu_extension_available
+from cpo_fast.constants import IGNORE_INDEX
 
 pytestmark = pytest.mark.skipif(not cpu_extension_available(), reason="cpo_fast._C not built")
 
 if cpu_extension_available():
-    from cpo_fast import _C, _cpu
+    from cpo_fast import _C
+    from cpo_fast.cpu import linear_token_logprobs as cpu_linear
+    from cpo_fast.cpu import token_logprobs as cpu_tok
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Relative error of a stored gradient element: the kernels write the logits' dtype.
@@ -91,9 +95,9 @@ def draw_labels(B, T, V, ignore, seed):
     g = torch.Generator().manual_seed(seed + 1)
     labels = torch.randint(0, V, (B, T), generator=g)
     if ignore == "all":
-        labels[:] = -100
+        labels[:] = IGNORE_INDEX
     elif ignore == "some":
-        labels[torch.rand(B, T, generator=g) < 0.4] = -100
+        labels[torch.rand(B, T, generator=g) < 0.4] = IGNORE_INDEX
     return labels
 
 
@@ -140,7 +144,7 @@ def test_token_logprobs_matches_reference(isa, case):
     atol = 16 * EPS32 * S * gmax + 1e-6 * gmax
     torch.testing.assert_close(got.double(), want, atol=atol + 1e-30,
                                rtol=2 * STORE_TOL[dtype] + 1e-6)
-    ignored = labels == -100
+    ignored = labels == IGNORE_INDEX
     assert (got[ignored] == 0).all()
 
 
@@ -179,7 +183,7 @@ def test_inplace_gradient_lives_in_the_logits_buffer():
     for dtype in (torch.float32, torch.bfloat16):
         base = (torch.randn(2, 5, 77) * 3).to(dtype)
         labels = torch.randint(0, 77, (2, 4))
-        labels[1, 2] = -100
+        labels[1, 2] = IGNORE_INDEX
         grads = []
         for inplace in (False, True):
             leaf = base.clone().requires_grad_(True)
@@ -198,7 +202,7 @@ def test_thread_count_independence(dtype):
     torch.manual_seed(0)
     x = (torch.randn(37, 4099) * 5).to(dtype)
     labels = torch.randint(0, 4099, (37,))
-    labels[::5] = -100
+    labels[::5] = IGNORE_INDEX
     G, E = torch.randn(37), torch.randn(37)
     old = torch.get_num_threads()
     outs = []
@@ -233,11 +237,11 @@ def test_backend_errors_are_clear():
     x = torch.randn(2, 3, 5, dtype=torch.float64)
     labels = torch.zeros(6, dtype=torch.int64)
     with pytest.raises(TypeError, match="float64"):
-        _cpu.token_logprobs_forward(x, labels, -100, False)
+        cpu_tok.token_logprobs_forward(x, labels, IGNORE_INDEX, False)
     with pytest.raises(ValueError, match="labels"):
-        _cpu.token_logprobs_forward(x.float(), labels[:5], -100, False)
+        cpu_tok.token_logprobs_forward(x.float(), labels[:5], IGNORE_INDEX, False)
     with pytest.raises(ValueError, match="labels"):
-        _cpu.token_logprobs_forward(x.float(), labels.int(), -100, False)
+        cpu_tok.token_logprobs_forward(x.float(), labels.int(), IGNORE_INDEX, False)
 
 
 def test_out_of_range_label_never_read_out_of_bounds():
@@ -359,13 +363,13 @@ def test_linear_token_logprobs_matches_reference(case, monkeypatch_blocks):
 
 @pytest.fixture
 def monkeypatch_blocks():
-    old = (_cpu.BLOCK_ROWS, _cpu.BLOCK_COLS)
+    """Force the fused-linear block shape through the backend's override_config."""
+    with contextlib.ExitStack() as stack:
 
-    def set_blocks(rows: int, cols: int) -> None:
-        _cpu.BLOCK_ROWS, _cpu.BLOCK_COLS = rows, cols
+        def set_blocks(rows: int, cols: int) -> None:
+            stack.enter_context(cpu_linear.override_config(block_rows=rows, block_cols=cols))
 
-    yield set_blocks
-    _cpu.BLOCK_ROWS, _cpu.BLOCK_COLS = old
+        yield set_blocks
 
 
 def test_linear_backend_ignores_grad_skip_threshold_exactly():
@@ -404,7 +408,7 @@ def frozen_cases(draw):
 def frozen_path_spy(monkeypatch):
     """Counts frozen forwards; the backend backward raises (the fast path must not call it)."""
     calls = {"frozen": 0}
-    real = _cpu.linear_token_logprobs_forward_frozen
+    real = cpu_linear.linear_token_logprobs_forward_frozen
 
     def counting(*args, **kwargs):
         calls["frozen"] += 1
@@ -413,8 +417,8 @@ def frozen_path_spy(monkeypatch):
     def no_backward(*args, **kwargs):
         raise AssertionError("the frozen-weight path must not call the backend backward")
 
-    monkeypatch.setattr(_cpu, "linear_token_logprobs_forward_frozen", counting)
-    monkeypatch.setattr(_cpu, "linear_token_logprobs_backward", no_backward)
+    monkeypatch.setattr(cpu_linear, "linear_token_logprobs_forward_frozen", counting)
+    monkeypatch.setattr(cpu_linear, "linear_token_logprobs_backward", no_backward)
     return calls
 
 
@@ -458,12 +462,13 @@ def test_linear_frozen_weight_fast_path_matches_reference(case, monkeypatch_bloc
     else:  # the gradient is stored in bf16
         tol = dict(atol=2e-2 * wmax, rtol=2e-2)
     torch.testing.assert_close(h.grad.double(), hr.grad, **tol)
-    assert (h.grad[labels == -100] == 0).all()
+    assert (h.grad[labels == IGNORE_INDEX] == 0).all()
 
 
 def test_linear_frozen_path_only_when_weight_and_bias_frozen(monkeypatch):
     calls = {"frozen": 0, "backward": 0}
-    real_fwd, real_bwd = _cpu.linear_token_logprobs_forward_frozen, _cpu.linear_token_logprobs_backward
+    real_fwd = cpu_linear.linear_token_logprobs_forward_frozen
+    real_bwd = cpu_linear.linear_token_logprobs_backward
 
     def fwd(*args, **kwargs):
         calls["frozen"] += 1
@@ -473,8 +478,8 @@ def test_linear_frozen_path_only_when_weight_and_bias_frozen(monkeypatch):
         calls["backward"] += 1
         return real_bwd(*args, **kwargs)
 
-    monkeypatch.setattr(_cpu, "linear_token_logprobs_forward_frozen", fwd)
-    monkeypatch.setattr(_cpu, "linear_token_logprobs_backward", bwd)
+    monkeypatch.setattr(cpu_linear, "linear_token_logprobs_forward_frozen", fwd)
+    monkeypatch.setattr(cpu_linear, "linear_token_logprobs_backward", bwd)
     torch.manual_seed(0)
     labels = torch.randint(0, 50, (6,))
 
@@ -504,7 +509,7 @@ def test_linear_frozen_path_gradient_equals_recompute_path():
     h0 = torch.randn(33, 24) * 2
     w0 = torch.randn(3001, 24)
     labels = torch.randint(0, 3001, (33,))
-    labels[::4] = -100
+    labels[::4] = IGNORE_INDEX
     G, E = torch.randn(33), torch.randn(33)
     grads = []
     for trained in (False, True):
@@ -524,10 +529,10 @@ def test_linear_frozen_opcheck():
     torch.manual_seed(0)
     h = torch.randn(5, 8, requires_grad=True)
     w = torch.randn(40, 8)
-    labels = torch.tensor([1, 2, -100, 39, 0])
+    labels = torch.tensor([1, 2, IGNORE_INDEX, 39, 0])
     for with_entropy in (False, True):
         torch.library.opcheck(
-            _fwd_op, (h, w, torch.empty(0), labels, -100, with_entropy, "cpu", 0.0, True)
+            _fwd_op, (h, w, torch.empty(0), labels, IGNORE_INDEX, with_entropy, "cpu", 0.0, True)
         )
 
 
@@ -535,7 +540,7 @@ def test_linear_frozen_path_under_torch_compile(frozen_path_spy):
     """The wrapper's path decision traces (fullgraph) and the compiled graph takes it."""
     torch.manual_seed(0)
     w = torch.randn(57, 8)
-    labels = torch.tensor([1, 2, -100, 56, 0, 3])
+    labels = torch.tensor([1, 2, IGNORE_INDEX, 56, 0, 3])
 
     def f(h):
         lp, H = cpo_fast.linear_token_logprobs(h, w, labels, with_entropy=True, backend="cpu",
@@ -550,3 +555,50 @@ def test_linear_frozen_path_under_torch_compile(frozen_path_spy):
     f(h2).backward()
     assert n_compiled >= 1 and frozen_path_spy["frozen"] == n_compiled + 1
     torch.testing.assert_close(h1.grad, h2.grad)
+
+
+# ---- tuning knobs and the bridge -----------------------------------------------------------
+
+def test_config_reads_env_at_call_time_and_override_wins(monkeypatch):
+    monkeypatch.setenv("CPO_FAST_CPU_BLOCK_ROWS", "7")
+    monkeypatch.setenv("CPO_FAST_CPU_BLOCK_COLS", "13")
+    assert cpu_linear.default_config() == cpu_linear.Config(block_rows=7, block_cols=13)
+    with cpu_linear.override_config(block_cols=5):
+        assert cpu_linear.default_config() == cpu_linear.Config(block_rows=7, block_cols=5)
+    assert cpu_linear.default_config().block_cols == 13  # restored on exit
+    monkeypatch.setenv("CPO_FAST_CPU_BLOCK_ROWS", "seven")
+    with pytest.raises(ValueError, match="CPO_FAST_CPU_BLOCK_ROWS"):
+        cpu_linear.default_config()
+    with pytest.raises(TypeError, match="unknown field"), cpu_tok.override_config(tile=1):
+        pass
+
+
+def test_tiny_blocks_and_one_thread_give_the_same_result():
+    torch.manual_seed(0)
+    h, w = torch.randn(9, 8), torch.randn(45, 8)
+    labels = torch.tensor([0, 5, IGNORE_INDEX, 44, 3, 3, 1, IGNORE_INDEX, 20])
+    big = cpo_fast.linear_token_logprobs(h, w, labels, with_entropy=True, backend="cpu")
+    with cpu_linear.override_config(block_rows=2, block_cols=3, num_threads=1):
+        small = cpo_fast.linear_token_logprobs(h, w, labels, with_entropy=True, backend="cpu")
+    for a, b in zip(big, small, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bridge_takes_named_arguments_and_dtype_names():
+    assert _C.DType.bfloat16 != _C.DType.float32
+    x = torch.randn(1, 2, 5)
+    labels = torch.tensor([1, 4])
+    logp, lse = torch.empty(2), torch.empty(2)
+    _C.token_logprobs_forward(
+        logits=x.data_ptr(), dtype=_C.DType.float32, B=1, T=2, V=5, stride_b=10, stride_t=5,
+        stride_v=1, labels=labels.data_ptr(), ignore_index=IGNORE_INDEX, logp=logp.data_ptr(),
+        entropy=0, lse=lse.data_ptr(), nthreads=1)
+    torch.testing.assert_close(logp, reference.token_logprobs(x[0], labels))
+    with pytest.raises(TypeError):  # an integer is not a dtype name any more
+        _C.token_logprobs_forward(x.data_ptr(), 0, 1, 2, 5, 10, 5, 1, labels.data_ptr(),
+                                  IGNORE_INDEX, logp.data_ptr(), 0, lse.data_ptr(), 1)
+    with pytest.raises(ValueError, match="row_offset"):
+        _C.block_forward(block=x.data_ptr(), rows=1, cols=5, ld=5, col0=0,
+                         labels=labels.data_ptr(), ignore_index=IGNORE_INDEX, with_entropy=False,
+                         m=lse.data_ptr(), s=lse.data_ptr(), a=lse.data_ptr(),
+                         zy=lse.data_ptr(), row_offset=-1)

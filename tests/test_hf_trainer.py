@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import cpo_fast
+from cpo_fast.constants import IGNORE_INDEX
 from cpo_fast.hf import DRCPOTrainerMixin, drcpo_compute_loss
 from cpo_fast.pipeline.modeling import build_model
 
@@ -17,7 +18,7 @@ def _batch(n=8, T=10, V=50, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, V, (n, T), generator=g)
     labels = ids.clone()
-    labels[:, :3] = -100  # prompt
+    labels[:, :3] = IGNORE_INDEX  # prompt
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
             "outcome": torch.randn(n, generator=g), "outcome_pred": torch.randn(n, generator=g) * 0.1,
             "ref_token_logp": -torch.rand(n, T - 1, generator=g) * 4}
@@ -31,7 +32,7 @@ def test_compute_loss_matches_materialized_logits():
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     lab = b["labels"][:, 1:]
     lp = cpo_fast.reference.token_logprobs(logits[:, :-1].double(), lab)
-    m = lab != -100
+    m = lab != IGNORE_INDEX
     seq = cpo_fast.sequence_logprobs(lp, m)
     ref = cpo_fast.sequence_logprobs(b["ref_token_logp"].double(), m)
     expect = cpo_fast.dr_cpo_loss(seq, ref, b["outcome"].double(), b["outcome_pred"].double()).loss

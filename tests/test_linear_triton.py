@@ -8,12 +8,13 @@ tiles, forward splits, backward vocabulary chunks) runs several trips on small s
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+from cpo_fast._backend import triton_interpreting
+
+if not torch.cuda.is_available() and not triton_interpreting():
     pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set before importing triton)",
                 allow_module_level=True)
 pytest.importorskip("triton")
@@ -25,7 +26,7 @@ from hypothesis import strategies as st  # noqa: E402
 import cpo_fast  # noqa: E402
 from cpo_fast import reference  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = triton_interpreting()
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 # bf16 tl.dot is wrong in the interpreter; the kernel upcasts there, which would test
 # fp32 dots, not bf16 ones: bf16 runs natively only.

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import cpo_fast
 from cpo_fast import reference
+from cpo_fast.constants import IGNORE_INDEX
 from cpo_fast.objectives import WEIGHTINGS
 
 f64 = dict(dtype=torch.float64)
@@ -31,7 +32,6 @@ def batches(draw):
                 s_dm=r(m, spread), ref_dm=r(m, spread), ghat_dm=r(m) + 1)
 
 
-KW = dict(max_log_weight=50.0, tau=10.0, clip_eps=(0.2, 0.3))
 LIB_KW = dict(max_log_weight=50.0, truncation=10.0, clip_eps=(0.2, 0.3))
 
 
@@ -40,36 +40,40 @@ LIB_KW = dict(max_log_weight=50.0, truncation=10.0, clip_eps=(0.2, 0.3))
 @settings(max_examples=40)
 @given(b=batches())
 def test_losses_match_reference_values_and_grads(weighting, higher_is_better, b):
-    sign = 1.0 if higher_is_better else -1.0
+    """The fast objectives against the row-by-row reference of the same name and signature."""
     for kind in ("cpo", "dr", "oo"):
         s1 = b["s"].clone().requires_grad_(True)
         d1 = b["s_dm"].clone().requires_grad_(True)
         s2 = b["s"].clone().requires_grad_(True)
         d2 = b["s_dm"].clone().requires_grad_(True)
-        ell, ell_dm = s2 - b["ref"], d2 - b["ref_dm"]
         dm = dict(dm_policy_logp=d1, dm_ref_logp=b["ref_dm"], dm_outcome_pred=b["ghat_dm"])
+        dm2 = dict(dm, dm_policy_logp=d2)
         common = dict(weighting=weighting, higher_is_better=higher_is_better, **LIB_KW)
         if kind == "cpo":
             out = cpo_fast.cpo_loss(s1, b["ref"], b["y"], **common)
-            ref = reference.cpo_objective(ell, sign * b["y"], weighting, **KW)
+            ref = reference.cpo_loss(s2, b["ref"], b["y"], **common)
         elif kind == "dr":
             out = cpo_fast.dr_cpo_loss(s1, b["ref"], b["y"], b["ghat"], **dm, **common)
-            ref = reference.dr_cpo_objective(ell, sign * b["y"], sign * b["ghat"], ell_dm,
-                                             sign * b["ghat_dm"], weighting, **KW)
+            ref = reference.dr_cpo_loss(s2, b["ref"], b["y"], b["ghat"], **dm2, **common)
         else:
             out = cpo_fast.oo_rlhf_loss(d1, b["ref_dm"], b["ghat_dm"], **common)
-            ref = reference.oo_rlhf_objective(ell_dm, sign * b["ghat_dm"], weighting, **KW)
-        torch.testing.assert_close(out.loss, ref, atol=1e-10, rtol=1e-10)
+            ref = reference.oo_rlhf_loss(d2, b["ref_dm"], b["ghat_dm"], **common)
+        torch.testing.assert_close(out.loss, ref.loss, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(out.value, ref.value, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(out.ess, ref.ess, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(out.max_weight_share, ref.max_weight_share, atol=1e-9,
+                                   rtol=1e-9)
         grads = torch.autograd.grad(out.loss, [s1, d1], allow_unused=True, materialize_grads=True)
-        rgrads = torch.autograd.grad(ref, [s2, d2], allow_unused=True, materialize_grads=True)
+        rgrads = torch.autograd.grad(ref.loss, [s2, d2], allow_unused=True,
+                                     materialize_grads=True)
         for g, rg in zip(grads, rgrads, strict=True):
             torch.testing.assert_close(g, rg, atol=1e-10, rtol=1e-10)
 
 
 @settings(max_examples=30)
 @given(b=batches())
-def test_gradient_closed_forms_of_method_md(b):
-    """Section 6: raw G_i = -(1/n) w_i a_i; self-normalized G_i = -sm_i (a_i - sum_k sm_k a_k)."""
+def test_gradient_closed_forms(b):
+    """docs/math.md: raw G_i = -(1/n) w_i a_i; self-normalized G_i = -sm_i (a_i - sum_k sm_k a_k)."""
     n = b["s"].shape[0]
     s = b["s"].clone().requires_grad_(True)
     out = cpo_fast.cpo_loss(s, b["ref"], b["y"], weighting="raw")
@@ -159,10 +163,13 @@ def test_regularizers_and_sft_match_reference():
     ref = -torch.rand(3, 5, generator=g, **f64)
     ent = torch.rand(3, 5, generator=g, **f64)
     mask = torch.rand(3, 5, generator=g) > 0.3
-    torch.testing.assert_close(cpo_fast.kl_penalty(lp, ref, mask), reference.kl_k3(lp, ref, mask))
+    torch.testing.assert_close(cpo_fast.kl_penalty(lp, ref, mask),
+                               reference.kl_penalty(lp, ref, mask))
+    torch.testing.assert_close(cpo_fast.kl_penalty(lp, ref, mask, 0.3),
+                               reference.kl_penalty(lp, ref, mask, 0.3))
     torch.testing.assert_close(cpo_fast.entropy_bonus(ent, mask, 0.1),
-                               reference.entropy_term(ent, mask, 0.1))
-    torch.testing.assert_close(cpo_fast.sft_loss(lp, mask), reference.sft_objective(lp, mask))
+                               reference.entropy_bonus(ent, mask, 0.1))
+    torch.testing.assert_close(cpo_fast.sft_loss(lp, mask), reference.sft_loss(lp, mask))
     for ln in (False, True):
         torch.testing.assert_close(cpo_fast.sequence_logprobs(lp, mask, length_normalize=ln),
                                    reference.sequence_logprobs(lp, mask, length_normalize=ln))
@@ -179,8 +186,8 @@ def test_module_matches_functional_and_end_to_end_logits_gradient():
     B, T, V = 4, 6, 23
     logits = torch.randn(B, T + 1, V, **f64)
     labels = torch.randint(0, V, (B, T))
-    labels[:, :2] = -100  # a prompt
-    mask = labels != -100
+    labels[:, :2] = IGNORE_INDEX  # a prompt
+    mask = labels != IGNORE_INDEX
     ref_tok = -torch.rand(B, T, **f64)
     y, ghat = torch.randn(B, **f64), torch.randn(B, **f64)
     mod = cpo_fast.DRCPOLoss("self_normalized", entropy_coef=0.01, kl_coef=0.1)
@@ -290,3 +297,89 @@ def test_self_normalization_is_global_across_ranks():
     grads = torch.tensor([v for r in results for v in r[2]], **f64) / 2
     torch.testing.assert_close(grads, full.grad)
     torch.testing.assert_close(torch.tensor(sum(r[1] for r in results) / 2, **f64), out.loss)
+
+
+def _pipeline_glue(method, tok, mask, ref, ent, y, ghat, lprop, dtok, dmask, dref, dent, dghat,
+                   entropy_coef, kl_coef, **kw):
+    """The loss glue as the pipeline's compute_loss wrote it before assemble_loss existed
+    (regularizers on the DM batch when there is one), on precomputed token tensors."""
+    seq = cpo_fast.sequence_logprobs
+    lo = None
+    if method in ("sft_all", "sft_top"):
+        loss = cpo_fast.sft_loss(tok, mask)
+        reg = (tok, mask, ref, ent)
+    else:
+        dm, reg = {}, None
+        if method in ("dr_cpo", "oo_rlhf"):
+            dm = dict(dm_policy_logp=seq(dtok, dmask), dm_ref_logp=seq(dref, dmask),
+                      dm_outcome_pred=dghat)
+            reg = (dtok, dmask, dref, dent)
+        if method == "oo_rlhf":
+            lo = cpo_fast.oo_rlhf_loss(**dm, **kw)
+        else:
+            r = lprop if lprop is not None else seq(ref, mask)
+            lo = cpo_fast.dr_cpo_loss(seq(tok, mask), r, y, ghat if method == "dr_cpo" else None,
+                                      **dm, **kw)
+            reg = reg or (tok, mask, ref, ent)
+        loss = lo.loss
+    if entropy_coef:
+        loss = loss + cpo_fast.entropy_bonus(reg[3], reg[1], entropy_coef)
+    if kl_coef:
+        loss = loss + cpo_fast.kl_penalty(reg[0], reg[2], reg[1], kl_coef)
+    return loss, lo
+
+
+@pytest.mark.parametrize("method", ["sft_all", "sft_top", "cpo", "dr_cpo", "oo_rlhf"])
+@pytest.mark.parametrize("with_propensity", [False, True])
+def test_assemble_loss_matches_the_pipeline_glue(method, with_propensity):
+    g = torch.Generator().manual_seed(7)
+    B, M, T = 5, 7, 6
+    r = lambda *shape: torch.randn(*shape, generator=g, **f64)
+    tok, ref, ent = -r(B, T).abs(), -r(B, T).abs(), r(B, T).abs()
+    dtok, dref, dent = -r(M, T).abs(), -r(M, T).abs(), r(M, T).abs()
+    mask, dmask = torch.rand(B, T, generator=g) > 0.3, torch.rand(M, T, generator=g) > 0.3
+    y, ghat, dghat = r(B), r(B), r(M)
+    lprop = -r(B).abs() * 3 if with_propensity else None
+    kw = dict(weighting="clipped", higher_is_better=False, max_log_weight=30.0, clip_eps=0.3)
+    want, lo = _pipeline_glue(method, tok, mask, ref, ent, y, ghat, lprop, dtok, dmask, dref,
+                              dent, dghat, 0.05, 0.2, **kw)
+    batch = cpo_fast.TokenBatch(tok, mask, ref, ent, y, ghat, lprop)
+    dm = cpo_fast.TokenBatch(dtok, dmask, dref, dent, outcome_pred=dghat)
+    out = cpo_fast.assemble_loss(method, batch, dm if method in ("dr_cpo", "oo_rlhf") else None,
+                                 entropy_coef=0.05, kl_coef=0.2, regularize_on="dm", **kw)
+    torch.testing.assert_close(out.loss, want, atol=0, rtol=0)
+    if lo is None:
+        assert out.ess is None and out.value is None
+    else:
+        torch.testing.assert_close(out.value, lo.value, atol=0, rtol=0)
+        torch.testing.assert_close(out.ess, lo.ess, atol=0, rtol=0)
+
+
+def test_assemble_loss_errors_name_the_fix():
+    t = torch.zeros(2, 3)
+    b = cpo_fast.TokenBatch(t, t > -1, t, outcome=torch.zeros(2))
+    with pytest.raises(ValueError, match="not one of"):
+        cpo_fast.assemble_loss("ppo", b)
+    with pytest.raises(ValueError, match="needs the dm TokenBatch"):
+        cpo_fast.assemble_loss("oo_rlhf", b)
+    with pytest.raises(ValueError, match="takes no DM batch"):
+        cpo_fast.assemble_loss("cpo", b, b)
+    with pytest.raises(ValueError, match="ref_logp"):
+        cpo_fast.assemble_loss("cpo", cpo_fast.TokenBatch(t, t > -1, outcome=torch.zeros(2)))
+    with pytest.raises(ValueError, match="kl_coef > 0 needs"):
+        cpo_fast.assemble_loss("sft_all", cpo_fast.TokenBatch(t, t > -1), kl_coef=0.1)
+
+
+def test_reference_has_the_public_signatures():
+    """reference.<name> takes the fast path's parameters with the same defaults (the fast
+    ops add only backend/dispatch knobs)."""
+    import inspect
+
+    extra = {"backend", "inplace_backward", "validate", "grad_skip_threshold"}
+    for name in ("token_logprobs", "linear_token_logprobs", "dr_cpo_loss", "cpo_loss",
+                 "oo_rlhf_loss", "sequence_logprobs", "sft_loss", "entropy_bonus", "kl_penalty"):
+        fast = inspect.signature(getattr(cpo_fast, name)).parameters
+        ref = inspect.signature(getattr(reference, name)).parameters
+        assert set(fast) - extra == set(ref), name
+        for p in ref:
+            assert ref[p].default == fast[p].default and ref[p].kind == fast[p].kind, (name, p)

@@ -114,7 +114,7 @@ def _check_case(backend, case):
     err = (x.grad.double() - ref_in.grad).abs().max().item()
     assert err <= GRAD_TOL[dtype] * scale_g + 1e-12, err
     assert (x.grad[ignored] == 0).all()
-    # The closed form of method.md section 6 is what autograd of the reference gives.
+    # The closed form of the gradient (docs/math.md) is what autograd of the reference gives.
     closed = reference.token_logprobs_grad(ref_in.detach(), labels, G, E if with_entropy else None)
     torch.testing.assert_close(closed, ref_in.grad, atol=1e-9, rtol=1e-9)
 

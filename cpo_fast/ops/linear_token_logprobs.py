@@ -1,7 +1,7 @@
 r"""Fused-linear path: per-token log-probabilities straight from hidden states and the
 output weight, never materializing the N x V logits.
 
-Math (method.md section 6). With hidden states ``h[N, d]``, output weight ``W[V, d]``,
+Math (docs/math.md). With hidden states ``h[N, d]``, output weight ``W[V, d]``,
 optional bias ``b[V]``, logits ``z_t = W h_t + b`` (computed tile by tile, never stored):
 
     logp_t = z_t[y_t] - lse(z_t),   H_t = lse(z_t) - sum_v p_tv z_tv
@@ -33,46 +33,30 @@ grad mode), and carried into the op as its ``frozen`` flag.
 probability (over the tile) is below the threshold and whose label and entropy terms are
 absent (an approximation, off by default; see the backend's docstring for its error bound).
 
-Backend contract (``cpo_fast.kernels.linear_token_logprobs`` for Triton, ``cpo_fast._cpu``
-for the C++ core)::
-
-    linear_token_logprobs_forward(hidden, weight, bias, labels, ignore_index, with_entropy)
-        -> (logp[N], entropy[N] or [0], lse[N])      float32
-    # optional (the frozen-weight fast path is used only where a backend has it):
-    linear_token_logprobs_forward_frozen(hidden, weight, bias, labels, ignore_index,
-                                         with_entropy)
-        -> (logp[N], entropy[N] or [0], lse[N], pw[N, d], plw[N, d] or [0])   float32
-           (pw, plw as above; 0 on ignored rows)
-    linear_token_logprobs_backward(hidden, weight, bias, labels, lse, entropy, grad_logp,
-                                   grad_entropy, ignore_index, needs_hidden_grad,
-                                   needs_weight_grad, needs_bias_grad, grad_skip_threshold)
-        -> (grad_hidden [N, d] or None, grad_weight [V, d] or None, grad_bias [V] or None)
-
-``hidden`` [N, d] and ``weight`` [V, d] are contiguous and share a dtype; ``bias`` is None
-or contiguous [V]; ``labels`` int64 [N] validated; ``grad_entropy`` None when unused.
-Gradients come back in their input's dtype (accumulated in float32).
+Backends: ``cpo_fast.kernels.linear_token_logprobs`` (Triton),
+``cpo_fast.cpu.linear_token_logprobs`` (C++ core; it has the frozen-weight forward) and
+``cpo_fast.reference.linear_token_logprobs``; their contract (including the optional
+``linear_token_logprobs_forward_frozen``), the dispatch and the float64 reroute are written
+once in ``cpo_fast/_backend.py``. This module holds the autograd op and the public wrapper.
 """
 
 from __future__ import annotations
-
-import importlib
 
 import torch
 from torch import Tensor
 
 from cpo_fast import reference
-from cpo_fast._backend import resolve_backend
-from cpo_fast._checks import check_float, check_labels
-
-_IMPL_MODULES = {"triton": "cpo_fast.kernels.linear_token_logprobs", "cpu": "cpo_fast._cpu"}
+from cpo_fast._backend import backend_module, module_name, optional, select_backend
+from cpo_fast._checks import check_float, check_labels, warn_nonfinite_rows
+from cpo_fast.constants import IGNORE_INDEX
 
 
 def _impl(backend: str):
-    return importlib.import_module(_IMPL_MODULES[backend])
+    return backend_module(backend, "linear_token_logprobs")
 
 
-def _opt(t: Tensor) -> Tensor | None:
-    return t if t.numel() > 0 else None
+# Backward-compatible alias (backend -> module name); the dispatch is in cpo_fast._backend.
+_IMPL_MODULES = {b: module_name(b, "linear_token_logprobs") for b in ("triton", "cpu")}
 
 
 # Called from the Python wrapper, which torch.compile traces: dynamo cannot trace
@@ -94,16 +78,16 @@ def _fwd_op(
     impl = _impl(backend)
     if frozen:
         logp, ent, lse, pw, plw = impl.linear_token_logprobs_forward_frozen(
-            hidden, weight, _opt(bias), labels, ignore_index, with_entropy
+            hidden, weight, optional(bias), labels, ignore_index, with_entropy
         )
-        if not with_entropy:
-            plw = empty()
     else:
         logp, ent, lse = impl.linear_token_logprobs_forward(
-            hidden, weight, _opt(bias), labels, ignore_index, with_entropy
+            hidden, weight, optional(bias), labels, ignore_index, with_entropy
         )
-        pw, plw = empty(), empty()
-    return logp, ent if with_entropy else empty(), lse, pw, plw
+        pw = plw = None
+    or_empty = lambda t, wanted: t if wanted and optional(t) is not None else empty()
+    return (logp, or_empty(ent, with_entropy), lse, or_empty(pw, frozen),
+            or_empty(plw, frozen and with_entropy))
 
 
 @_fwd_op.register_fake
@@ -121,9 +105,11 @@ def _bwd_op(
     grad_logp: Tensor, grad_entropy: Tensor, ignore_index: int, needs_hidden_grad: bool,
     needs_weight_grad: bool, needs_bias_grad: bool, backend: str, grad_skip_threshold: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    grad_entropy = optional(grad_entropy)
     gh, gw, gb = _impl(backend).linear_token_logprobs_backward(
-        hidden, weight, _opt(bias), labels, lse, entropy, grad_logp.float().contiguous(),
-        None if grad_entropy.numel() == 0 else grad_entropy.float().contiguous(),
+        hidden, weight, optional(bias), labels, lse, optional(entropy),
+        grad_logp.float().contiguous(),
+        None if grad_entropy is None else grad_entropy.float().contiguous(),
         ignore_index, needs_hidden_grad, needs_weight_grad, needs_bias_grad,
         grad_skip_threshold,
     )
@@ -179,6 +165,8 @@ def _backward(ctx, grad_logp, grad_ent, _grad_lse, _grad_pw, _grad_plw):
         return (gh if nh else None, None, None, None, None, None, None, None, None)
     gh, gw, gb = _bwd_op(hidden, weight, bias, labels, lse, ent, grad_logp, grad_ent,
                          ignore_index, nh, nw, nb, backend, thr)
+    if nh:  # dz = 0 on ignored rows, but 0 * (a NaN in W) is NaN: they get 0, as documented
+        gh = torch.where((labels != ignore_index)[:, None], gh, torch.zeros((), dtype=gh.dtype))
     return (gh if nh else None, gw if nw else None, gb if nb else None,
             None, None, None, None, None, None)
 
@@ -192,7 +180,7 @@ def linear_token_logprobs(
     labels: Tensor,
     *,
     bias: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     with_entropy: bool = False,
     backend: str | None = None,
     grad_skip_threshold: float = 0.0,
@@ -210,14 +198,38 @@ def linear_token_logprobs(
             another dtype than ``hidden`` is cast to ``hidden.dtype`` first (as autocast does).
         labels: integer ``hidden.shape[:-1]``, aligned with the rows; ``ignore_index`` rows
             give 0 and no gradient.
-        bias: optional ``[V]``.
+        bias: optional ``[V]``. Mask tokens with a ``-inf`` bias entry, not with an infinite
+            weight: ``hidden`` and ``weight`` must be finite (a NaN makes the rows it reaches
+            NaN, with the warning below; an infinite entry makes the gradient undefined,
+            0 * inf where a logit is -inf).
         grad_skip_threshold: skip backward vocabulary tiles whose softmax mass is below this
             (approximate; 0 disables).
         backend: as in :func:`cpo_fast.token_logprobs`.
+        validate: as in :func:`cpo_fast.token_logprobs` (labels checked up front; a warning
+            naming the rows whose result is NaN or infinite, i.e. NaN/inf in ``hidden``,
+            ``weight`` or ``bias``).
 
     Returns:
-        float32 ``logp`` shaped like ``labels``; or ``(logp, entropy)`` with ``with_entropy``.
+        ``logp`` shaped like ``labels``; or ``(logp, entropy)`` with ``with_entropy``:
+        float32, or float64 when ``hidden`` is float64 (the reference path).
     """
+    _check_inputs(hidden, weight, labels, bias, ignore_index, grad_skip_threshold, validate)
+    name = select_backend(backend, hidden.device, hidden.dtype)
+    if name == "reference" or hidden.numel() == 0:
+        out = reference.linear_token_logprobs(hidden, weight, labels, bias=bias,
+                                              ignore_index=ignore_index,
+                                              with_entropy=with_entropy)
+    else:
+        out = _fused(hidden, weight, labels, bias, ignore_index, with_entropy, name,
+                     grad_skip_threshold)
+    if validate:
+        warn_nonfinite_rows("linear_token_logprobs", "hidden @ weight.T + bias", labels,
+                            ignore_index, *(out if with_entropy else (out,)))
+    return out
+
+
+def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
+                  ignore_index: int, grad_skip_threshold: float, validate: bool) -> None:
     check_float("hidden", hidden)
     check_float("weight", weight)
     if weight.dim() != 2:
@@ -239,26 +251,31 @@ def linear_token_logprobs(
             raise ValueError(f"{name} is on {t.device} but hidden on {hidden.device}.")
     if grad_skip_threshold < 0:
         raise ValueError(f"grad_skip_threshold must be >= 0, got {grad_skip_threshold}.")
-    name = resolve_backend(backend, hidden.device)
-    if name != "reference" and hidden.dtype == torch.float64:
-        name = "reference"
-    if name == "reference" or hidden.numel() == 0:
-        return reference.linear_token_logprobs(hidden, weight, labels, bias=bias,
-                                               ignore_index=ignore_index,
-                                               with_entropy=with_entropy)
+
+
+def _fused(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
+           ignore_index: int, with_entropy: bool, name: str, grad_skip_threshold: float
+           ) -> Tensor | tuple[Tensor, Tensor]:
+    """The custom op on a fused backend (inputs already validated)."""
+    d = weight.shape[1]
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
     if bias is not None and bias.dtype != hidden.dtype:
         bias = bias.to(hidden.dtype)
     shape = labels.shape
+    flat_labels = labels.reshape(-1).long().contiguous()
     h2 = hidden.reshape(-1, d).contiguous()
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        # grad_W sums dz * h over rows, dz = 0 on ignored rows, but 0 * NaN is NaN: zero
+        # their hidden states (O(N d), only when the weight is trained).
+        h2 = torch.where((flat_labels != ignore_index)[:, None], h2,
+                         torch.zeros((), dtype=h2.dtype))
     b = bias.contiguous() if bias is not None else h2.new_empty(0)
     # The frozen-weight fast path is decided here: the custom op's forward runs with grad
     # mode off and cannot see who will need a gradient.
     frozen = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
               and (bias is None or not bias.requires_grad) and _has_frozen_path(name))
-    logp, ent, *_ = _fwd_op(h2, weight.contiguous(), b,
-                            labels.reshape(-1).long().contiguous(), ignore_index,
+    logp, ent, *_ = _fwd_op(h2, weight.contiguous(), b, flat_labels, ignore_index,
                             with_entropy, name, float(grad_skip_threshold), frozen)
     logp = logp.view(shape)
     return (logp, ent.view(shape)) if with_entropy else logp

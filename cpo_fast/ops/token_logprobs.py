@@ -1,6 +1,6 @@
 r"""Fused logits path: per-token log-probabilities (and entropy) from a logits tensor.
 
-Math (method.md sections 3 and 6). For a row of logits :math:`z \in \mathbb{R}^V` and its
+Math (docs/math.md). For a row of logits :math:`z \in \mathbb{R}^V` and its
 label :math:`y`, with :math:`\mathrm{lse} = \log\sum_v e^{z_v}` and :math:`p = \mathrm{softmax}(z)`:
 
     logp = z[y] - lse
@@ -15,36 +15,30 @@ once more and writes its gradient, optionally over the logits buffer itself
 (``inplace_backward=True``). Rows whose label is ``ignore_index`` give logp = H = 0 and a
 zero gradient. Any row strides are accepted, so HF's ``logits[:, :-1, :]`` needs no copy.
 
-Backend contract (implemented by ``cpo_fast.kernels.token_logprobs`` for Triton and
-``cpo_fast._cpu`` for the C++ core)::
-
-    token_logprobs_forward(logits3, labels, ignore_index, with_entropy)
-        -> (logp[N], entropy[N] or [0], lse[N])      all float32, N = B*T
-    token_logprobs_backward(logits3, labels, lse, entropy, grad_logp, grad_entropy,
-                            ignore_index, grad_out3) -> None
-
-``logits3`` is a [B, T, V] view with arbitrary strides and dtype fp32/bf16/fp16; ``labels``
-is int64 [N] contiguous and already validated; ``grad_entropy`` is None when the entropy
-has no gradient; ``grad_out3`` is [B, T, V] of the logits' dtype (it may be ``logits3``
-itself), and the backend writes every element of it.
+Backends: ``cpo_fast.kernels.token_logprobs`` (Triton), ``cpo_fast.cpu.token_logprobs``
+(C++ core) and ``cpo_fast.reference.token_logprobs``; their contract, the dispatch and the
+float64 reroute are written once in ``cpo_fast/_backend.py``. This module holds the autograd
+op: the ``torch.library`` custom ops (the only place where a missing tensor is an empty
+tensor rather than None) and the public wrapper, which validates the inputs.
 """
 
 from __future__ import annotations
-
-import importlib
 
 import torch
 from torch import Tensor
 
 from cpo_fast import reference
-from cpo_fast._backend import resolve_backend
-from cpo_fast._checks import check_float, check_labels
-
-_IMPL_MODULES = {"triton": "cpo_fast.kernels.token_logprobs", "cpu": "cpo_fast._cpu"}
+from cpo_fast._backend import backend_module, module_name, optional, select_backend
+from cpo_fast._checks import check_float, check_labels, warn_nonfinite_rows
+from cpo_fast.constants import IGNORE_INDEX
 
 
 def _impl(backend: str):
-    return importlib.import_module(_IMPL_MODULES[backend])
+    return backend_module(backend, "token_logprobs")
+
+
+# Backward-compatible alias (backend -> module name); the dispatch is in cpo_fast._backend.
+_IMPL_MODULES = {b: module_name(b, "token_logprobs") for b in ("triton", "cpu")}
 
 
 def _as_3d(logits: Tensor) -> Tensor:
@@ -71,6 +65,7 @@ def _fwd_op(
     logp, ent, lse = _impl(backend).token_logprobs_forward(
         _as_3d(logits), labels.reshape(-1).long().contiguous(), ignore_index, with_entropy
     )
+    ent = optional(ent)
     ent = ent.view(labels.shape) if with_entropy else logp.new_empty(0)
     return logp.view(labels.shape), ent, lse.view(labels.shape)
 
@@ -105,7 +100,7 @@ def _bwd_inplace_op(
 
 
 def _run_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, backend, out):
-    flat = lambda t: None if t is None else t.reshape(-1).float().contiguous()
+    flat = lambda t: None if optional(t) is None else t.reshape(-1).float().contiguous()
     _impl(backend).token_logprobs_backward(
         _as_3d(logits), labels.reshape(-1).long().contiguous(), flat(lse), flat(entropy),
         flat(grad_logp), flat(grad_entropy), ignore_index, _as_3d(out),
@@ -116,19 +111,19 @@ def _setup_context(ctx, inputs, output):
     logits, labels, ignore_index, with_entropy, backend, inplace = inputs
     logp, ent, lse = output
     ctx.save_for_backward(logits, labels, lse, ent)
-    ctx.ignore_index, ctx.with_entropy, ctx.backend = ignore_index, with_entropy, backend
-    ctx.inplace = inplace
+    ctx.args = (ignore_index, with_entropy, backend, inplace)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_logp, grad_ent, _grad_lse):
     logits, labels, lse, ent = ctx.saved_tensors
+    ignore_index, with_entropy, backend, inplace = ctx.args
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
-    if not ctx.with_entropy:
+    if not with_entropy:
         grad_ent = None
-    args = (labels, lse, ent, grad_logp, grad_ent, ctx.ignore_index, ctx.backend)
-    if ctx.inplace:
+    args = (labels, lse, ent, grad_logp, grad_ent, ignore_index, backend)
+    if inplace:
         _bwd_inplace_op(logits, *args)
         return logits, None, None, None, None, None
     return _bwd_op(logits, *args), None, None, None, None, None
@@ -141,7 +136,7 @@ def token_logprobs(
     logits: Tensor,
     labels: Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     with_entropy: bool = False,
     backend: str | None = None,
     inplace_backward: bool = False,
@@ -160,11 +155,16 @@ def token_logprobs(
         inplace_backward: write the gradient over the ``logits`` buffer during backward
             instead of allocating a new one (saves an N x V buffer). The logits' contents
             are destroyed by backward, so use it only when nothing else reads them.
-        validate: check labels against ``[0, V)`` up front (one device sync). The kernels
-            never read out of bounds either way.
+        validate: check labels against ``[0, V)`` up front, and warn (RuntimeWarning, naming
+            the rows) when a returned value is NaN or infinite on a row that is not ignored,
+            i.e. NaN/inf logits (two device syncs, O(N): the N x V logits are not read
+            again). The kernels never read out of bounds either way.
 
     Returns:
-        float32 ``logp`` shaped like ``labels``; or ``(logp, entropy)`` with ``with_entropy``.
+        ``logp`` shaped like ``labels``; or ``(logp, entropy)`` with ``with_entropy``. The
+        dtype is float32 for float32 / bfloat16 / float16 logits (the kernels accumulate in
+        float32) and float64 for float64 logits (which run on the reference path, so that
+        gradcheck works).
     """
     check_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
@@ -173,11 +173,15 @@ def token_logprobs(
     check_labels(labels, logits.shape[:-1], V, ignore_index, validate=validate)
     if labels.device != logits.device:
         raise ValueError(f"labels are on {labels.device} but logits on {logits.device}.")
-    name = resolve_backend(backend, logits.device)
-    if name != "reference" and logits.dtype == torch.float64:
-        name = "reference"  # float64 is a testing dtype: the kernels accumulate in float32
+    name = select_backend(backend, logits.device, logits.dtype)
     if name == "reference" or logits.numel() == 0:
-        return reference.token_logprobs(logits, labels, ignore_index=ignore_index,
-                                        with_entropy=with_entropy)
-    logp, ent, _ = _fwd_op(logits, labels, ignore_index, with_entropy, name, inplace_backward)
-    return (logp, ent) if with_entropy else logp
+        out = reference.token_logprobs(logits, labels, ignore_index=ignore_index,
+                                       with_entropy=with_entropy)
+    else:
+        logp, ent, _ = _fwd_op(logits, labels, ignore_index, with_entropy, name,
+                               inplace_backward)
+        out = (logp, ent) if with_entropy else logp
+    if validate:
+        warn_nonfinite_rows("token_logprobs", "logits", labels, ignore_index,
+                            *(out if with_entropy else (out,)))
+    return out

@@ -1,0 +1,77 @@
+"""What both CPU op modules share: tensor checks, dtype names, threads, Config overrides."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cpo_fast import _C
+
+DTYPES = {torch.float32: _C.DType.float32, torch.bfloat16: _C.DType.bfloat16,
+          torch.float16: _C.DType.float16}
+
+
+def dtype_of(name: str, t: Tensor) -> Any:
+    """The ``_C.DType`` of a CPU tensor, or a clear error for another device or dtype."""
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor for the 'cpu' backend, got {t.device}.")
+    code = DTYPES.get(t.dtype)
+    if code is None:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; the C++ CPU core takes float32, bfloat16 or float16 "
+            "(use backend='reference' for float64)."
+        )
+    return code
+
+
+def check_vec(name: str, t: Tensor, n: int, dtype: torch.dtype) -> None:
+    if t.dtype != dtype or t.numel() != n or not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(
+            f"{name} must be a contiguous CPU {dtype} tensor of {n} elements, got "
+            f"{t.dtype} shape {tuple(t.shape)} contiguous={t.is_contiguous()} on {t.device}."
+        )
+
+
+def check_saved(n: int, lse: Tensor, entropy: Tensor | None, grad_logp: Tensor,
+                grad_entropy: Tensor | None) -> None:
+    """The O(N) tensors a backward receives: float32 contiguous [N] each."""
+    for name, t in (("lse", lse), ("grad_logp", grad_logp)):
+        check_vec(name, t, n, torch.float32)
+    if grad_entropy is not None:
+        check_vec("grad_entropy", grad_entropy, n, torch.float32)
+        if entropy is None:
+            raise ValueError("grad_entropy was given without the saved entropy.")
+        check_vec("entropy", entropy, n, torch.float32)
+
+
+def addr(t: Tensor | None) -> int:
+    """Data address for ``_C`` (0 for a missing tensor)."""
+    return 0 if t is None else t.data_ptr()
+
+
+def threads(config_threads: int | None) -> int:
+    """The OpenMP thread count: the Config's, else torch's (``torch.get_num_threads()``)."""
+    n = config_threads if config_threads is not None else torch.get_num_threads()
+    return max(1, int(n))
+
+
+@contextlib.contextmanager
+def override(cls: type, overrides: dict[str, Any], fields: dict[str, Any]) -> Iterator[None]:
+    """Set ``fields`` in a module's override dict for the duration of a ``with`` block."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise TypeError(f"override_config: unknown field(s) {unknown}; "
+                        f"{cls.__module__}.Config has {sorted(names)}.")
+    saved = dict(overrides)
+    overrides.update(fields)
+    try:
+        yield
+    finally:
+        overrides.clear()
+        overrides.update(saved)

@@ -1,0 +1,108 @@
+"""C++ CPU backend of ``token_logprobs`` (contract: cpo_fast/_backend.py).
+
+Forward and backward each make one pass over the rows of a ``[B, T, V]`` view of any
+element strides (rows split over OpenMP threads; per-row work is SIMD in C++); ignored rows
+are not read and get logp = entropy = lse = 0 and a zero gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cpo_fast import _C
+from cpo_fast.cpu import _common as c
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tuning knobs of the CPU token_logprobs kernels."""
+
+    num_threads: int | None = None  # None: torch.get_num_threads()
+
+
+_OVERRIDES: dict[str, Any] = {}
+
+
+def default_config() -> Config:
+    """The Config in effect (with any :func:`override_config` fields applied)."""
+    return dataclasses.replace(Config(), **_OVERRIDES)
+
+
+def override_config(**fields: Any) -> contextlib.AbstractContextManager[None]:
+    """``with override_config(num_threads=1): ...`` (tests; no module constants to patch)."""
+    return c.override(Config, _OVERRIDES, fields)
+
+
+def _check_view3(name: str, t: Tensor) -> Any:
+    code = c.dtype_of(name, t)
+    if t.dim() != 3 or t.shape[-1] < 1:
+        raise ValueError(f"{name} must be a [B, T, V] view with V >= 1, got {tuple(t.shape)}.")
+    return code
+
+
+def token_logprobs_forward(
+    logits3: Tensor, labels: Tensor, ignore_index: int, with_entropy: bool, *,
+    config: Config | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(logp[N], entropy[N] or None, lse[N]) in float32 from a [B, T, V] view."""
+    cfg = config or default_config()
+    dtype = _check_view3("logits", logits3)
+    B, T, V = logits3.shape
+    N = B * T
+    c.check_vec("labels", labels, N, torch.int64)
+    f = lambda: torch.empty(N, dtype=torch.float32)
+    logp, lse = f(), f()
+    ent = f() if with_entropy else None
+    if N > 0:
+        sb, st, sv = logits3.stride()
+        _C.token_logprobs_forward(
+            logits=logits3.data_ptr(), dtype=dtype, B=B, T=T, V=V, stride_b=sb, stride_t=st,
+            stride_v=sv, labels=labels.data_ptr(), ignore_index=int(ignore_index),
+            logp=logp.data_ptr(), entropy=c.addr(ent), lse=lse.data_ptr(),
+            nthreads=c.threads(cfg.num_threads),
+        )
+    return logp, ent, lse
+
+
+def token_logprobs_backward(
+    logits3: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor | None, grad_logp: Tensor,
+    grad_entropy: Tensor | None, ignore_index: int, grad_out3: Tensor, *,
+    config: Config | None = None,
+) -> None:
+    """Write dL/dz into ``grad_out3`` ([B, T, V], logits' dtype, any strides; may be
+    ``logits3`` itself: each element is read before it is overwritten). Ignored rows get 0.
+    """
+    cfg = config or default_config()
+    dtype = _check_view3("logits", logits3)
+    if grad_out3.dtype != logits3.dtype or grad_out3.shape != logits3.shape:
+        raise ValueError(
+            f"grad_out3 must match logits3 in dtype and shape: got {grad_out3.dtype} "
+            f"{tuple(grad_out3.shape)} vs {logits3.dtype} {tuple(logits3.shape)}."
+        )
+    c.dtype_of("grad_out3", grad_out3)
+    B, T, V = logits3.shape
+    N = B * T
+    c.check_vec("labels", labels, N, torch.int64)
+    c.check_saved(N, lse, entropy, grad_logp, grad_entropy)
+    if N == 0:
+        return
+    sb, st, sv = logits3.stride()
+    osb, ost, osv = grad_out3.stride()
+    _C.token_logprobs_backward(
+        logits=logits3.data_ptr(), dtype=dtype, B=B, T=T, V=V, stride_b=sb, stride_t=st,
+        stride_v=sv, grad_out=grad_out3.data_ptr(), out_stride_b=osb, out_stride_t=ost,
+        out_stride_v=osv, labels=labels.data_ptr(), label_offset=0,
+        ignore_index=int(ignore_index), lse=lse.data_ptr(),
+        entropy=c.addr(entropy) if grad_entropy is not None else 0,
+        grad_logp=grad_logp.data_ptr(), grad_entropy=c.addr(grad_entropy),
+        nthreads=c.threads(cfg.num_threads),
+    )
+
+
+__all__ = ["Config", "default_config", "override_config", "token_logprobs_backward",
+           "token_logprobs_forward"]
