@@ -1,22 +1,46 @@
-"""Shared benchmark plumbing: timing, peak memory, device names, results files."""
+"""The one benchmark harness: timing, peak memory, floors, environment, results files.
+
+Every bench script times with :func:`measure`, measures memory with
+:func:`peak_extra_memory`, measures its floor with :func:`copy_bandwidth` or
+:func:`matmul_rate`, and writes one record with :func:`write_results`. The record and the
+file names are described in docs/benchmarks.md ("Results schema"):
+
+    results/<device-slug>-<benchmark>[-quick].json   the record (schema below)
+    results/<device-slug>-<benchmark>[-quick].md     the same run as a readable report
+
+    {"schema": SCHEMA, "benchmark": "cpu" | "logits" | "linear",
+     "timestamp": ISO 8601 UTC, "environment": {device, versions, threads, load, ...},
+     "settings": {...}, "floors": {"copy_bandwidth_gbs" | "matmul_gflops": ...},
+     "rows": [{... case keys, "variant", "status", "median_ms", "p20_ms", "p80_ms",
+               "min_ms", "iters", "times_ms", "peak_extra_bytes", ...}],
+     "summary": {...}}
+"""
 
 from __future__ import annotations
 
+import gc
+import importlib.metadata
 import json
 import os
 import platform
 import re
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+SCHEMA = "cpo_fast-bench/1"
 RESULTS = Path(__file__).resolve().parent / "results"
+MiB = 1 << 20
 
+
+# ---- environment ---------------------------------------------------------------------------
 
 def device_name(device: str) -> str:
+    """'NVIDIA H100 80GB HBM3' on CUDA; 'AMD EPYC (2 cores)' (cpuinfo model, core count) on CPU."""
     if device == "cuda":
         return torch.cuda.get_device_name(0)
     model = platform.processor() or "cpu"
@@ -34,25 +58,80 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def environment(device: str) -> dict:
-    env = {"device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
-           "threads": torch.get_num_threads(), "loadavg": os.getloadavg()}
+def _version(dist: str) -> str | None:
     try:
-        import triton
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
-        env["triton"] = triton.__version__
+
+def _git_commit() -> str | None:
+    """Short commit of the checkout the benchmark ran from, '+dirty' with local changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "-uno"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if rev.returncode != 0:
+        return None
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _cpu_isa() -> str | None:
+    try:
+        from cpo_fast import _C
     except ImportError:
-        env["triton"] = None
+        return None
+    return _C.isa()
+
+
+def _thp_mode() -> str | None:
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        return None
+
+
+def environment(device: str) -> dict:
+    """What the figures depend on, taken at the start of a run (finish it with write_results)."""
+    env = {
+        "device": device_name(device), "device_type": device, "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(), "python": platform.python_version(),
+        "torch": torch.__version__, "triton": _version("triton"),
+        "cpo_fast": _version("cpo_fast"), "commit": _git_commit(),
+        "loadavg_before": list(os.getloadavg()),
+    }
+    if device == "cuda":
+        env["cuda"] = torch.version.cuda
+    else:
+        env.update(cpu_isa=_cpu_isa(), thp=_thp_mode())
     return env
 
+
+# ---- timing and memory ---------------------------------------------------------------------
 
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], object], device: str, *, warmup: int = 2, iters: int = 5) -> float:
-    """Median wall time in ms of fn() (synchronized)."""
+def summarize(times_ms: list[float]) -> dict:
+    """median, p20, p80 and min of wall times in ms (the schema's timing fields)."""
+    if not times_ms:
+        return {"iters": 0}
+    if len(times_ms) == 1:
+        q20 = q80 = times_ms[0]
+    else:  # inclusive: the quantiles of the sample itself, interpolated linearly
+        q20, _, _, q80 = statistics.quantiles(times_ms, n=5, method="inclusive")
+    return {"median_ms": statistics.median(times_ms), "p20_ms": q20, "p80_ms": q80,
+            "min_ms": min(times_ms), "iters": len(times_ms), "times_ms": list(times_ms)}
+
+
+def measure(fn: Callable[[], object], device: str, *, warmup: int = 2, iters: int = 5) -> dict:
+    """Time ``iters`` synchronized calls of fn() after ``warmup`` untimed ones: summarize()."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -62,7 +141,7 @@ def time_fn(fn: Callable[[], object], device: str, *, warmup: int = 2, iters: in
         fn()
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return summarize(times)
 
 
 def _rss_bytes(field: str) -> int:
@@ -76,9 +155,10 @@ def peak_extra_memory(fn: Callable[[], object], device: str) -> int | None:
     """Peak bytes allocated by one call of fn() beyond what existed before it.
 
     CUDA: the caching allocator's peak statistic. CPU: the process's peak RSS (VmHWM),
-    reset through /proc/self/clear_refs, minus the RSS before the call (None where the
-    kernel does not allow the reset).
+    reset to the current RSS through /proc/self/clear_refs, minus the RSS before the call
+    (tracemalloc cannot see torch's allocations). None where the reset is not allowed.
     """
+    gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -96,25 +176,98 @@ def peak_extra_memory(fn: Callable[[], object], device: str) -> int | None:
     return _rss_bytes("VmHWM") - base
 
 
-def copy_bandwidth(device: str, nbytes: int) -> float:
-    """Measured copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+# ---- floors --------------------------------------------------------------------------------
+
+def copy_bandwidth(device: str, nbytes: int) -> dict:
+    """Copy bandwidth, bytes read plus bytes written, of an ``nbytes`` fp32 tensor copy.
+
+    ``copy_bandwidth_gbs`` comes from the fastest copy: interference on a shared machine
+    only slows a run down, and a floor must not be slower than the machine can go.
+    """
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms = time_fn(lambda: dst.copy_(src), device, warmup=3, iters=10)
-    return 2 * nbytes / (ms / 1e3)
+    dst = torch.zeros_like(src)  # touched, so the timed copies pay no first-touch faults
+    t = measure(lambda: dst.copy_(src), device, warmup=3, iters=10)
+    return {"copy_bandwidth_gbs": 2 * nbytes / (t["min_ms"] / 1e3) / 1e9, "copy_bytes": nbytes,
+            "copy_timing": t}
 
 
-def write_results(stem: str, env: dict, rows: list[dict], markdown: str) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"{slug(env['device'])}-{stem}"
-    jpath, mpath = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
-    jpath.write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
-    mpath.write_text(markdown)
+def matmul_rate(device: str) -> dict:
+    """Dense matmul rate from the fastest of 10 runs: bf16 8192^3 on CUDA, fp32 1024^3 on CPU."""
+    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = measure(lambda: a @ b, device, warmup=3, iters=10)
+    return {"matmul_gflops": 2 * n**3 / (t["min_ms"] / 1e3) / 1e9,
+            "matmul_shape": f"{str(dtype).removeprefix('torch.')} {n}^3", "matmul_timing": t}
+
+
+# ---- results -------------------------------------------------------------------------------
+
+def results_stem(device: str, benchmark: str, *, quick: bool = False) -> str:
+    """The one file-name scheme: ``<device-slug>-<benchmark>[-quick]``."""
+    return f"{slug(device)}-{benchmark}" + ("-quick" if quick else "")
+
+
+def write_results(benchmark: str, env: dict, *, settings: dict, floors: dict, rows: list[dict],
+                  markdown: str | Callable[[dict], str], summary: dict | None = None,
+                  out_dir: Path | None = None, quick: bool = False) -> tuple[Path, Path]:
+    """Finish the record (load after, timestamp) and write its .json and .md; return the paths.
+
+    ``markdown`` may be a function of the finished record, so that a report is always
+    rendered from exactly what the .json holds.
+    """
+    env = {**env, "loadavg_after": list(os.getloadavg())}
+    record = {"schema": SCHEMA, "benchmark": benchmark,
+              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "environment": env, "settings": settings, "floors": floors, "rows": rows,
+              "summary": summary or {}}
+    return write_record(record, markdown, out_dir=out_dir, quick=quick)
+
+
+def write_record(record: dict, markdown: str | Callable[[dict], str], *,
+                 out_dir: Path | None = None, quick: bool = False) -> tuple[Path, Path]:
+    out = Path(out_dir) if out_dir is not None else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    stem = results_stem(record["environment"]["device"], record["benchmark"], quick=quick)
+    jpath, mpath = out / f"{stem}.json", out / f"{stem}.md"
+    jpath.write_text(json.dumps(record, indent=1) + "\n")
+    mpath.write_text(markdown(record) if callable(markdown) else markdown)
     return jpath, mpath
 
 
-def fmt_table(headers: list[str], rows: list[list[object]]) -> str:
-    cells = [[str(c) for c in r] for r in rows]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in cells]
+def environment_lines(record: dict) -> list[str]:
+    """The report's header bullets, the same for every benchmark."""
+    env = record["environment"]
+    load = lambda k: tuple(round(x, 2) for x in env.get(k) or ())
+    versions = f"torch {env['torch']}, triton {env.get('triton')}, cpo_fast {env.get('cpo_fast')}"
+    extra = (f", kernel build {env.get('cpu_isa')}, THP {env.get('thp')}"
+             if env.get("device_type") == "cpu" else f", CUDA {env.get('cuda')}")
+    return [
+        f"- {env['device']}, {env['threads']} torch threads{extra}",
+        f"- {versions}, Python {env['python']}, commit {env.get('commit')}",
+        f"- {record['timestamp']}; load average (1, 5, 15 min) before / after: "
+        f"{load('loadavg_before')} / {load('loadavg_after')} (above the core count, other "
+        "processes competed for the CPU during the run)",
+        "- time: median of the timed runs [p20, p80]; memory: peak extra bytes of one "
+        "fwd+bwd (CUDA allocator peak, or peak RSS growth on the CPU)",
+    ]
+
+
+def fmt_ms(row: dict, digits: int = 1) -> str:
+    """'112.0 [104.0, 120.3]' (median [p20, p80]), or the row's status when it did not run."""
+    if "median_ms" not in row:
+        return str(row.get("status", "n/a"))
+    return (f"{row['median_ms']:.{digits}f} [{row['p20_ms']:.{digits}f}, "
+            f"{row['p80_ms']:.{digits}f}]")
+
+
+def fmt_mib(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{max(nbytes, 0) / MiB:.1f}"
+
+
+def fmt_table(headers: list[str], rows: list[list[object]], align: str | None = None) -> str:
+    """A markdown table; ``align`` is one letter per column, 'l' or 'r' (default all left)."""
+    rule = [("---:" if a == "r" else "---") for a in (align or "l" * len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)

@@ -1,10 +1,9 @@
 """CPU benchmark of the C++ core against PyTorch eager and torch.compile.
 
-Measures, for each case, fwd+bwd wall time (median of --reps runs after warm-up) and peak
-extra memory (the process's RSS high-water mark during one fwd+bwd minus its RSS before,
-after resetting the mark through /proc/self/clear_refs; tracemalloc cannot see torch's
-allocations). Each case runs in its own subprocess so that one case's freed memory or
-compiled graphs do not colour the next.
+Measures, for each case, fwd+bwd wall time (median and p20/p80 of --reps runs after
+warm-up) and peak extra memory (the process's RSS high-water mark during one fwd+bwd minus
+its RSS before; see _common.peak_extra_memory). Each case runs in its own subprocess so
+that one case's freed memory or compiled graphs do not colour the next.
 
 Cases:
   logits path, N=2048, V=32000, fp32 and bf16:   cpo_fast.token_logprobs (backend="cpu")
@@ -15,181 +14,140 @@ Cases:
       the LoRA case: the forward accumulates sum_v p_v W_v, the backward is O(N d))
   fused linear memory sweep (frozen weight, d=256, V in 16000/32000/64000): peak extra
       memory of the fused op against eager as V grows
-  memory-bandwidth floor: a large torch copy, (bytes read + written) / time; the logits
-      path moves 2 reads + 1 write of N x V x dtype bytes (forward read, backward read
-      and write), so floor = 3 N V b / bandwidth.
+  bandwidth floor: a 512 MiB torch copy, (bytes read + written) / fastest time; the
+      logits path moves 2 reads + 1 write of N x V x dtype bytes, so floor = 3 N V b / bw.
 
-Usage: python benchmarks/bench_cpu.py [--reps 5] [--quick] [--no-compile]
-Writes benchmarks/results/cpu-<ncores>core.md and .json next to this file.
+Usage: python benchmarks/bench_cpu.py [--reps 5] [--linear-reps 2] [--quick] [--no-compile]
+       python benchmarks/bench_cpu.py --render results/<device>-cpu.json   # report only
+Writes results/<device>-cpu[-quick].{json,md} (docs/benchmarks.md: results schema).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _common  # noqa: E402
+
+FULL = {"N": 2048, "V": 32000, "d": 1024, "sweep_v": [16000, 32000, 64000]}
+QUICK = {"N": 256, "V": 4000, "d": 256, "sweep_v": [2000, 4000, 8000]}
+LOGITS_VARIANTS = ("ours", "ours-inplace", "eager", "compile")
 
 
-# ---- child side ---------------------------------------------------------------------------
+# ---- child side: one case per process -------------------------------------------------------
 
-def _status_kb() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                k, v = line.split(":")
-                out[k] = int(v.split()[0])
-    return out
-
-
-def _peak_extra_mb(step) -> float:
-    """RSS high-water mark during one call of step, minus the RSS just before (MiB)."""
-    import gc
-
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
-        f.write("5")
-    before = _status_kb()["VmRSS"]
-    step()
-    return (_status_kb()["VmHWM"] - before) / 1024.0
-
-
-def _make_step(case: dict):
+def _logits_step(case: dict):
     import torch
 
     import cpo_fast
 
-    torch.manual_seed(0)
-    if case["op"] == "copy":
-        n = case["bytes"] // 4
-        src, dst = torch.ones(n), torch.zeros(n)
-        return lambda: dst.copy_(src)
+    dtype, (N, V) = getattr(torch, case["dtype"]), (case["N"], case["V"])
+    labels, g = torch.randint(0, V, (N,)), torch.randn(N)
+    x0 = (torch.randn(N, V) * 2).to(dtype)
 
-    dtype = getattr(torch, case["dtype"])
-    N, V = case["N"], case["V"]
-    labels = torch.randint(0, V, (N,))
-    g = torch.randn(N)
+    def eager(x, y):
+        return torch.log_softmax(x.float(), dim=-1).gather(-1, y[:, None]).squeeze(-1)
 
-    if case["op"] == "logits":
-        x0 = (torch.randn(N, V) * 2).to(dtype)
-
-        def eager_fn(x, y):
-            return torch.log_softmax(x.float(), dim=-1).gather(-1, y[:, None]).squeeze(-1)
-
-        if case["method"] == "ours-inplace":
-            # The gradient is written over the logits buffer (inplace_backward=True), as when
-            # the logits are an lm_head output nothing else reads. torch.autograd.grad hands
-            # that buffer back as is (.grad on a leaf would clone it). The buffer then holds
-            # gradients, which the next step reads as logits: fine for timing.
-            buf = x0.clone()
-
-            def step():
-                x = buf.detach().requires_grad_(True)
-                lp = cpo_fast.token_logprobs(x, labels, backend="cpu", inplace_backward=True)
-                return torch.autograd.grad(lp, x, g)[0]
-
-            return step
-        if case["method"] == "ours":
-            fn = lambda x, y: cpo_fast.token_logprobs(x, y, backend="cpu")
-        elif case["method"] == "compile":
-            fn = torch.compile(eager_fn, dynamic=False)
-        else:
-            fn = eager_fn
+    if case["variant"] == "ours-inplace":
+        # The gradient is written over the logits buffer, as when the logits are an lm_head
+        # output nothing else reads; torch.autograd.grad hands that buffer back as is (.grad
+        # on a leaf would clone it). The buffer then holds gradients, which the next step
+        # reads as logits: fine for timing.
+        buf = x0.clone()
 
         def step():
-            x = x0.detach().requires_grad_(True)
-            fn(x, labels).backward(g)
-            return x.grad
+            x = buf.detach().requires_grad_(True)
+            lp = cpo_fast.token_logprobs(x, labels, backend="cpu", inplace_backward=True)
+            return torch.autograd.grad(lp, x, g)[0]
 
         return step
+    fn = {"ours": lambda x, y: cpo_fast.token_logprobs(x, y, backend="cpu"),
+          "compile": torch.compile(eager, dynamic=False) if case["variant"] == "compile" else None,
+          "eager": eager}[case["variant"]]
 
-    if case["op"] == "linear":
-        d = case["d"]
-        h0 = torch.randn(N, d).to(dtype)
-        w0 = (torch.randn(V, d) / d**0.5 * 2).to(dtype)
-        train_w = case.get("train_weight", True)
+    def step():
+        x = x0.detach().requires_grad_(True)
+        fn(x, labels).backward(g)
+        return x.grad
 
-        def eager_fn(h, w, y):
-            z = (h @ w.T).float()
-            return torch.log_softmax(z, dim=-1).gather(-1, y[:, None]).squeeze(-1)
+    return step
 
-        if case["method"] == "ours":
-            fn = lambda h, w, y: cpo_fast.linear_token_logprobs(h, w, y, backend="cpu")
-        else:
-            fn = eager_fn
 
-        def step():
-            h = h0.detach().requires_grad_(True)
-            w = w0.detach().requires_grad_(train_w)
-            fn(h, w, labels).backward(g)
-            return h.grad, w.grad
+def _linear_step(case: dict):
+    import torch
 
-        return step
+    import cpo_fast
 
-    raise ValueError(case["op"])
+    dtype, (N, V, d) = getattr(torch, case["dtype"]), (case["N"], case["V"], case["d"])
+    labels, g = torch.randint(0, V, (N,)), torch.randn(N)
+    h0 = torch.randn(N, d).to(dtype)
+    w0 = (torch.randn(V, d) / d**0.5 * 2).to(dtype)
+
+    def eager(h, w, y):
+        return torch.log_softmax((h @ w.T).float(), dim=-1).gather(-1, y[:, None]).squeeze(-1)
+
+    fn = ((lambda h, w, y: cpo_fast.linear_token_logprobs(h, w, y, backend="cpu"))
+          if case["variant"] == "ours" else eager)
+
+    def step():
+        h = h0.detach().requires_grad_(True)
+        w = w0.detach().requires_grad_(case["train_weight"])
+        fn(h, w, labels).backward(g)
+        return h.grad, w.grad
+
+    return step
 
 
 def child(case: dict) -> dict:
+    """Run one case in this process: warm up, measure memory once, then time."""
     import torch
 
-    step = _make_step(case)
-    for _ in range(case.get("warmup", 1)):
+    torch.manual_seed(0)
+    if case["case"] == "copy":
+        return {**case, "status": "ok", **_common.copy_bandwidth("cpu", case["bytes"])}
+    step = (_logits_step if case["case"] == "logits" else _linear_step)(case)
+    for _ in range(case["warmup"]):
         step()
-    res: dict = {"case": case}
-    res["peak_extra_mb"] = _peak_extra_mb(step)
-    times = []
-    for _ in range(case.get("reps", 0)):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    if times:
-        res["times_s"] = times
-        res["median_s"] = statistics.median(times)
-        res["min_s"] = min(times)
-    res["threads"] = torch.get_num_threads()
-    if case["op"] == "copy" and times:
-        res["bandwidth_gbs"] = 2 * case["bytes"] / res["min_s"] / 1e9  # read + write
-    return res
+    row = {**case, "status": "ok", "peak_extra_bytes": _common.peak_extra_memory(step, "cpu")}
+    if case["reps"]:
+        row.update(_common.measure(step, "cpu", warmup=0, iters=case["reps"]))
+    return row
 
-
-# ---- parent side --------------------------------------------------------------------------
 
 def run_case(case: dict) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        return {"case": case, "error": proc.stderr.strip().splitlines()[-1:]}
+        return {**case, "status": "error: " + " ".join(proc.stderr.strip().splitlines()[-1:])}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+# ---- parent side ---------------------------------------------------------------------------
 
-
-def thp_mode() -> str:
-    try:
-        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
-    except OSError:
-        return "n/a"
-
-
-def fmt_ms(r: dict) -> str:
-    return f"{r['median_s'] * 1e3:9.1f}" if "median_s" in r else "      n/a"
+def cases(args: argparse.Namespace, shape: dict) -> list[dict]:
+    """Every case of the run, in run order (the copy first: it sets the floor)."""
+    N, V, d = shape["N"], shape["V"], shape["d"]
+    out: list[dict] = [{"case": "copy", "variant": "copy", "bytes": 512 << 20}]
+    for dtype in ("float32", "bfloat16"):
+        for m in LOGITS_VARIANTS:
+            if m == "compile" and args.no_compile:
+                continue
+            out.append({"case": "logits", "variant": m, "dtype": dtype, "N": N, "V": V,
+                        "reps": args.reps, "warmup": 2 if m == "compile" else 1})
+    for case, train_w in (("linear", True), ("linear_frozen", False)):
+        for m in ("ours", "eager"):
+            out.append({"case": case, "variant": m, "dtype": "float32", "N": N, "V": V, "d": d,
+                        "reps": args.linear_reps, "warmup": 1, "train_weight": train_w})
+    for v in shape["sweep_v"]:
+        for m in ("ours", "eager"):
+            out.append({"case": "linear_sweep", "variant": m, "dtype": "float32", "N": N, "V": v,
+                        "d": 256, "reps": 0, "warmup": 1, "train_weight": False})
+    return out
 
 
 def main() -> None:
@@ -199,128 +157,98 @@ def main() -> None:
     ap.add_argument("--linear-reps", type=int, default=2, help="timed runs per linear case")
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--render", metavar="JSON", help="re-render the report from a results JSON")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
+    ap.add_argument("--render", metavar="JSON", help="re-render the report of a results JSON")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-
     if args.render:
-        saved = json.loads(Path(args.render).read_text())
-        saved["meta"].setdefault("sweep_v", [16000, 32000, 64000])
-        text, summary = render(saved["meta"], saved["results"])
-        write(args, saved["meta"], summary, saved["results"], text)
+        record = json.loads(Path(args.render).read_text())
+        record["summary"] = summarize(record)
+        for p in _common.write_record(record, render, out_dir=args.out or Path(args.render).parent,
+                                      quick=record["settings"].get("quick", False)):
+            print("wrote", p)
         return
 
-    import torch
-
-    from cpo_fast import _C
-
-    N, V, d = (256, 4000, 256) if args.quick else (2048, 32000, 1024)
-    load_before = os.getloadavg()
-    results: dict = {"logits": {}, "linear": {}, "sweep": {}}
-
-    bw = run_case({"op": "copy", "method": "copy", "dtype": "float32", "N": 0, "V": 0,
-                   "bytes": 512 << 20, "reps": 5, "warmup": 2})
-    results["copy"] = bw
-    for dtype in ("float32", "bfloat16"):
-        methods = ["ours", "ours-inplace", "eager"] + ([] if args.no_compile else ["compile"])
-        for m in methods:
-            case = {"op": "logits", "method": m, "dtype": dtype, "N": N, "V": V,
-                    "reps": args.reps, "warmup": 2 if m == "compile" else 1}
-            results["logits"][f"{dtype}/{m}"] = run_case(case)
-            print(f"logits {dtype:8s} {m:8s} {fmt_ms(results['logits'][f'{dtype}/{m}'])} ms",
-                  flush=True)
-    results["linear_frozen"] = {}
-    for key, train_w in (("linear", True), ("linear_frozen", False)):
-        for m in ("ours", "eager"):
-            case = {"op": "linear", "method": m, "dtype": "float32", "N": N, "V": V, "d": d,
-                    "reps": args.linear_reps, "warmup": 1, "train_weight": train_w}
-            results[key][m] = run_case(case)
-            print(f"{key:13s} float32 {m:8s} {fmt_ms(results[key][m])} ms", flush=True)
-    sweep_v = (2000, 4000, 8000) if args.quick else (16000, 32000, 64000)
-    for v in sweep_v:
-        for m in ("ours", "eager"):
-            case = {"op": "linear", "method": m, "dtype": "float32", "N": N, "V": v,
-                    "d": 256, "reps": 0, "warmup": 1, "train_weight": False}
-            results["sweep"][f"{v}/{m}"] = run_case(case)
-    load_after = os.getloadavg()
-
-    # ---- report ----
-    ncores = os.cpu_count() or 1
-    bw_gbs = bw.get("bandwidth_gbs", float("nan"))
-    meta = {
-        "cpu_model": cpu_model(), "cores": ncores, "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(), "isa": _C.isa(),
-        "thp": thp_mode(), "loadavg_before": load_before, "loadavg_after": load_after,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "shapes": {"N": N, "V": V, "d": d},
-        "copy_bandwidth_gbs": bw_gbs,
-    }
-    meta["sweep_v"] = list(sweep_v)
-    text, summary = render(meta, results)
-    write(args, meta, summary, results, text)
-
-
-def write(args, meta: dict, summary: dict, results: dict, text: str) -> None:
+    shape = QUICK if args.quick else FULL
+    env = _common.environment("cpu")
+    rows = []
+    for case in cases(args, shape):
+        rows.append(run_case(case))
+        r = rows[-1]
+        print(f"{r['case']:13s} {r.get('dtype', ''):8s} {r['variant']:12s} "
+              f"{_common.fmt_ms(r) if case['case'] != 'copy' else r.get('status')}", flush=True)
+    copy = rows.pop(0)
+    floors = {k: copy.get(k) for k in ("copy_bandwidth_gbs", "copy_bytes", "copy_timing")}
+    record = {"environment": env, "rows": rows, "floors": floors}
+    summary = summarize(record)
+    settings = {**shape, "reps": args.reps, "linear_reps": args.linear_reps,
+                "quick": args.quick, "compile": not args.no_compile}
+    paths = _common.write_results("cpu", env, settings=settings, floors=floors, rows=rows,
+                                  summary=summary, markdown=render, out_dir=args.out,
+                                  quick=args.quick)
     print()
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu-{meta['cores']}core" + ("-quick" if args.quick else "")
-    (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps(
-        {"meta": meta, "summary": summary, "results": results}, indent=1))
-    print(f"wrote {out / stem}.md and .json")
+    print(paths[1].read_text())
+    print("wrote", *paths)
 
 
-def render(meta: dict, results: dict) -> tuple[str, dict]:
-    """The markdown report and the summary numbers, from the raw results."""
-    N, V, d = meta["shapes"]["N"], meta["shapes"]["V"], meta["shapes"]["d"]
-    ncores, bw_gbs, sweep_v = meta["cores"], meta["copy_bandwidth_gbs"], meta["sweep_v"]
-    load_before, load_after = meta["loadavg_before"], meta["loadavg_after"]
-    lines = [
-        f"# CPU benchmark ({ncores} cores)",
-        "",
-        f"- CPU: {meta['cpu_model']}, {ncores} cores, torch {meta['torch']} "
-        f"({meta['torch_threads']} threads), kernel build: {meta['isa']}, THP: {meta['thp']}",
-        f"- load average before / after: {tuple(round(x, 2) for x in load_before)} / "
-        f"{tuple(round(x, 2) for x in load_after)} (the machine is shared: a load above the "
-        "core count means other processes competed for the CPU during the run)",
-        f"- memory bandwidth (torch copy of 512 MiB, read + write): {bw_gbs:.1f} GB/s",
-        "- time: median fwd+bwd wall time; memory: peak RSS growth during one fwd+bwd "
-        "(the returned gradient included)",
-        "- ours = cpo_fast.token_logprobs(backend='cpu'); ours-inplace = the same with "
-        "inplace_backward=True (gradient written over the logits); eager / compile = "
-        "logits.float().log_softmax(-1).gather(-1, y) and its torch.compile",
-        "",
-        f"## Logits path, N={N}, V={V}",
-        "",
-        "| dtype | method | fwd+bwd ms | speedup vs eager | peak extra MiB | mem vs eager "
-        "| bandwidth floor ms | fraction of floor |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    summary: dict = {}
-    for dtype in ("float32", "bfloat16"):
-        eb = 4 if dtype == "float32" else 2
-        floor_ms = 3 * N * V * eb / (bw_gbs * 1e9) * 1e3
-        eager = results["logits"].get(f"{dtype}/eager", {})
-        for m in ("ours", "ours-inplace", "eager", "compile"):
-            r = results["logits"].get(f"{dtype}/{m}")
-            if r is None:
-                continue
-            if "error" in r:
-                lines.append(f"| {dtype} | {m} | error: {r['error']} | | | | | |")
-                continue
-            sp = eager["median_s"] / r["median_s"]
-            mr = r["peak_extra_mb"] / max(eager["peak_extra_mb"], 1e-9)
-            frac = floor_ms / (r["median_s"] * 1e3)
-            lines.append(
-                f"| {dtype} | {m} | {r['median_s'] * 1e3:.1f} | {sp:.2f}x | "
-                f"{r['peak_extra_mb']:.0f} | {mr:.2f} | {floor_ms:.1f} | {frac:.0%} |")
-            summary[f"logits/{dtype}/{m}"] = {"speedup_vs_eager": sp, "mem_vs_eager": mr,
-                                              "fraction_of_bw_floor": frac}
-    for key, title, flops in (
+# ---- report --------------------------------------------------------------------------------
+
+def _find(rows: list[dict], case: str, variant: str, **kw) -> dict:
+    for r in rows:
+        if r["case"] == case and r["variant"] == variant and all(r.get(k) == v for k, v in kw.items()):
+            return r
+    return {"status": "not run"}
+
+
+def _bytes_per_elem(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def summarize(record: dict) -> dict:
+    """Speed-up and memory against eager, fraction of the bandwidth floor, per case."""
+    rows, bw = record["rows"], record["floors"].get("copy_bandwidth_gbs") or float("nan")
+    out: dict = {}
+    for r in rows:
+        if "median_ms" not in r or r["case"] == "linear_sweep":
+            continue
+        eager = _find(rows, r["case"], "eager", dtype=r["dtype"])
+        if "median_ms" not in eager:
+            continue
+        key = f"{r['case']}/{r['dtype']}/{r['variant']}"
+        s = {"speedup_vs_eager": eager["median_ms"] / r["median_ms"],
+             "mem_vs_eager": (r["peak_extra_bytes"] or 0) / max(eager["peak_extra_bytes"] or 1, 1)}
+        if r["case"] == "logits":
+            floor_ms = 3 * r["N"] * r["V"] * _bytes_per_elem(r["dtype"]) / (bw * 1e9) * 1e3
+            s.update(floor_ms=floor_ms, fraction_of_floor=floor_ms / r["median_ms"])
+        out[key] = s
+    return out
+
+
+def render(record: dict) -> str:
+    """The markdown report, rendered from the record alone."""
+    st, fl, rows, summ = record["settings"], record["floors"], record["rows"], record["summary"]
+    N, V, d = st["N"], st["V"], st["d"]
+    lines = [f"# CPU benchmark ({record['environment']['cores']} cores)", "",
+             *_common.environment_lines(record),
+             f"- bandwidth floor: torch copy of {fl['copy_bytes'] >> 20} MiB, read + write, "
+             f"fastest of {fl['copy_timing']['iters']}: {fl['copy_bandwidth_gbs']:.1f} GB/s",
+             "- ours = cpo_fast.token_logprobs(backend='cpu'); ours-inplace = the same with "
+             "inplace_backward=True (gradient written over the logits); eager / compile = "
+             "logits.float().log_softmax(-1).gather(-1, y) and its torch.compile", "",
+             f"## Logits path, N={N}, V={V}", ""]
+    table = []
+    for r in (r for r in rows if r["case"] == "logits"):
+        s = summ.get(f"logits/{r['dtype']}/{r['variant']}", {})
+        table.append([r["dtype"], r["variant"], _common.fmt_ms(r),
+                      _x(s.get("speedup_vs_eager")), _common.fmt_mib(r.get("peak_extra_bytes")),
+                      _f(s.get("mem_vs_eager")), _f(s.get("floor_ms"), 1),
+                      _pct(s.get("fraction_of_floor"))])
+    lines.append(_common.fmt_table(
+        ["dtype", "variant", "fwd+bwd ms [p20, p80]", "speedup vs eager", "peak extra MiB",
+         "mem vs eager", "bandwidth floor ms", "fraction of floor"], table, "llrrrrrr"))
+    for case, title, flops in (
         ("linear", "weight trained",
          "FLOPs: fused 8NdV (forward, backward recompute, grad_hidden, grad_weight) vs eager "
          "6NdV; the fused op trades the recompute for never holding N x V logits."),
@@ -328,66 +256,56 @@ def render(meta: dict, results: dict) -> tuple[str, dict]:
          "FLOPs: fused 4NdV (logits, and sum_v p_v W_v accumulated in the forward; the "
          "backward is O(N d), no recompute) vs eager 4NdV (logits, grad_hidden)."),
     ):
-        if key not in results:  # results saved before this case existed
-            continue
-        lo, le = results[key]["ours"], results[key]["eager"]
-        lines += [
-            "",
-            f"## Fused linear, N={N}, d={d}, V={V}, float32 ({title})",
-            "",
-            "| method | fwd+bwd ms | speedup vs eager | peak extra MiB | mem vs eager |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for name, r in (("ours (fused, blocks)", lo), ("eager mm + log_softmax", le)):
-            if "error" in r or "error" in le:
-                lines.append(f"| {name} | error: {r.get('error', le.get('error'))} | | | |")
-                continue
-            sp = le["median_s"] / r["median_s"]
-            mr = r["peak_extra_mb"] / le["peak_extra_mb"]
-            lines.append(f"| {name} | {r['median_s'] * 1e3:.0f} | {sp:.2f}x | "
-                         f"{r['peak_extra_mb']:.0f} | {mr:.2f} |")
-        if "median_s" in lo and "median_s" in le:
-            summary[f"{key}/speedup_vs_eager"] = le["median_s"] / lo["median_s"]
-            summary[f"{key}/mem_vs_eager"] = lo["peak_extra_mb"] / le["peak_extra_mb"]
-        lines += ["", flops]
-    lines += [
-        "",
-        f"## Fused linear peak extra memory as V grows (N={N}, d=256, frozen weight)",
-        "",
-        "| V | ours MiB | eager MiB |",
-        "|---:|---:|---:|",
-    ]
-    for v in sweep_v:
-        o, e = results["sweep"][f"{v}/ours"], results["sweep"][f"{v}/eager"]
-        lines.append(f"| {v} | {o.get('peak_extra_mb', float('nan')):.0f} | "
-                     f"{e.get('peak_extra_mb', float('nan')):.0f} |")
-    lines += ["", "## Targets (issue 3)", ""]
-    fp = summary.get("logits/float32/ours", {})
-    lines.append(
-        f"- logits path fp32 >= 2.5x eager (design.md: 3x): "
-        f"{fp.get('speedup_vs_eager', float('nan')):.2f}x, "
-        f"{'met' if fp.get('speedup_vs_eager', 0) >= 3 else 'NOT met'}; peak extra memory "
-        f"<= 1/3 of eager: {fp.get('mem_vs_eager', float('nan')):.3f}, "
-        f"{'met' if fp.get('mem_vs_eager', 9) <= 1 / 3 + 1e-3 else 'NOT met'}")
-    sw = [results["sweep"].get(f"{v}/ours", {}).get("peak_extra_mb", float("nan"))
-          for v in sweep_v]
-    sw = ", ".join(f"{x:.0f}" for x in sw)
-    lines.append(f"- fused linear peak extra memory independent of V: {sw} MiB for V = "
-                 f"{list(sweep_v)} (eager grows linearly)")
-    sp = summary.get("linear/speedup_vs_eager", float("nan"))
-    lines.append(
-        f"- fused linear no slower than eager, weight trained: {sp:.2f}x, "
-        f"{'met' if sp >= 1 else 'NOT met'} (compute bound: 8NdV against 6NdV FLOPs, so "
-        "about 0.75x is the ceiling of a recompute design when the GEMMs dominate; not "
-        "addressed here)")
-    if "linear_frozen/speedup_vs_eager" in summary:
-        sp = summary["linear_frozen/speedup_vs_eager"]
-        mr = summary["linear_frozen/mem_vs_eager"]
-        lines.append(
-            f"- fused linear no slower than eager, weight frozen (LoRA): {sp:.2f}x, "
-            f"{'met' if sp >= 1 else 'NOT met'}, at {mr:.2f}x eager's peak extra memory "
-            "(4NdV FLOPs on both sides; ours never holds the N x V logits)")
-    return "\n".join(lines) + "\n", summary
+        table = []
+        for variant, name in (("ours", "ours (fused, blocks)"), ("eager", "eager mm + log_softmax")):
+            r = _find(rows, case, variant)
+            s = summ.get(f"{case}/float32/{variant}", {})
+            table.append([name, _common.fmt_ms(r, 0), _x(s.get("speedup_vs_eager")),
+                          _common.fmt_mib(r.get("peak_extra_bytes")), _f(s.get("mem_vs_eager"))])
+        lines += ["", f"## Fused linear, N={N}, d={d}, V={V}, float32 ({title})", "",
+                  _common.fmt_table(["variant", "fwd+bwd ms [p20, p80]", "speedup vs eager",
+                                     "peak extra MiB", "mem vs eager"], table, "lrrrr"),
+                  "", flops]
+    sweep = [[v, _common.fmt_mib(_find(rows, "linear_sweep", "ours", V=v).get("peak_extra_bytes")),
+              _common.fmt_mib(_find(rows, "linear_sweep", "eager", V=v).get("peak_extra_bytes"))]
+             for v in st["sweep_v"]]
+    lines += ["", f"## Fused linear peak extra memory as V grows (N={N}, d=256, frozen weight)", "",
+              _common.fmt_table(["V", "ours MiB", "eager MiB"], sweep, "rrr"), "",
+              "## Targets (docs/benchmarks.md)", "", *_targets(summ, sweep, st["sweep_v"])]
+    return "\n".join(lines) + "\n"
+
+
+def _targets(summ: dict, sweep: list[list], sweep_v: list[int]) -> list[str]:
+    met = lambda ok: "met" if ok else "NOT met"
+    fp = summ.get("logits/float32/ours", {})
+    sp, mr = fp.get("speedup_vs_eager", float("nan")), fp.get("mem_vs_eager", float("nan"))
+    lin = summ.get("linear/float32/ours", {}).get("speedup_vs_eager", float("nan"))
+    out = [f"- logits path fp32 >= 3x eager: {sp:.2f}x, {met(sp >= 3)}; peak extra memory "
+           f"<= 1/3 of eager: {mr:.3f}, {met(mr <= 1 / 3 + 1e-3)}",
+           f"- fused linear peak extra memory independent of V: "
+           f"{', '.join(str(r[1]) for r in sweep)} MiB for V = {sweep_v} (eager grows linearly)",
+           f"- fused linear no slower than eager, weight trained: {lin:.2f}x, {met(lin >= 1)} "
+           "(compute bound: 8NdV against 6NdV FLOPs, so about 0.75x is the ceiling of a "
+           "recompute design when the GEMMs dominate)"]
+    fr = summ.get("linear_frozen/float32/ours")
+    if fr:
+        out.append(f"- fused linear no slower than eager, weight frozen (LoRA): "
+                   f"{fr['speedup_vs_eager']:.2f}x, {met(fr['speedup_vs_eager'] >= 1)}, at "
+                   f"{fr['mem_vs_eager']:.2f}x eager's peak extra memory (4NdV FLOPs on both "
+                   "sides; ours never holds the N x V logits)")
+    return out
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _f(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0%}"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Fused-linear path: fwd+bwd time and peak memory against PyTorch eager, torch.compile,
 Liger-Kernel and Cut Cross-Entropy, with the FLOP floor.
 
-    python benchmarks/bench_linear.py                     # GPU: design.md's shapes
+    python benchmarks/bench_linear.py                     # GPU: the design shapes
     python benchmarks/bench_linear.py --N 16384 --V 128256 --d 4096   # one shape
     python benchmarks/bench_linear.py --cpu               # CPU: tiny shapes, exercises the script
     python benchmarks/bench_linear.py --cpu --smallest    # the smoke test's setting
@@ -20,17 +20,19 @@ weight [V, d] taken with torch.autograd.grad. Variants:
 Peers not installed are reported as skipped. Each case catches OOM and moves on.
 
 FLOP floor: 8 N d V (forward 2, backward recompute 2, grad_hidden 2, grad_weight 2) over
-the bf16 matmul rate measured in the same run (8192^3 on CUDA; fp32 1024^3 on CPU);
-"floor%" is floor time / measured time. Memory: peak bytes allocated during fwd+bwd
-beyond the inputs, and the same minus the two gradients ("extra"), which the design
+the matmul rate measured in the same run (bf16 8192^3 on CUDA; fp32 1024^3 on CPU);
+"floor %" is floor time / median time. Memory: peak bytes allocated during fwd+bwd
+beyond the inputs, and the same minus the two gradients ("scratch"), which the design
 bounds by 1% of the bf16 N x V logits at N=16384, V=128256, d=4096.
-Results: benchmarks/results/<device>-linear.{json,md}.
+Timing, memory, floor and the results record come from _common (docs/benchmarks.md);
+results: results/<device>-linear[-quick].{json,md} (--smallest counts as quick).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -41,13 +43,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true", help="CPU mode (automatic without CUDA)")
     p.add_argument("--smallest", action="store_true", help="one tiny shape, one iteration")
-    p.add_argument("--N", type=int, nargs="*", help="token counts (default: design.md)")
+    p.add_argument("--N", type=int, nargs="*", help="token counts (default: the design shapes)")
     p.add_argument("--V", type=int, nargs="*", help="vocabulary sizes")
     p.add_argument("--d", type=int, nargs="*", help="hidden widths")
     p.add_argument("--variants", nargs="*", help="subset of variants to run")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--out", type=Path, default=None, help="results folder")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
     return p.parse_args(argv)
 
 
@@ -62,7 +64,7 @@ if not CUDA and "triton" not in sys.modules:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
-from _common import environment, fmt_table, peak_extra_memory, time_fn  # noqa: E402
+from _common import fmt_mib, fmt_ms, fmt_table, measure, peak_extra_memory  # noqa: E402
 
 import cpo_fast  # noqa: E402
 from cpo_fast._backend import cpu_extension_available, triton_interpreting  # noqa: E402
@@ -120,15 +122,6 @@ def variants(cuda: bool) -> dict[str, Callable | tuple[Callable, dict] | Skip]:
     return out
 
 
-def matmul_rate(device: str) -> tuple[float, str]:
-    """Measured dense matmul FLOP/s: bf16 8192^3 on CUDA, fp32 1024^3 on the CPU."""
-    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (1024, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = time_fn(lambda: a @ b, device, warmup=3, iters=10)
-    return 2 * n**3 / (ms / 1e3), f"{str(dtype).removeprefix('torch.')} {n}^3"
-
-
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -161,10 +154,10 @@ def _run_case(fn: Callable, N: int, V: int, d: int, dtype: torch.dtype, device: 
         torch.autograd.grad((logp.float() * G).sum(), (h, w))
 
     peak = peak_extra_memory(step, device)  # first call: also the JIT / compile warm-up
-    ms = time_fn(step, device, warmup=max(warmup - 1, 0), iters=iters)
+    row = measure(step, device, warmup=max(warmup - 1, 0), iters=iters)
     grads = (N * d + V * d) * h.element_size()
-    return {"ms": ms, "peak_bytes": peak,
-            "extra_bytes": None if peak is None else peak - grads}
+    return {**row, "peak_extra_bytes": peak,
+            "scratch_bytes": None if peak is None else peak - grads}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -181,10 +174,10 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = args.warmup if args.warmup is not None else (0 if small else (3 if cuda else 1))
     iters = args.iters if args.iters is not None else (1 if small else (5 if cuda else 2))
 
-    env = environment(device)
-    rate, rate_what = matmul_rate(device)
-    env.update(matmul_flops=rate, matmul_measured=rate_what, dtype=str(dtype))
-    print(f"# fused-linear fwd+bwd on {env['device']} ({dtype}); matmul {rate_what}: "
+    env = _common.environment(device)
+    floors = _common.matmul_rate(device)
+    rate = floors["matmul_gflops"] * 1e9
+    print(f"# fused-linear fwd+bwd on {env['device']} ({dtype}); matmul {floors['matmul_shape']}: "
           f"{_flops(rate)}")
     fns = variants(cuda)
     if args.variants:
@@ -193,74 +186,68 @@ def main(argv: list[str] | None = None) -> dict:
     for d in Ds:
         for V in Vs:
             for N in Ns:
-                floor_ms = 8 * N * d * V / rate * 1e3
-                logits_bytes = N * V * 2
                 for name, fn in fns.items():
-                    row = {"variant": name, "N": N, "V": V, "d": d, "floor_ms": floor_ms,
-                           "logits_bf16_bytes": logits_bytes}
-                    if isinstance(fn, str):
-                        row["status"] = fn
-                    else:
-                        try:
-                            row.update(run_case(fn, N, V, d, dtype, device, warmup, iters))
-                            row["status"] = "ok"
-                            row["floor_frac"] = floor_ms / row["ms"]
-                        except Exception as e:  # noqa: BLE001 - one failure must not end the run
-                            why = f"error: {type(e).__name__}: {str(e)[:200]}"
-                            row["status"] = "oom" if _is_oom(e) else why
-                        finally:
-                            gc.collect()
-                            if cuda:
-                                torch.cuda.empty_cache()
-                    rows.append(row)
-                    _print_row(row)
-    markdown = _markdown(env, rows)
-    if args.out is not None:
-        old, _common.RESULTS = _common.RESULTS, args.out
-    try:
-        jpath, mpath = _common.write_results("linear", env, rows, markdown)
-    finally:
-        if args.out is not None:
-            _common.RESULTS = old
+                    rows.append(_row(name, fn, N, V, d, dtype, device, warmup, iters, rate))
+                    _print_row(rows[-1])
+    settings = {"dtype": str(dtype).removeprefix("torch."), "N": list(Ns), "V": list(Vs),
+                "d": list(Ds), "warmup": warmup, "iters": iters, "quick": small}
+    jpath, mpath = _common.write_results("linear", env, settings=settings, floors=floors,
+                                         rows=rows, markdown=_markdown, out_dir=args.out,
+                                         quick=small)
     print(f"wrote {jpath} and {mpath}")
-    return {"environment": env, "rows": rows, "json": str(jpath), "markdown": str(mpath)}
+    return {"record": json.loads(jpath.read_text()), "json": str(jpath), "markdown": str(mpath)}
+
+
+def _row(name: str, fn, N: int, V: int, d: int, dtype: torch.dtype, device: str, warmup: int,
+         iters: int, rate: float) -> dict:
+    """One variant at one shape: timing and memory, or why it did not run."""
+    floor_ms = 8 * N * d * V / rate * 1e3
+    row = {"variant": name, "N": N, "V": V, "d": d, "floor_ms": floor_ms,
+           "logits_bf16_bytes": N * V * 2}
+    if isinstance(fn, str):
+        return {**row, "status": fn}
+    try:
+        row.update(run_case(fn, N, V, d, dtype, device, warmup, iters), status="ok")
+        row["fraction_of_floor"] = floor_ms / row["median_ms"]
+    except Exception as e:  # noqa: BLE001 - one failure must not end the run
+        row["status"] = "oom" if _is_oom(e) else f"error: {type(e).__name__}: {str(e)[:200]}"
+    finally:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return row
 
 
 def _flops(rate: float) -> str:
     return f"{rate / 1e12:.1f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.1f} GFLOP/s"
 
 
-def _mb(b: int | None) -> str:
-    return "-" if b is None else f"{max(b, 0) / 2**20:.1f}"
-
-
 def _cells(r: dict) -> list[object]:
     ok = r["status"] == "ok"
-    extra = r.get("extra_bytes")
-    pct = "-" if not ok or extra is None else f"{100 * max(extra, 0) / r['logits_bf16_bytes']:.2f}"
-    return [r["N"], r["V"], r["d"], r["variant"],
-            f"{r['ms']:.2f}" if ok else r["status"], f"{r['floor_ms']:.3f}",
-            f"{100 * r['floor_frac']:.1f}" if ok else "-",
-            _mb(r.get("peak_bytes")) if ok else "-", _mb(extra) if ok else "-", pct]
+    scratch = r.get("scratch_bytes")
+    pct = "-" if not ok or scratch is None else f"{100 * max(scratch, 0) / r['logits_bf16_bytes']:.2f}"
+    return [r["N"], r["V"], r["d"], r["variant"], fmt_ms(r, 2), f"{r['floor_ms']:.3f}",
+            f"{100 * r['fraction_of_floor']:.1f}" if ok else "-",
+            fmt_mib(r.get("peak_extra_bytes")) if ok else "-", fmt_mib(scratch) if ok else "-", pct]
 
 
-HEADERS = ["N", "V", "d", "variant", "fwd+bwd ms", "floor ms", "floor %", "peak MiB",
-           "extra MiB", "extra % of logits"]
+HEADERS = ["N", "V", "d", "variant", "fwd+bwd ms [p20, p80]", "floor ms", "floor %",
+           "peak MiB", "scratch MiB", "scratch % of bf16 logits"]
 
 
 def _print_row(r: dict) -> None:
     print("  ".join(f"{h}={c}" for h, c in zip(HEADERS, _cells(r), strict=True)), flush=True)
 
 
-def _markdown(env: dict, rows: list[dict]) -> str:
-    head = (f"# Fused-linear path, fwd+bwd of sum_t G_t logp_t\n\n"
-            f"Device: {env['device']}; torch {env['torch']}, triton {env.get('triton')}; "
-            f"dtype {env['dtype']}; matmul rate {_flops(env['matmul_flops'])} "
-            f"({env['matmul_measured']}). Floor = 8 N d V / matmul rate. "
-            "'extra' = peak allocation during fwd+bwd minus the two gradients "
-            "(the design's target: < 1% of the bf16 logits).\n\n")
-    return head + fmt_table(HEADERS, [_cells(r) for r in rows]) + "\n"
-
+def _markdown(record: dict) -> str:
+    fl = record["floors"]
+    head = ("# Fused-linear path, fwd+bwd of sum_t G_t logp_t\n\n"
+            + "\n".join(_common.environment_lines(record)) + "\n"
+            f"- dtype {record['settings']['dtype']}; floor = 8 N d V / matmul rate "
+            f"({fl['matmul_shape']}, fastest of {fl['matmul_timing']['iters']}: "
+            f"{_flops(fl['matmul_gflops'] * 1e9)}); 'scratch' = peak extra memory during "
+            "fwd+bwd minus the two gradients (the design's target: < 1% of the bf16 logits)\n\n")
+    return head + fmt_table(HEADERS, [_cells(r) for r in record["rows"]]) + "\n"
 
 if __name__ == "__main__":
     main()

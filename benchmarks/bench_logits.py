@@ -1,6 +1,6 @@
 """Fused logits path: fwd+bwd time and peak memory against PyTorch eager and torch.compile.
 
-    python benchmarks/bench_logits.py            # GPU: design.md's shapes; CPU: small ones
+    python benchmarks/bench_logits.py            # GPU: the design shapes; CPU: small ones
     python benchmarks/bench_logits.py --quick    # one small shape (smoke test)
 
 For each shape (N tokens x V vocabulary, bf16 on the GPU / fp32 on the CPU) it times
@@ -12,7 +12,8 @@ no .grad accumulation copy is counted) for:
   - compile:       torch.compile of eager
 and reports the bandwidth floor: bytes = 2 reads + 1 write of N x V elements, over the
 device-to-device copy bandwidth (read + write) measured in the same run, and the fraction
-of that floor each variant reaches. Results go to benchmarks/results/<device>-logits.{json,md}.
+of that floor each variant reaches. Timing, memory, floor and the results record come from
+_common (docs/benchmarks.md); results: results/<device>-logits[-quick].{json,md}.
 """
 
 from __future__ import annotations
@@ -25,14 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    copy_bandwidth,
-    environment,
-    fmt_table,
-    peak_extra_memory,
-    time_fn,
-    write_results,
-)
+import _common  # noqa: E402
+from _common import fmt_mib, fmt_ms, fmt_table, measure, peak_extra_memory  # noqa: E402
 
 import cpo_fast  # noqa: E402
 
@@ -54,7 +49,7 @@ def variants(device: str) -> dict:
     }
 
 
-def run_case(fn, N: int, V: int, dtype: torch.dtype, device: str, iters: int) -> tuple[float, int | None]:
+def run_case(fn, N: int, V: int, dtype: torch.dtype, device: str, iters: int) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     base = torch.randn(N, V, generator=g, device=device, dtype=torch.float32).to(dtype)
     labels = torch.randint(0, V, (N,), generator=g, device=device)
@@ -67,12 +62,12 @@ def run_case(fn, N: int, V: int, dtype: torch.dtype, device: str, iters: int) ->
         (grad,) = torch.autograd.grad((fn(logits, labels) * G).sum(), logits)
         return grad
 
-    ms = time_fn(step, device, warmup=2, iters=iters)
-    mem = peak_extra_memory(step, device)
+    row = measure(step, device, warmup=2, iters=iters)
+    row["peak_extra_bytes"] = peak_extra_memory(step, device)
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    return ms, mem
+    return row
 
 
 def main() -> None:
@@ -83,54 +78,68 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--only", nargs="*", default=None, help="variants to run")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
     args = ap.parse_args()
     device = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     shapes = [(256, 4096)] if args.quick else (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
     iters = args.iters or (10 if device == "cuda" else 3)
-    env = environment(device)
-    bw = copy_bandwidth(device, (1 << 30) if device == "cuda" else (256 << 20))
-    env["copy_bandwidth_GBps"] = bw / 1e9
+    env = _common.environment(device)
+    floors = _common.copy_bandwidth(device, (1 << 30) if device == "cuda" else (256 << 20))
+    bw = floors["copy_bandwidth_gbs"] * 1e9
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}")
     print(f"measured copy bandwidth (read+write): {bw / 1e9:.1f} GB/s; dtype {dtype}")
     vs = variants(device)
     if args.only:
         vs = {k: v for k, v in vs.items() if k in args.only}
-    rows, table = [], []
+    rows = []
     esize = torch.finfo(dtype).bits // 8
     for N, V in shapes:
         floor_ms = 3 * N * V * esize / bw * 1e3
         for name, fn in vs.items():
+            row = dict(N=N, V=V, dtype=str(dtype).removeprefix("torch."), variant=name,
+                       floor_ms=floor_ms)
             try:
-                ms, mem = run_case(fn, N, V, dtype, device, iters)
+                row.update(run_case(fn, N, V, dtype, device, iters), status="ok")
+                row["fraction_of_floor"] = floor_ms / row["median_ms"]
             except torch.OutOfMemoryError:
-                ms, mem = None, None
+                row["status"] = "oom"
                 if device == "cuda":
                     torch.cuda.empty_cache()
-            frac = floor_ms / ms if ms else None
-            rows.append(dict(N=N, V=V, dtype=str(dtype), variant=name, ms=ms, peak_extra_bytes=mem,
-                             floor_ms=floor_ms, fraction_of_floor=frac))
-            table.append([N, V, name, f"{ms:.3f}" if ms else "OOM", f"{floor_ms:.3f}",
-                          f"{frac:.0%}" if frac else "-",
-                          f"{mem / 2**20:.1f}" if mem is not None else "-",
-                          f"{mem / (N * V * esize):.2f}" if mem is not None else "-"])
-            print(fmt_table(["N", "V", "variant", "fwd+bwd ms", "floor ms", "of floor",
-                             "peak extra MiB", "x logits size"], table[-1:]).splitlines()[-1], flush=True)
-    headers = ["N", "V", "variant", "fwd+bwd ms", "floor ms", "of floor", "peak extra MiB",
-               "x logits size"]
-    md = (f"# Logits path, {env['device']}\n\n"
-          f"torch {env['torch']}, triton {env['triton']}, dtype {dtype}, "
-          f"copy bandwidth {bw / 1e9:.1f} GB/s (read+write), threads {env['threads']}, "
-          f"load average {env['loadavg'][0]:.2f}.\n\n"
-          "Floor = (2 reads + 1 write of N x V) / copy bandwidth. Peak extra = peak memory of "
-          "one fwd+bwd beyond the inputs (CUDA allocator peak, or peak RSS on the CPU).\n\n"
-          + fmt_table(headers, table) + "\n")
-    print()
-    print(md)
-    if not args.no_write:
-        for p in write_results("logits", env, rows, md):
-            print("wrote", p)
+            rows.append(row)
+            print(fmt_table(HEADERS, [_cells(row, esize)]).splitlines()[-1], flush=True)
+    settings = {"dtype": str(dtype).removeprefix("torch."), "shapes": shapes, "iters": iters,
+                "warmup": 2, "quick": args.quick}
+    if args.no_write:
+        print()
+        print(fmt_table(HEADERS, [_cells(r, esize) for r in rows]))
+        return
+    for p in _common.write_results("logits", env, settings=settings, floors=floors, rows=rows,
+                                   markdown=render, out_dir=args.out, quick=args.quick):
+        print("wrote", p)
 
+
+HEADERS = ["N", "V", "variant", "fwd+bwd ms [p20, p80]", "floor ms", "of floor",
+           "peak extra MiB", "x logits size"]
+
+
+def _cells(r: dict, esize: int) -> list[object]:
+    mem = r.get("peak_extra_bytes")
+    frac = r.get("fraction_of_floor")
+    return [r["N"], r["V"], r["variant"], fmt_ms(r, 3), f"{r['floor_ms']:.3f}",
+            f"{frac:.0%}" if frac else "-", fmt_mib(mem),
+            f"{mem / (r['N'] * r['V'] * esize):.2f}" if mem is not None else "-"]
+
+
+def render(record: dict) -> str:
+    esize = torch.finfo(getattr(torch, record["settings"]["dtype"])).bits // 8
+    fl = record["floors"]
+    return (f"# Logits path, {record['environment']['device']}\n\n"
+            + "\n".join(_common.environment_lines(record)) + "\n"
+            f"- dtype {record['settings']['dtype']}; bandwidth floor = (2 reads + 1 write of "
+            f"N x V) / copy bandwidth ({fl['copy_bytes'] >> 20} MiB copy, read + write, "
+            f"fastest of {fl['copy_timing']['iters']}: {fl['copy_bandwidth_gbs']:.1f} GB/s)\n\n"
+            + fmt_table(HEADERS, [_cells(r, esize) for r in record["rows"]]) + "\n")
 
 if __name__ == "__main__":
     main()

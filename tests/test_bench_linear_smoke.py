@@ -21,10 +21,13 @@ def test_bench_linear_smallest(tmp_path: Path) -> None:
     out = mod.main(["--cpu", "--smallest", "--out", str(tmp_path)])
     data = json.loads(Path(out["json"]).read_text())
     rows = {r["variant"]: r for r in data["rows"]}
-    assert rows["reference"]["status"] == "ok" and rows["reference"]["ms"] > 0
+    assert rows["reference"]["status"] == "ok" and rows["reference"]["median_ms"] > 0
+    assert rows["reference"]["p20_ms"] <= rows["reference"]["median_ms"] <= rows["reference"]["p80_ms"]
     if os.environ.get("TRITON_INTERPRET") == "1":
         assert rows["ours-triton-interp"]["status"] == "ok"
     for peer in ("eager", "compile", "liger", "cce"):
         assert rows[peer]["status"].startswith("skipped")
     assert Path(out["markdown"]).read_text().startswith("# Fused-linear path")
-    assert data["environment"]["matmul_flops"] > 0
+    assert data["floors"]["matmul_gflops"] > 0
+    assert data["schema"] == "cpo_fast-bench/1" and data["benchmark"] == "linear"
+    assert Path(out["json"]).name.endswith("-linear-quick.json")
