@@ -136,7 +136,7 @@ def sequence_token_logprobs(
     with_entropy: bool = False,
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Per-token log-probs [B, T-1] float32 (0 where ``labels == -100``), optionally with
+    """Per-token log-probs [B, T-1] float32 (0 where ``labels == IGNORE_INDEX``), optionally with
     entropies, via the fused-linear op (no logits). ``batch`` comes from
     :func:`cpo_fast.pipeline.data.collate` (on the model's device). Differentiable."""
     h = last_hidden(model, batch["input_ids"], batch.get("attention_mask"))
