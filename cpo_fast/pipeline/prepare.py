@@ -27,7 +27,7 @@ from cpo_fast.pipeline.batches import DM_METHODS, TrainData
 from cpo_fast.pipeline.config import RunConfig, pinned_values
 from cpo_fast.pipeline.data import DataConfig, Encoded, OutcomeTable, encode, load_table
 from cpo_fast.pipeline.layout import RunLayout
-from cpo_fast.pipeline.persist import read_json, write_json
+from cpo_fast.pipeline.persist import WriteError, read_json, write_json
 from cpo_fast.pipeline.policy import load_causal_lm
 from cpo_fast.pipeline.runtime import pick_device, seed_everything
 
@@ -119,7 +119,11 @@ def prepare_data(cfg: RunConfig, lay: RunLayout, device, table, *, resume: bool)
     train_t, eval_t = table if table is not None else load_split(cfg)
     if len(train_t) < 2:
         raise ValueError(f"only {len(train_t)} training rows; need at least 2.")
-    lay.root.mkdir(parents=True, exist_ok=True)
+    try:
+        lay.root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(e.errno, f"--output-dir {str(lay.root)!r}: cannot create it "
+                         f"({e.strerror}); choose a writable directory.") from None
     cfg.save(lay.config)
     texts = list(train_t.texts) + (list(train_t.prompts) if train_t.prompts else [])
     tok = get_tokenizer(cfg, texts, lay)
