@@ -121,7 +121,9 @@ def _read_csv(path: Path, text: str, delimiter: str) -> tuple[list[str], list[di
 
 def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]:
     rows, cols = [], {}
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # "\n" only: str.splitlines() also splits at U+2028, U+0085, ... which JSON leaves raw
+    # inside strings.
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
