@@ -1,6 +1,6 @@
 """Direct-outcome data: load, validate, tokenize and batch.
 
-A *direct outcome dataset* (method.md section 1) has one text and one number per row.
+A *direct outcome dataset* (docs/math.md) has one text and one number per row.
 This module reads it from CSV/TSV, JSONL or Parquet with configurable column names,
 validates every row up front (errors name the row number and the column), tokenizes it as
 ``BOS + prompt + response + EOS`` and collates right-padded batches whose ``labels`` are

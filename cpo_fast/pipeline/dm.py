@@ -1,4 +1,4 @@
-"""The direct-method (DM) set x'_j of DR-CPO and OO-RLHF (method.md section 4).
+"""The direct-method (DM) set x'_j of DR-CPO and OO-RLHF (docs/math.md).
 
 The DM term ``(1/m) sum_j W'_j ghat(x'_j)`` estimates E_{P^f}[ghat(X)] on texts that need
 no outcome. Three sources (``RunConfig.dm_source``):
