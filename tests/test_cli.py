@@ -199,10 +199,3 @@ def test_errors_name_flags_and_leave_no_empty_dir(corpus, tmp_path, capsys):
     assert "--outcome-column" in err and "DataConfig" not in err
     assert not out.exists()
 
-
-def test_python_dash_m_cpo_fast(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "cpo_fast", "train", "--data", str(tmp_path / "x.csv"),
-                        "--output-dir", str(tmp_path / "o")], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2 and "--data" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "o").exists()

@@ -118,7 +118,7 @@ def test_sigint_saves_checkpoint_and_prints_resume(prepared, tmp_path, capsys):
     args = ["train", "--output-dir", str(run), *RUN, "--steps", "100000", "--save-every", "0",
             "--no-eval"]
     # Its own session: a background job of a non-interactive shell ignores SIGINT.
-    p = _subprocess(["-m", "cpo_fast", *args], start_new_session=True)
+    p = _subprocess(["-m", "cpo_fast", *args], start_new_session=True)  # also: python -m cpo_fast
     _wait_for_lines(run / "cpo" / "metrics.jsonl", 2, lambda: p.poll() is None)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
