@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cpo_fast.pipeline.data import DataConfig, load_table
@@ -101,3 +101,21 @@ def test_data_files_load_or_fail_clearly(tmp_path, rows, fmt, encoding, quoting,
         table = load_table(DataConfig(path=str(path)))
         assert table.texts == [t for t, _ in rows]
         assert list(table.outcomes) == pytest.approx([float(y) for _, y in rows], rel=1e-12)
+
+
+clean_texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                      min_size=1, max_size=15).filter(str.strip)
+clean_rows = st.lists(st.tuples(clean_texts, st.floats(-1e6, 1e6)), min_size=1, max_size=4)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=clean_rows, fmt=st.sampled_from(["csv", "tsv", "jsonl", "parquet"]),
+       encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16"]),
+       quoting=st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL, csv.QUOTE_NONNUMERIC]))
+@example(rows=[("a\u2028b", 1.0)], fmt="jsonl", encoding="utf-8", quoting=csv.QUOTE_MINIMAL)
+def test_clean_files_round_trip(tmp_path, rows, fmt, encoding, quoting):
+    """Any valid file loads exactly (a JSONL text holding U+2028 used to split its line)."""
+    path = _write(tmp_path, fmt, rows, encoding, quoting, None)
+    table = load_table(DataConfig(path=str(path)))
+    assert table.texts == [t for t, _ in rows]
+    assert list(table.outcomes) == [float(y) for _, y in rows]
