@@ -298,7 +298,9 @@ def _remove_if_empty(path: Path) -> None:
 
 
 def _resume_hint(args, cfg_out: Path | None) -> str:
-    cmd = "train" if args.command in ("train", "demo") else args.command
+    if args.command in ("demo", "generate", "evaluate"):  # no --resume: finished stages are reused
+        return f"the same cpo-fast {args.command} command"
+    cmd = args.command
     method = f" --method {args.method}" if getattr(args, "method", None) else ""
     return f"cpo-fast {cmd} --output-dir {shlex.quote(str(cfg_out))}{method} --resume"
 
