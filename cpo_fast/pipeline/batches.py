@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cpo_fast.pipeline.config import RunConfig
 from cpo_fast.pipeline.data import Encoded, collate
 
 IPW_METHODS = ("cpo", "dr_cpo")
@@ -70,13 +71,14 @@ def make_batch(enc: Encoded, idx, pad_id: int, device, ref, outcomes=None, lp=No
     return {k: v.to(device) for k, v in b.items()}
 
 
-def micro_batch(data: TrainData, k: int, *, batch_size: int, dm_batch_size: int, seed: int,
-                method: str, pad_id: int, device) -> tuple[dict, dict | None]:
-    """Micro-batch ``k``: the training rows and, for DR-CPO/OO-RLHF, the DM rows."""
-    idx = data.rows[batch_indices(len(data.rows), batch_size, k, seed)]
+def micro_batch(data: TrainData, k: int, *, cfg: RunConfig, pad_id: int,
+                device) -> tuple[dict, dict | None]:
+    """Micro-batch ``k`` of a run with settings ``cfg``: the training rows and, for
+    DR-CPO/OO-RLHF, the DM rows (their own permutations: seed + 1)."""
+    idx = data.rows[batch_indices(len(data.rows), cfg.batch_size, k, cfg.seed)]
     batch = make_batch(data.enc, idx, pad_id, device, data.ref, data.outcomes,
                        data.log_propensity, data.ghat)
-    if method not in DM_METHODS:
+    if cfg.method not in DM_METHODS:
         return batch, None
-    didx = batch_indices(len(data.dm_enc), dm_batch_size, k, seed + 1)
+    didx = batch_indices(len(data.dm_enc), cfg.dm_batch_size, k, cfg.seed + 1)
     return batch, make_batch(data.dm_enc, didx, pad_id, device, data.dm_ref, ghat=data.dm_ghat)

@@ -50,8 +50,7 @@ def train(model, data: TrainData, cfg: RunConfig, out_dir: str | Path, *, pad_id
     if not params:
         raise ValueError("the model has no trainable parameters.")
     opt, sched = make_optimizer(params, cfg)
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16,
-                    enabled=cfg.bf16 and device.type == "cuda")
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     run_keys = pinned_values(cfg, "resume")
     # 2. resume
     state = restore(out_dir, model, opt, sched, run_keys=run_keys, resume=resume, desc=desc)
@@ -71,10 +70,8 @@ def train(model, data: TrainData, cfg: RunConfig, out_dir: str | Path, *, pad_id
             t0, losses, outs, tokens = time.perf_counter(), [], [], 0
             for micro in range(cfg.grad_accum):
                 # a. data
-                batch, dm_batch = micro_batch(
-                    data, step * cfg.grad_accum + micro, batch_size=cfg.batch_size,
-                    dm_batch_size=cfg.dm_batch_size, seed=cfg.seed, method=cfg.method,
-                    pad_id=pad_id, device=device)
+                batch, dm_batch = micro_batch(data, step * cfg.grad_accum + micro, cfg=cfg,
+                                              pad_id=pad_id, device=device)
                 tokens += sum(int(b["attention_mask"].sum()) for b in (batch, dm_batch) if b)
                 # b. forward
                 with torch.autocast(**autocast):
