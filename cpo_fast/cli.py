@@ -8,21 +8,37 @@
     cpo-fast evaluate --output-dir DIR [--model-dir DIR]      generations + off-policy V
 
 Every option of ``RunConfig`` (cpo_fast/pipeline/config.py) is a flag and a YAML key
-(``--config run.yaml``; flags override it). Stages cache their results in
-``--output-dir`` (tokenizer, f0/, cache/, dm_*.jsonl), so later commands reuse them.
-Errors in the input (unknown column, bad method name, missing file) exit with status 2 and
-one line saying what to change.
+(``--config run.yaml``; flags override it). Each command saves its settings in
+``OUTPUT_DIR/config.json`` and later commands on the same ``--output-dir`` start from them,
+so ``cpo-fast evaluate --output-dir DIR`` needs no other flag. Stages cache their results
+in ``--output-dir`` (layout: cpo_fast/pipeline/layout.py, docs/pipeline.md), so later
+commands reuse them. Errors in the input (unknown column, bad method name, missing file)
+exit with status 2 and one line saying what to change; Ctrl-C during training saves a
+checkpoint and prints the ``--resume`` command.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-from cpo_fast.pipeline.config import METHODS, add_config_flags, config_from
+from cpo_fast.pipeline.config import (
+    FIELDS,
+    METHODS,
+    RunConfig,
+    add_config_flags,
+    config_from,
+    load_yaml,
+    saved_settings,
+)
+from cpo_fast.pipeline.layout import RunLayout
+from cpo_fast.pipeline.signals import TrainingInterrupted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,9 +65,11 @@ def _parser() -> argparse.ArgumentParser:
                         ("evaluate", "score generations and estimate V off-policy")):
         s = sub.add_parser(name, help=help_)
         add_config_flags(s)
-        if name == "train":
+        if name in ("train", "precompute", "fit-outcome"):
             s.add_argument("--resume", action="store_true",
-                           help="continue from OUTPUT_DIR/METHOD/checkpoint exactly")
+                           help="continue an interrupted run exactly from its checkpoint "
+                                "(OUTPUT_DIR/f0/ and, for train, OUTPUT_DIR/METHOD/)")
+        if name == "train":
             s.add_argument("--no-eval", action="store_true", help="skip the evaluation")
         if name in ("generate", "evaluate"):
             s.add_argument("--model-dir", default=None,
@@ -59,40 +77,49 @@ def _parser() -> argparse.ArgumentParser:
                                 "OUTPUT_DIR/METHOD/model; 'f0' for f_0 itself")
         if name == "generate":
             s.add_argument("--out", default=None, help="JSONL of samples (default "
-                                                       "OUTPUT_DIR/METHOD/samples.jsonl)")
+                                                       "OUTPUT_DIR/samples/NAME.jsonl)")
     return p
 
 
 def load_policy(prep, model_dir: str | Path):
     """A trained policy: a peft adapter on f_0, or a full model directory."""
-    from cpo_fast.pipeline.train import load_causal_lm
+    from cpo_fast.pipeline.policy import load_policy as _load
 
-    md = Path(model_dir)
-    if (md / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(load_causal_lm(prep.f0_dir, prep.device), md)
-    if (md / "config.json").is_file():
-        return load_causal_lm(md, prep.device)
-    raise FileNotFoundError(f"--model-dir {str(md)!r}: no adapter_config.json or config.json "
-                            "there; train first (cpo-fast train) or point to a model directory.")
+    return _load(prep.f0_dir, model_dir, prep.device)
 
 
 def _policy(prep, cfg, model_dir: str | None):
     if model_dir == "f0":
         return prep.load_f0(), "f_0"
-    md = model_dir or str(Path(cfg.output_dir) / cfg.method / "model")
+    md = model_dir or str(RunLayout(cfg.output_dir).method(cfg.method) / "model")
     return load_policy(prep, md), cfg.method
 
 
+def _explicit(args) -> set[str]:
+    """Config fields this invocation sets itself (flags or --config)."""
+    keys = {k for k, v in vars(args).items() if k in FIELDS and v is not None}
+    if getattr(args, "config", None):
+        keys |= set(load_yaml(args.config))
+    return keys
+
+
+def run_config(args) -> RunConfig:
+    """This command's settings: those saved in --output-dir by earlier commands (the run's
+    one source of truth: OUTPUT_DIR/config.json, then OUTPUT_DIR/<method>/config.json),
+    overridden by --config and by flags. So `generate --output-dir DIR` needs nothing else."""
+    probe = config_from(args)
+    lay = RunLayout(probe.output_dir)
+    top = saved_settings(lay.config)
+    method = probe.method if "method" in _explicit(args) else top.get("method", probe.method)
+    base = {**top, **saved_settings(lay.method(method) / "config.json"), "method": method}
+    return config_from(args, base=base)
+
+
 def cmd_demo(args) -> int:
-    from cpo_fast.pipeline.config import FIELDS
     from cpo_fast.pipeline.demo import run_demo
 
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
     if args.config:
-        from cpo_fast.pipeline.config import load_yaml
-
         overrides = {**load_yaml(args.config), **overrides}
     out = overrides.pop("output_dir", "runs/demo")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -102,41 +129,66 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from cpo_fast.pipeline.evaluate import evaluate_model, write_eval
-    from cpo_fast.pipeline.plots import outcome_bars, training_curves, weight_histogram
+    from cpo_fast.pipeline.plots import training_curves, weight_histogram
     from cpo_fast.pipeline.train import prepare, train_policy
 
-    cfg = config_from(args)
+    cfg = run_config(args)
     t0 = time.perf_counter()
-    out = Path(cfg.output_dir)
     prep = prepare(cfg, resume=args.resume)
-    cfg.save(out / "config.json")
+    mdir = prep.layout.method(cfg.method)
+    cfg.save(mdir / "config.json")
     print(f"[train] {len(prep.train_table)} training rows, "
           f"{0 if prep.eval_table is None else len(prep.eval_table)} held out; ghat "
           f"out-of-fold R^2 = {prep.outcome_fit.r2:.3f}")
     policy, summary = train_policy(prep, cfg, resume=args.resume)
     print(f"[train] {cfg.method}: {summary['steps_done']}/{cfg.steps} steps, last loss "
-          f"{summary.get('loss')}, ESS {summary.get('ess')}  ({time.perf_counter() - t0:.0f}s)")
-    mdir = out / cfg.method
+          f"{_fmt(summary.get('loss'))}, ESS {_fmt(summary.get('ess'))}  "
+          f"({time.perf_counter() - t0:.0f}s)")
     training_curves({cfg.method: mdir / "metrics.jsonl"}, mdir / "plots" / "training.png")
     weight_histogram({cfg.method: mdir / "metrics.jsonl"}, mdir / "plots" / "weights.png")
-    result = {"train": summary, "seconds": time.perf_counter() - t0}
+    result: dict = {"train": summary}
     if summary["finished"] and not args.no_eval:
-        before = evaluate_model(prep, prep.load_f0(), name="f_0")
-        after = evaluate_model(prep, policy, name=cfg.method)
-        write_eval(before, mdir / "eval" / "f_0.json")
-        write_eval(after, mdir / "eval" / f"{cfg.method}.json")
-        outcome_bars({"f_0": before, cfg.method: after}, "ghat", mdir / "plots" / "outcome.png")
-        for r in (before, after):
-            op = r.get("off_policy") or {}
-            print(f"[eval] {r['name']:8s} generations: {_scores(r)}; "
-                  f"off-policy {json.dumps(_brief(op))}")
-        result.update(f0={k: v for k, v in before.items() if k != "samples"},
-                      policy={k: v for k, v in after.items() if k != "samples"})
+        result.update(_evaluate_pair(prep, policy, cfg))
     result["seconds"] = time.perf_counter() - t0
-    (mdir / "results.json").write_text(json.dumps(result, indent=2, default=float))
-    print(f"[train] wrote {mdir}/ (model/, checkpoint/, metrics.jsonl, plots/, results.json)")
+    update_results(mdir / "results.json", result)
+    print(f"[train] wrote {mdir}/ (model/, checkpoint/, metrics.jsonl, plots/, results.json) "
+          f"and {prep.layout.root / 'eval'}/")
     return 0
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def update_results(path: Path, new: dict) -> dict:
+    """results.json is only extended: this run's fields replace theirs, every other field
+    (an earlier evaluation, say) is kept; the file is rewritten whole, atomically."""
+    from cpo_fast.pipeline.persist import read_json, write_json
+
+    old = read_json(path) if path.is_file() else {}
+    merged = {**old, **new}
+    write_json(path, merged)
+    return merged
+
+
+def _evaluate_pair(prep, policy, cfg) -> dict:
+    """f_0 and the trained policy: generations scored, off-policy estimates (eval/)."""
+    from cpo_fast.pipeline.evaluate import evaluate_model, write_eval
+    from cpo_fast.pipeline.plots import outcome_bars
+
+    lay, mdir = prep.layout, prep.layout.method(cfg.method)
+    before = evaluate_model(prep, prep.load_f0(), name="f_0")
+    after = evaluate_model(prep, policy, name=cfg.method)
+    write_eval(before, lay.eval("f_0"))
+    write_eval(after, lay.eval(cfg.method))
+    outcome_bars({"f_0": before, cfg.method: after}, "ghat", mdir / "plots" / "outcome.png")
+    for r in (before, after):
+        op = r.get("off_policy") or {}
+        print(f"[eval] {r['name']:8s} generations: {_scores(r)}; "
+              f"off-policy {json.dumps(_brief(op))}")
+    return {"f0": {k: v for k, v in before.items() if k != "samples"},
+            "policy": {k: v for k, v in after.items() if k != "samples"},
+            "evaluated_step": cfg.steps}
 
 
 def _scores(res: dict) -> str:
@@ -161,33 +213,32 @@ def _brief(op: dict) -> dict:
 
 
 def cmd_precompute(args) -> int:
-    from cpo_fast.pipeline.train import prepare
+    from cpo_fast.pipeline.prepare import prepare
 
-    cfg = config_from(args)
-    prep = prepare(cfg, until="precompute")
+    prep = prepare(run_config(args), until="precompute", resume=args.resume)
     lp = [float(r.sum()) for r in prep.train_ref]
     print(f"[precompute] f_0 at {prep.f0_dir}; {len(lp)} training rows cached under "
-          f"{prep.out / 'cache'}; mean log P^R = {sum(lp) / max(1, len(lp)):.2f}")
+          f"{prep.layout.cache}; mean log P^R = {sum(lp) / max(1, len(lp)):.2f}")
     return 0
 
 
 def cmd_fit_outcome(args) -> int:
-    from cpo_fast.pipeline.train import prepare
+    from cpo_fast.pipeline.prepare import prepare
 
-    cfg = config_from(args)
-    prep = prepare(cfg, until="outcome")
+    prep = prepare(run_config(args), until="outcome", resume=args.resume)
     f = prep.outcome_fit
     print(f"[fit-outcome] {f.kind}, {f.folds}-fold cross-fitted: out-of-fold R^2 = {f.r2:.4f}, "
-          f"RMSE = {f.rmse:.4f} (written to {prep.out / 'outcome_model.json'})")
+          f"RMSE = {f.rmse:.4f} (written to {prep.layout.outcome_model})")
     return 0
 
 
 def cmd_generate(args) -> int:
     from cpo_fast.pipeline.evaluate import generation_prompts
     from cpo_fast.pipeline.generate import generate_texts
-    from cpo_fast.pipeline.train import predict_outcome, prepare
+    from cpo_fast.pipeline.persist import write_text
+    from cpo_fast.pipeline.prepare import predict_outcome, prepare
 
-    cfg = config_from(args)
+    cfg = run_config(args)
     prep = prepare(cfg, until="outcome")
     model, name = _policy(prep, cfg, args.model_dir)
     texts, prompts = generate_texts(model, prep.tokenizer, cfg.num_samples,
@@ -196,12 +247,10 @@ def cmd_generate(args) -> int:
                                     temperature=cfg.temperature, top_k=cfg.top_k,
                                     batch_size=cfg.batch_size_eval, progress=cfg.progress)
     ghat = predict_outcome(prep, texts, prompts)
-    path = Path(args.out or Path(cfg.output_dir) / name / "samples.jsonl")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for i, t in enumerate(texts):
-            f.write(json.dumps({"text": t, "ghat": float(ghat[i]),
-                                **({"prompt": prompts[i]} if prompts else {})}) + "\n")
+    path = Path(args.out) if args.out else prep.layout.samples(name)
+    write_text(path, "".join(json.dumps({"text": t, "ghat": float(ghat[i]),
+                                         **({"prompt": prompts[i]} if prompts else {})}) + "\n"
+                             for i, t in enumerate(texts)))
     print(f"[generate] {len(texts)} samples from {name} -> {path} (mean ghat "
           f"{float(ghat.mean()):.4f})")
     for t in texts[:5]:
@@ -211,13 +260,13 @@ def cmd_generate(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from cpo_fast.pipeline.evaluate import evaluate_model, write_eval
-    from cpo_fast.pipeline.train import prepare
+    from cpo_fast.pipeline.prepare import prepare
 
-    cfg = config_from(args)
+    cfg = run_config(args)
     prep = prepare(cfg, until="outcome")
     model, name = _policy(prep, cfg, args.model_dir)
     res = evaluate_model(prep, model, name=name)
-    path = Path(cfg.output_dir) / "eval" / f"{name}.json"
+    path = prep.layout.eval(name)
     write_eval(res, path)
     print(f"[evaluate] {name}: generations: {_scores(res)}; off-policy "
           f"{json.dumps(_brief(res.get('off_policy') or {}))} -> {path}")
@@ -228,14 +277,71 @@ COMMANDS = {"demo": cmd_demo, "train": cmd_train, "precompute": cmd_precompute,
             "fit-outcome": cmd_fit_outcome, "generate": cmd_generate, "evaluate": cmd_evaluate}
 
 
+def _output_dir(args) -> Path | None:
+    """The output directory this command will write (best effort, before any work)."""
+    try:
+        out = getattr(args, "output_dir", None)
+        if out is None and getattr(args, "config", None):
+            out = load_yaml(args.config).get("output_dir")
+    except (OSError, ValueError):
+        return None
+    return Path(out or ("runs/demo" if args.command == "demo" else FIELDS["output_dir"].default))
+
+
+def _remove_if_empty(path: Path) -> None:
+    """Delete ``path`` when it holds no file at all (only empty directories, if any)."""
+    if not path.is_dir() or any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
+        return
+    for d in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        d.rmdir()
+    path.rmdir()
+
+
+def _resume_hint(args, cfg_out: Path | None) -> str:
+    if args.command in ("demo", "generate", "evaluate"):  # no --resume: finished stages are reused
+        return f"the same cpo-fast {args.command} command"
+    cmd = args.command
+    method = f" --method {args.method}" if getattr(args, "method", None) else ""
+    return f"cpo-fast {cmd} --output-dir {shlex.quote(str(cfg_out))}{method} --resume"
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # outside the training loop SIGTERM stops like Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Exit status: 0 done; 2 bad input (one line says what to change);
+    1 a file could not be written; 128 + signal number when interrupted (130 for Ctrl-C)."""
     args = _parser().parse_args(argv)
+    out = _output_dir(args)
+    existed = out is not None and out.exists()
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         return COMMANDS[args.command](args)
+    except TrainingInterrupted as e:
+        print(f"cpo-fast {args.command}: {e}.\nContinue with: {_resume_hint(args, out)}",
+              file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print(f"cpo-fast {args.command}: interrupted; the last checkpoint (if any) is intact. "
+              f"Continue with: {_resume_hint(args, out)}", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"cpo-fast {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"cpo-fast {args.command}: error: {e.strerror or e}", file=sys.stderr)
+        return 1
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        if out is not None and not existed:
+            _remove_if_empty(out)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

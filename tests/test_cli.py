@@ -76,17 +76,20 @@ def test_train_stop_resume_and_other_subcommands(corpus, tmp_path, capsys):
     assert "out-of-fold R^2" in capsys.readouterr().out
     # Interrupted after 2 of 3 steps, then resumed: the run finishes and evaluates.
     assert main(["train", *common, "--method", "dr_cpo", "--stop-after", "2"]) == 0
-    state = out / "dr_cpo" / "checkpoint" / "state.pt"
-    assert state.is_file() and not (out / "dr_cpo" / "model").exists()
+    ckpt = out / "dr_cpo" / "checkpoint"
+    assert (ckpt / "state.json").is_file() and (ckpt / "tensors.safetensors").is_file()
+    assert not (out / "dr_cpo" / "model").exists()
+    capsys.readouterr()
     assert main(["train", *common, "--method", "dr_cpo", "--resume"]) == 0
     text = capsys.readouterr().out
     assert "3/3 steps" in text and "[eval] dr_cpo" in text
+    assert "resuming from step 2" in text
     res = json.loads((out / "dr_cpo" / "results.json").read_text())
     assert {"ipw", "snips", "dr"} <= set(res["policy"]["off_policy"])
     for png in ("training.png", "weights.png", "outcome.png"):
         assert (out / "dr_cpo" / "plots" / png).stat().st_size > 1000
     assert main(["generate", *common, "--method", "dr_cpo", "--num-samples", "4"]) == 0
-    lines = (out / "dr_cpo" / "samples.jsonl").read_text().splitlines()
+    lines = (out / "samples" / "dr_cpo.jsonl").read_text().splitlines()
     assert len(lines) == 4 and "ghat" in json.loads(lines[0])
     capsys.readouterr()
     assert main(["evaluate", *common, "--model-dir", "f0",
@@ -124,3 +127,75 @@ def test_emobank_train(tmp_path, capsys):
     res = json.loads((out / "dr_cpo" / "results.json").read_text())
     assert res["train"]["finished"] and res["policy"]["off_policy"]["n"] == 60
     assert 1.0 <= res["policy"]["ghat"]["mean"] <= 5.0
+
+
+# ----------------------------------------------------------------------------- issue 12
+
+@pytest.fixture(scope="module")
+def finished_run(corpus, tmp_path_factory):
+    """A finished, evaluated dr_cpo run (module-shared: the tests below only add to it)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", "--data", str(corpus), "--output-dir", str(out), "--method", "dr_cpo",
+                 "--group-column", "group", *TINY]) == 0
+    return out
+
+
+def test_resume_no_eval_keeps_results(finished_run, capsys):
+    """Item 4: `--resume --no-eval` on a finished run keeps every field of results.json and
+    prints the real last loss and ESS (was: results replaced, 'last loss None, ESS None')."""
+    path = finished_run / "dr_cpo" / "results.json"
+    before = json.loads(path.read_text())
+    assert {"train", "f0", "policy"} <= set(before)
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(finished_run), "--resume", "--no-eval"]) == 0
+    text = capsys.readouterr().out
+    assert "resuming from step 3" in text and "None" not in text
+    loss = before["train"]["loss"]
+    assert f"last loss {loss:.4g}, ESS {before['train']['ess']:.4g}" in text
+    after = json.loads(path.read_text())
+    assert set(before) <= set(after)
+    assert after["policy"] == before["policy"] and after["f0"] == before["f0"]
+    assert after["train"]["loss"] == loss and after["train"]["finished"]
+
+
+def test_commands_read_the_saved_settings(finished_run, capsys):
+    """Item 7: generate/evaluate/precompute need only --output-dir; outputs land in the
+    documented places (samples/NAME.jsonl, eval/NAME.json), the same for train and evaluate."""
+    out = str(finished_run)
+    assert (finished_run / "eval" / "dr_cpo.json").is_file()  # written by train
+    assert (finished_run / "eval" / "f_0.json").is_file()
+    assert main(["precompute", "--output-dir", out]) == 0
+    assert main(["generate", "--output-dir", out, "--num-samples", "3"]) == 0
+    assert len((finished_run / "samples" / "dr_cpo.jsonl").read_text().splitlines()) == 3
+    (finished_run / "eval" / "dr_cpo.json").unlink()
+    assert main(["evaluate", "--output-dir", out]) == 0
+    assert json.loads((finished_run / "eval" / "dr_cpo.json").read_text())["name"] == "dr_cpo"
+    assert main(["generate", "--output-dir", out, "--model-dir", "f0", "--num-samples", "2"]) == 0
+    assert (finished_run / "samples" / "f_0.jsonl").is_file()
+    assert "error" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "demo"])
+def test_help_shows_each_default_once(command, capsys):
+    """Item 8: '(default: cuda when available) (default: None)' was printed."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    import re
+
+    text = " ".join(capsys.readouterr().out.split())
+    assert not re.search(r"default:[^()]*\) \(default:", text)
+    assert "(default: cuda when available)" in text
+
+
+def test_errors_name_flags_and_leave_no_empty_dir(corpus, tmp_path, capsys):
+    """Item 8: errors name the flag, not DataConfig.path; a failed run leaves no empty dir."""
+    out = tmp_path / "new" / "run"
+    assert main(["train", "--data", str(tmp_path / "nope.csv"), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "DataConfig" not in err
+    assert main(["train", "--data", str(corpus), "--outcome-column", "rating",
+                 "--output-dir", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "--outcome-column" in err and "DataConfig" not in err
+    assert not out.exists()
+

@@ -234,3 +234,21 @@ def test_evaluate_and_plots(prep, tmp_path):
                  weight_histogram({"cpo": m}, tmp_path / "b.png"),
                  outcome_bars({"f_0": res, "x": res}, "oracle", tmp_path / "c.png")):
         assert path.stat().st_size > 1000
+
+
+def test_pins_are_declared_on_the_config_fields():
+    """The prepare/resume keys live on the fields (config.py); these are the sets the
+    pipeline has always used, so cached stages and checkpoints keep their meaning."""
+    from cpo_fast.pipeline.config import FIELDS, pinned
+
+    assert set(pinned("prepare")) == {
+        "data", "text_column", "prompt_column", "max_rows", "eval_fraction", "seed",
+        "max_tokens", "on_too_long", "tokenizer", "vocab_size", "base_model", "f0_model", "arch",
+        "hidden_size", "num_layers", "num_heads", "f0_steps", "f0_lr", "f0_batch_size"}
+    assert set(pinned("resume")) == {
+        "method", "weighting", "steps", "batch_size", "grad_accum", "lr", "weight_decay",
+        "warmup_steps", "grad_clip", "lora", "lora_r", "lora_alpha", "lora_dropout",
+        "length_normalize", "entropy_coef", "kl_coef", "max_log_weight", "truncation",
+        "clip_eps", "top_quantile", "dm_batch_size", "seed", "higher_is_better"}
+    assert {n for n, f in FIELDS.items() if f.metadata.get("local")} == {
+        "stop_after", "progress", "threads", "device", "output_dir"}

@@ -1,6 +1,7 @@
 """Pipeline on Hugging Face models: data, models, reference log-probs, outcome model,
-statistics (this file re-exports those stages), plus training, generation and the CLI
-(in their own modules: config, train, generate, dm, plots, demo)."""
+statistics (this file re-exports those stages), plus training (prepare -> batches -> loss
+-> loop, with checkpoint, policy, layout), generation and the demo in their own modules.
+docs/pipeline.md walks through them in order."""
 
 from cpo_fast.pipeline.data import DataConfig, Encoded, OutcomeTable, collate, encode, load_table
 from cpo_fast.pipeline.estimate import bootstrap_ci, off_policy_estimates

@@ -4,6 +4,16 @@ A YAML file may be flat (``lr: 1e-3``) or grouped in sections (``train: {lr: 1e-
 sections are only for reading and are flattened (section names: see ``SECTIONS``). Every
 field is also a CLI flag ``--field-name`` (underscores become dashes); flags override YAML.
 Unknown keys are errors that name the key and the closest valid one.
+
+Each field declares here, once, what it pins (``pins=`` in its metadata):
+
+- ``PREPARE``: the field decides the shared stages cached in an output directory (the
+  tokenizer, f_0, the reference cache); ``prepare.json`` records them and a later command
+  with other values is refused (see :func:`pinned`).
+- ``RESUME``: the field changes what the training loop computes; ``--resume`` refuses a
+  checkpoint written with other values. Every other field may change on ``--resume``.
+- ``local=True``: a setting of one invocation (``--stop-after``, ``--device``, ...), never
+  taken from the settings saved in an output directory.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from typing import Any
 METHODS = ("sft_all", "sft_top", "oo_rlhf", "cpo", "dr_cpo")
 DM_SOURCES = ("f0_completions", "dataset", "file")
 ARCHS = ("llama", "qwen2", "gpt2")
+PREPARE, RESUME, BOTH = ("prepare",), ("resume",), ("prepare", "resume")
 
 
 def _f(default: Any, help: str, section: str, **kw) -> Any:
@@ -33,61 +44,64 @@ class RunConfig:
     """Everything a run needs. Sections are documentation (and YAML grouping) only."""
 
     # --- data
-    data: str | None = _f(None, "dataset file (csv, jsonl, parquet)", "data")
-    text_column: str = _f("text", "column with the texts", "data")
+    data: str | None = _f(None, "dataset file (csv, jsonl, parquet)", "data", pins=PREPARE)
+    text_column: str = _f("text", "column with the texts", "data", pins=PREPARE)
     outcome_column: str = _f("outcome", "column with the outcome y", "data")
-    prompt_column: str | None = _f(None, "optional prompt column (only responses scored)", "data")
+    prompt_column: str | None = _f(None, "optional prompt column (only responses scored)", "data",
+                                   pins=PREPARE)
     log_propensity_column: str | None = _f(None, "optional known log P^R column", "data")
     group_column: str | None = _f(None, "optional group column (kept for analysis)", "data")
     id_column: str | None = _f(None, "optional id column", "data")
-    max_tokens: int = _f(64, "max tokens per text (prompt + response)", "data")
-    on_too_long: str = _f("truncate", "truncate | error", "data")
-    max_rows: int | None = _f(None, "subsample the dataset to this many rows (seeded)", "data")
-    eval_fraction: float = _f(0.1, "held-out rows for the off-policy estimates", "data")
-    higher_is_better: bool = _f(True, "false when lower outcomes are better", "data")
+    max_tokens: int = _f(64, "max tokens per text (prompt + response)", "data", pins=PREPARE)
+    on_too_long: str = _f("truncate", "truncate | error", "data", pins=PREPARE)
+    max_rows: int | None = _f(None, "subsample the dataset to this many rows (seeded)", "data", pins=PREPARE)
+    eval_fraction: float = _f(0.1, "held-out rows for the off-policy estimates", "data", pins=PREPARE)
+    higher_is_better: bool = _f(True, "false when lower outcomes are better", "data", pins=RESUME)
     # --- models
     base_model: str | None = _f(None, "HF model dir to start f_0's SFT from (else a new model)",
-                                "model")
+                                "model", pins=PREPARE)
     f0_model: str | None = _f(None, "HF model dir used as f_0 directly (skips the SFT stage)",
-                              "model")
-    tokenizer: str | None = _f(None, "tokenizer dir (else the model's, else trained here)", "model")
-    vocab_size: int = _f(512, "vocabulary of a tokenizer trained here", "model")
-    arch: str = _f("llama", "architecture of a new model: llama | qwen2 | gpt2", "model")
-    hidden_size: int = _f(64, "new model: hidden size", "model")
-    num_layers: int = _f(2, "new model: layers", "model")
-    num_heads: int = _f(4, "new model: attention heads", "model")
+                              "model", pins=PREPARE)
+    tokenizer: str | None = _f(None, "tokenizer dir (else the model's, else trained here)", "model",
+                               pins=PREPARE)
+    vocab_size: int = _f(512, "vocabulary of a tokenizer trained here", "model", pins=PREPARE)
+    arch: str = _f("llama", "architecture of a new model: llama | qwen2 | gpt2", "model", pins=PREPARE)
+    hidden_size: int = _f(64, "new model: hidden size", "model", pins=PREPARE)
+    num_layers: int = _f(2, "new model: layers", "model", pins=PREPARE)
+    num_heads: int = _f(4, "new model: attention heads", "model", pins=PREPARE)
     # --- f_0 (SFT on all the dataset's texts)
-    f0_steps: int = _f(200, "SFT steps for f_0", "f0")
-    f0_lr: float = _f(3e-3, "SFT learning rate for f_0 (full fine-tuning)", "f0")
-    f0_batch_size: int = _f(32, "SFT batch size for f_0", "f0")
+    f0_steps: int = _f(200, "SFT steps for f_0", "f0", pins=PREPARE)
+    f0_lr: float = _f(3e-3, "SFT learning rate for f_0 (full fine-tuning)", "f0", pins=PREPARE)
+    f0_batch_size: int = _f(32, "SFT batch size for f_0", "f0", pins=PREPARE)
     # --- policy training
-    method: str = _f("dr_cpo", "sft_all | sft_top | oo_rlhf | cpo | dr_cpo", "train")
-    weighting: str = _f("self_normalized", "raw | self_normalized | clipped | truncated", "train")
-    steps: int = _f(100, "optimizer steps", "train")
-    batch_size: int = _f(32, "rows per micro-batch", "train")
-    grad_accum: int = _f(1, "micro-batches per optimizer step", "train")
-    lr: float = _f(1e-3, "peak learning rate (AdamW)", "train")
-    weight_decay: float = _f(0.0, "AdamW weight decay", "train")
-    warmup_steps: int = _f(10, "linear warmup steps (then cosine decay to 10%)", "train")
-    grad_clip: float = _f(1.0, "max gradient norm (0 disables)", "train")
-    lora: bool = _f(True, "LoRA adapters (false: full fine-tuning)", "train")
-    lora_r: int = _f(8, "LoRA rank", "train")
-    lora_alpha: float = _f(16.0, "LoRA alpha", "train")
-    lora_dropout: float = _f(0.0, "LoRA dropout", "train")
+    method: str = _f("dr_cpo", "sft_all | sft_top | oo_rlhf | cpo | dr_cpo", "train", pins=RESUME)
+    weighting: str = _f("self_normalized", "raw | self_normalized | clipped | truncated", "train",
+                        pins=RESUME)
+    steps: int = _f(100, "optimizer steps", "train", pins=RESUME)
+    batch_size: int = _f(32, "rows per micro-batch", "train", pins=RESUME)
+    grad_accum: int = _f(1, "micro-batches per optimizer step", "train", pins=RESUME)
+    lr: float = _f(1e-3, "peak learning rate (AdamW)", "train", pins=RESUME)
+    weight_decay: float = _f(0.0, "AdamW weight decay", "train", pins=RESUME)
+    warmup_steps: int = _f(10, "linear warmup steps (then cosine decay to 10%)", "train", pins=RESUME)
+    grad_clip: float = _f(1.0, "max gradient norm (0 disables)", "train", pins=RESUME)
+    lora: bool = _f(True, "LoRA adapters (false: full fine-tuning)", "train", pins=RESUME)
+    lora_r: int = _f(8, "LoRA rank", "train", pins=RESUME)
+    lora_alpha: float = _f(16.0, "LoRA alpha", "train", pins=RESUME)
+    lora_dropout: float = _f(0.0, "LoRA dropout", "train", pins=RESUME)
     bf16: bool = _f(True, "bf16 autocast (GPU only; ignored on CPU)", "train")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward", "train")
-    length_normalize: bool = _f(False, "mean instead of sum of token log-probs", "train")
-    entropy_coef: float = _f(0.0, "entropy bonus coefficient", "train")
-    kl_coef: float = _f(0.0, "KL-to-f_0 penalty coefficient (k3, from the cache)", "train")
-    max_log_weight: float = _f(50.0, "clamp on log weights (raw/clipped/truncated)", "train")
-    truncation: float = _f(10.0, "tau for weighting=truncated", "train")
-    clip_eps: float = _f(0.2, "eps for weighting=clipped", "train")
-    top_quantile: float = _f(0.75, "sft_top trains on rows above this outcome quantile", "train")
-    dm_batch_size: int = _f(32, "DM rows per micro-batch (dr_cpo, oo_rlhf)", "train")
+    length_normalize: bool = _f(False, "mean instead of sum of token log-probs", "train", pins=RESUME)
+    entropy_coef: float = _f(0.0, "entropy bonus coefficient", "train", pins=RESUME)
+    kl_coef: float = _f(0.0, "KL-to-f_0 penalty coefficient (k3, from the cache)", "train", pins=RESUME)
+    max_log_weight: float = _f(50.0, "clamp on log weights (raw/clipped/truncated)", "train", pins=RESUME)
+    truncation: float = _f(10.0, "tau for weighting=truncated", "train", pins=RESUME)
+    clip_eps: float = _f(0.2, "eps for weighting=clipped", "train", pins=RESUME)
+    top_quantile: float = _f(0.75, "sft_top trains on rows above this outcome quantile", "train", pins=RESUME)
+    dm_batch_size: int = _f(32, "DM rows per micro-batch (dr_cpo, oo_rlhf)", "train", pins=RESUME)
     backend: str | None = _f(None, "fused-op backend (default: best available)", "train")
     save_every: int = _f(50, "checkpoint every N optimizer steps (0: only at the end)", "train")
     log_every: int = _f(1, "metrics line every N steps", "train")
-    stop_after: int | None = _f(None, "stop after this step (simulates an interruption)", "train")
+    stop_after: int | None = _f(None, "stop after this step (simulates an interruption)", "train", local=True)
     # --- outcome model
     outcome_model: str = _f("ridge", "ridge | mlp on f_0's mean-pooled features", "outcome")
     outcome_folds: int = _f(5, "cross-fitting folds", "outcome")
@@ -110,12 +124,12 @@ class RunConfig:
     scorer: str | None = _f(None, "extra scorer of generations, 'module:function' taking a "
                             "list of texts (e.g. cpo_fast.pipeline.synthetic:oracle)", "generate")
     # --- run
-    output_dir: str = _f("runs/train", "where everything is written", "run")
-    seed: int = _f(0, "seed for data order, init, sampling", "run")
-    device: str | None = _f(None, "cpu | cuda (default: cuda when available)", "run")
+    output_dir: str = _f("runs/train", "where everything is written", "run", local=True)
+    seed: int = _f(0, "seed for data order, init, sampling", "run", pins=BOTH)
+    device: str | None = _f(None, "cpu | cuda (default: cuda when available)", "run", local=True)
     batch_size_eval: int = _f(64, "batch size of no-grad passes", "run")
-    progress: bool = _f(True, "tqdm progress bars", "run")
-    threads: int | None = _f(None, "torch CPU threads", "run")
+    progress: bool = _f(True, "tqdm progress bars", "run", local=True)
+    threads: int | None = _f(None, "torch CPU threads", "run", local=True)
 
     def validate(self) -> RunConfig:
         def one_of(name: str, allowed: tuple[str, ...]) -> None:
@@ -123,7 +137,7 @@ class RunConfig:
             if v not in allowed:
                 close = difflib.get_close_matches(str(v), allowed, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"--{name.replace('_', '-')}={v!r} is not one of {allowed}.{hint}")
+                raise ValueError(f"{flag(name)}={v!r} is not one of {allowed}.{hint}")
 
         from cpo_fast.objectives import WEIGHTINGS
 
@@ -139,8 +153,7 @@ class RunConfig:
         for name in ("steps", "batch_size", "grad_accum", "max_tokens", "dm_batch_size",
                      "num_samples", "max_new_tokens", "outcome_folds"):
             if getattr(self, name) < 1:
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} must be >= 1, got {getattr(self, name)}.")
+                raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}.")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}.")
         if not 0.0 < self.dm_prefix_fraction < 1.0:
@@ -152,11 +165,40 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        from cpo_fast.pipeline.persist import write_json
+
+        write_json(path, self.to_dict())
 
 
 FIELDS = {f.name: f for f in fields(RunConfig)}
 SECTIONS = sorted({f.metadata["section"] for f in fields(RunConfig)})
+
+
+def pinned(kind: str) -> tuple[str, ...]:
+    """Names of the fields declared with ``pins`` containing ``kind`` ("prepare"/"resume")."""
+    return tuple(f.name for f in fields(RunConfig) if kind in f.metadata.get("pins", ()))
+
+
+def pinned_values(cfg: RunConfig, kind: str) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in pinned(kind)}
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a field: ``text_column`` -> ``--text-column``."""
+    return "--" + name.replace("_", "-")
+
+
+def saved_settings(path: str | Path) -> dict[str, Any]:
+    """The settings saved by an earlier command (``config.json``), minus the ``local`` ones
+    and keys this version does not know; {} when there is no such file."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    try:
+        raw = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{p}: unreadable saved settings ({e}); delete it or fix it.") from None
+    return {k: v for k, v in raw.items() if k in FIELDS and not FIELDS[k].metadata.get("local")}
 
 
 def _flatten(raw: dict[str, Any], source: str) -> dict[str, Any]:
@@ -214,15 +256,18 @@ def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = No
             continue
         sec = f.metadata["section"]
         g = groups.setdefault(sec, parser.add_argument_group(sec))
-        text = f"{f.metadata['help']} (default: {f.default!r})"
-        g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_caster(f),
+        text = f.metadata["help"]
+        if "default" not in text:  # a help text that explains its default keeps it
+            text += f" (default: {f.default!r})"
+        g.add_argument(flag(f.name), dest=f.name, type=_caster(f),
                        default=None, help=text.replace("%", "%%"))  # argparse formats help
 
 
 def config_from(args: argparse.Namespace | None = None, yaml_path: str | None = None,
-                **overrides: Any) -> RunConfig:
-    """Defaults < YAML < parsed flags (those not None) < keyword overrides."""
-    values: dict[str, Any] = {}
+                base: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
+    """Defaults < ``base`` (settings saved in the output dir) < YAML < parsed flags (those
+    not None) < keyword overrides."""
+    values: dict[str, Any] = dict(base or {})
     path = yaml_path or (getattr(args, "config", None) if args is not None else None)
     if path:
         values.update(load_yaml(path))

@@ -1,10 +1,10 @@
 """Direct-outcome data: load, validate, tokenize and batch.
 
-A *direct outcome dataset* (method.md section 1) has one text and one number per row.
+A *direct outcome dataset* (docs/math.md) has one text and one number per row.
 This module reads it from CSV/TSV, JSONL or Parquet with configurable column names,
 validates every row up front (errors name the row number and the column), tokenizes it as
 ``BOS + prompt + response + EOS`` and collates right-padded batches whose ``labels`` are
-``input_ids[:, 1:]`` with ``-100`` on prompt and padding positions, so both
+``input_ids[:, 1:]`` with ``IGNORE_INDEX`` (-100) on prompt and padding positions, so both
 ``token_logprobs(logits[:, :-1], labels)`` and
 ``linear_token_logprobs(hidden[:, :-1], W, labels)`` score exactly the response tokens
 (plus EOS).
@@ -15,8 +15,10 @@ Row numbers in errors are 1-based data rows (the header of a CSV is not counted)
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from cpo_fast.constants import IGNORE_INDEX
+
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
             ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -51,6 +54,7 @@ class DataConfig:
     id_column: str | None = None
     max_tokens: int = 128
     on_too_long: str = "truncate"
+    path_flag: str = "--data"  # how errors name ``path`` (the DM set's file is --dm-path)
 
 
 @dataclass
@@ -87,42 +91,88 @@ class OutcomeTable:
 
 # --------------------------------------------------------------------------- loading
 
-def _read_rows(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+def _decode(path: Path) -> str:
+    """The file's text: UTF-8 (a BOM is dropped) or UTF-16/32 with a BOM; else a clear error."""
+    raw = path.read_bytes()
+    boms = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+            (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+    enc = next((e for bom, e in boms if raw.startswith(bom)), "utf-8-sig")
+    try:
+        text = raw.decode(enc)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not {enc.replace('-sig', '')} text (byte {e.start}: "
+                         f"{e.reason}); save the file as UTF-8.") from None
+    if "\x00" in text:
+        raise ValueError(f"{path}: contains NUL bytes (a binary file, or UTF-16 without a "
+                         "byte-order mark?); save it as UTF-8 text.")
+    return text
+
+
+def _read_csv(path: Path, text: str, delimiter: str) -> tuple[list[str], list[dict[str, Any]]]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts are data, not errors
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        rows = list(reader)
+    except csv.Error as e:
+        raise ValueError(f"{path}: line {reader.line_num}: malformed {delimiter!r}-separated "
+                         f"data ({e}).") from None
+    return list(reader.fieldnames or []), rows
+
+
+def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]:
+    rows, cols = [], {}
+    # "\n" only: str.splitlines() also splits at U+2028, U+0085, ... which JSON leaves raw
+    # inside strings.
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{path}: line {lineno} is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: line {lineno} is not a JSON object.")
+        rows.append(obj)
+        cols.update(dict.fromkeys(obj))
+    return list(cols), rows
+
+
+def _read_rows(path: Path, flag: str = "--data") -> tuple[list[str], list[dict[str, Any]]]:
     """Return (column names, rows as dicts) for a supported file."""
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise ValueError(f"{path}: unknown file type {path.suffix!r}; use one of "
+        raise ValueError(f"{flag} {path}: unknown file type {path.suffix!r}; use one of "
                          f"{sorted(_FORMATS)} (the type is taken from the extension).")
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: not a file.")
     if fmt in ("csv", "tsv"):
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
-            rows = list(reader)
-            return list(reader.fieldnames or []), rows
+        return _read_csv(path, _decode(path), "\t" if fmt == "tsv" else ",")
     if fmt == "jsonl":
-        rows, cols = [], {}
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {lineno} is not valid JSON: {e}") from e
-                if not isinstance(obj, dict):
-                    raise ValueError(f"{path}: line {lineno} is not a JSON object.")
-                rows.append(obj)
-                cols.update(dict.fromkeys(obj))
-        return list(cols), rows
+        return _read_jsonl(path, _decode(path))
     import pyarrow.parquet as pq
 
-    t = pq.read_table(path)
-    return list(t.column_names), t.to_pylist()
+    try:
+        t = pq.read_table(path)
+        return list(t.column_names), t.to_pylist()
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise ValueError(f"{path}: cannot read it as Parquet ({type(e).__name__}: {e}).") from None
+
+
+def _as_text(v: Any, row: int, col: str, path: Path) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (dict, list, tuple, bytes)):
+        raise ValueError(f"{path}: row {row}, column {col!r}: expected text, got "
+                         f"{type(v).__name__} {str(v)[:40]!r}.")
+    return str(v)
 
 
 def _as_float(v: Any, row: int, col: str, path: Path) -> float:
+    if isinstance(v, (dict, list, tuple)):
+        raise ValueError(f"{path}: row {row}, column {col!r}: {str(v)[:40]!r} is not a number.")
     try:
         x = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{path}: row {row}, column {col!r}: {v!r} is not a number.") from None
     if not math.isfinite(x):
         raise ValueError(f"{path}: row {row}, column {col!r}: value {v!r} is not finite "
@@ -140,8 +190,8 @@ def load_table(cfg: DataConfig, require_outcome: bool = True) -> OutcomeTable:
     """
     path = Path(cfg.path)
     if not path.exists():
-        raise FileNotFoundError(f"DataConfig.path: {path} does not exist.")
-    columns, rows = _read_rows(path)
+        raise FileNotFoundError(f"{cfg.path_flag} {path}: does not exist.")
+    columns, rows = _read_rows(path, cfg.path_flag)
     if not rows:
         raise ValueError(f"{path}: no data rows.")
     avail = ", ".join(repr(c) for c in columns)
@@ -152,20 +202,18 @@ def load_table(cfg: DataConfig, require_outcome: bool = True) -> OutcomeTable:
         wanted["outcome_column"] = cfg.outcome_column
     for arg, col in wanted.items():
         if col is not None and col not in columns:
-            raise ValueError(f"{path}: column {col!r} (DataConfig.{arg}) not found; "
-                             f"available columns: {avail}.")
+            raise ValueError(f"{path}: column {col!r} (--{arg.replace('_', '-')} / {arg}) not "
+                             f"found; available columns: {avail}.")
     has_outcome = cfg.outcome_column in columns
 
     texts, prompts, groups, ids, ys, lps = [], [], [], [], [], []
     for r, row in enumerate(rows, 1):
-        text = row.get(cfg.text_column)
-        text = "" if text is None else str(text)
+        text = _as_text(row.get(cfg.text_column), r, cfg.text_column, path)
         if not text.strip():
             raise ValueError(f"{path}: row {r}, column {cfg.text_column!r}: empty text.")
         texts.append(text)
         if cfg.prompt_column is not None:
-            p = row.get(cfg.prompt_column)
-            prompts.append("" if p is None else str(p))
+            prompts.append(_as_text(row.get(cfg.prompt_column), r, cfg.prompt_column, path))
         if has_outcome:
             v = row.get(cfg.outcome_column)
             if v is None or (isinstance(v, str) and not v.strip()):
@@ -179,8 +227,7 @@ def load_table(cfg: DataConfig, require_outcome: bool = True) -> OutcomeTable:
             groups.append(str(row.get(cfg.group_column)))
         ids.append(str(row.get(cfg.id_column)) if cfg.id_column is not None else str(r))
     if cfg.id_column is not None and len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: column {cfg.id_column!r} (DataConfig.id_column) has "
-                         "duplicate ids.")
+        raise ValueError(f"{path}: column {cfg.id_column!r} (--id-column) has duplicate ids.")
     return OutcomeTable(
         texts=texts,
         outcomes=np.asarray(ys, dtype=np.float64) if has_outcome else None,
@@ -255,7 +302,7 @@ def collate(encoded: Encoded, indices: Sequence[int], pad_id: int,
     """Right-padded batch of rows ``indices`` (positions into ``encoded``).
 
     Returns ``input_ids``/``attention_mask`` [B, T], ``labels`` [B, T-1] (= input_ids[:, 1:]
-    with -100 on prompt and padding), ``index`` [B], and ``outcome``/``log_propensity``
+    with IGNORE_INDEX on prompt and padding), ``index`` [B], and ``outcome``/``log_propensity``
     [B] float32 when the full-length arrays are given (indexed by ``indices`` here).
     """
     idx = [int(i) for i in indices]

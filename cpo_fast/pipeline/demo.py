@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -53,17 +52,16 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
              methods: tuple[str, ...] = METHODS, confounding: float = 0.5, noise: float = 0.5,
              print_fn=print, **overrides: Any) -> dict[str, Any]:
     """Run the demo; return {"table": rows, "results": per model, "seconds": run time}."""
-    from cpo_fast.pipeline.evaluate import evaluate_model, format_row, write_eval
-    from cpo_fast.pipeline.plots import outcome_bars, training_curves, weight_histogram
+    from cpo_fast.pipeline.persist import write_json
     from cpo_fast.pipeline.synthetic import make_corpus, oracle, write_corpus
-    from cpo_fast.pipeline.train import prepare, train_policy
+    from cpo_fast.pipeline.train import prepare
 
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"--methods: {bad} not in {METHODS}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(out, quick=quick, **overrides)
     n = rows or (QUICK_ROWS if quick else DEMO_ROWS)
     corpus = make_corpus(n, confounding=confounding, noise=noise, seed=cfg.seed)
@@ -75,25 +73,52 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
     prep = prepare(cfg, need_dm=any(m in ("dr_cpo", "oo_rlhf") for m in methods))
     print_fn(f"[demo] f_0 ready ({time.perf_counter() - t0:.0f}s); ghat out-of-fold R^2 = "
              f"{prep.outcome_fit.r2:.3f}")
-    scorers = {"oracle": oracle}
+    results, times = _train_and_evaluate(prep, cfg, methods, print_fn)
+    seconds = time.perf_counter() - t0
+    _plots(out, methods, results)
+
+    table = []
+    for name, r in results.items():
+        op = r.get("off_policy") or {}
+        table.append({"model": name, "oracle": r.get("oracle"), "ghat": r.get("ghat"),
+                      "distinct": r["distinct_fraction"], "off_policy": op})
+    write_json(out / "results.json", {"table": table, "seconds": seconds, "quick": quick,
+                                      "rows": n, "ghat_r2": prep.outcome_fit.r2,
+                                      "train_seconds": times})
+    print_fn(format_table(table, seconds, higher_is_better=cfg.higher_is_better))
+    print_fn(f"[demo] outputs in {out}/ (results.json, eval/, plots/, <method>/metrics.jsonl)")
+    return {"table": table, "results": results, "seconds": seconds}
+
+
+def _train_and_evaluate(prep, cfg: RunConfig, methods, print_fn):
+    """f_0, then each method trained from it; every model's generations scored (eval/)."""
+    from cpo_fast.pipeline.evaluate import evaluate_model, format_row, write_eval
+    from cpo_fast.pipeline.synthetic import oracle
+    from cpo_fast.pipeline.train import train_policy
+
+    lay, scorers = prep.layout, {"oracle": oracle}
     results: dict[str, dict] = {}
     times: dict[str, float] = {}
     res = evaluate_model(prep, prep.load_f0(), name="f_0", scorers=scorers)
-    write_eval(res, out / "eval" / "f_0.json")
+    write_eval(res, lay.eval("f_0"))
     results["f_0"] = res
     for m in methods:
         t1 = time.perf_counter()
         mcfg = dataclasses.replace(cfg, method=m)
-        policy, summary = train_policy(prep, mcfg, out_dir=out / m)
+        policy, summary = train_policy(prep, mcfg, out_dir=lay.method(m))
         times[m] = time.perf_counter() - t1
         res = evaluate_model(prep, policy, name=m, scorers=scorers)
         res["train"] = summary
-        write_eval(res, out / "eval" / f"{m}.json")
+        write_eval(res, lay.eval(m))
         results[NAMES[m]] = res
         del policy
         print_fn(f"[demo] {NAMES[m]:8s} oracle {format_row(res, 'oracle')}  "
                  f"({times[m]:.0f}s train)")
-    seconds = time.perf_counter() - t0
+    return results, times
+
+
+def _plots(out: Path, methods, results) -> None:
+    from cpo_fast.pipeline.plots import outcome_bars, training_curves, weight_histogram
 
     runs = {NAMES[m]: out / m / "metrics.jsonl" for m in methods}
     training_curves(runs, out / "plots" / "training.png")
@@ -102,18 +127,6 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
     outcome_bars(results, "oracle", out / "plots" / "oracle.png",
                  title="oracle g* of generations: f_0 (before) vs trained (after)")
     outcome_bars(results, "ghat", out / "plots" / "ghat.png")
-
-    table = []
-    for name, r in results.items():
-        op = r.get("off_policy") or {}
-        table.append({"model": name, "oracle": r.get("oracle"), "ghat": r.get("ghat"),
-                      "distinct": r["distinct_fraction"], "off_policy": op})
-    summary = {"table": table, "seconds": seconds, "quick": quick, "rows": n,
-               "ghat_r2": prep.outcome_fit.r2, "train_seconds": times}
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=float))
-    print_fn(format_table(table, seconds, higher_is_better=cfg.higher_is_better))
-    print_fn(f"[demo] outputs in {out}/ (results.json, eval/, plots/, <method>/metrics.jsonl)")
-    return {"table": table, "results": results, "seconds": seconds}
 
 
 def format_table(table: list[dict], seconds: float, *, higher_is_better: bool = True) -> str:

@@ -1,4 +1,4 @@
-"""The direct-method (DM) set x'_j of DR-CPO and OO-RLHF (method.md section 4).
+"""The direct-method (DM) set x'_j of DR-CPO and OO-RLHF (docs/math.md).
 
 The DM term ``(1/m) sum_j W'_j ghat(x'_j)`` estimates E_{P^f}[ghat(X)] on texts that need
 no outcome. Three sources (``RunConfig.dm_source``):
@@ -83,7 +83,7 @@ def build_dm_set(cfg: RunConfig, f0, tokenizer, train_table: OutcomeTable, train
     if cfg.dm_source == "file":
         dcfg = DataConfig(path=cfg.dm_path, text_column=cfg.text_column,
                           outcome_column=cfg.outcome_column, prompt_column=cfg.prompt_column,
-                          max_tokens=cfg.max_tokens, on_too_long="truncate")
+                          max_tokens=cfg.max_tokens, on_too_long="truncate", path_flag="--dm-path")
         table = load_table(dcfg, require_outcome=False)
         if cfg.dm_size and len(table) > cfg.dm_size:
             rng = np.random.default_rng(cfg.seed + 7919)

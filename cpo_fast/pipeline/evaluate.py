@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cpo_fast.constants import IGNORE_INDEX
 from cpo_fast.pipeline.data import collate
 from cpo_fast.pipeline.generate import generate_texts
 
@@ -55,7 +56,7 @@ def sequence_logprobs_of(model, encoded, *, pad_id: int, batch_size: int = 64,
         idx = list(range(s, min(s + batch_size, len(encoded))))
         b = {k: v.to(dev) for k, v in collate(encoded, idx, pad_id).items()}
         lp = sequence_token_logprobs(model, b, backend=backend).float()
-        m = (b["labels"] != -100).float()
+        m = (b["labels"] != IGNORE_INDEX).float()
         v = (lp * m).sum(-1)
         if length_normalize:
             v = v / m.sum(-1).clamp_min(1)
@@ -77,7 +78,7 @@ def evaluate_model(prep, model, *, name: str, scorers: dict[str, Scorer] | None 
     """Generate ``cfg.num_samples`` texts from ``model`` and score them; off-policy estimates
     on the held-out rows. Returns a JSON-able dict (samples included)."""
     from cpo_fast.pipeline.estimate import bootstrap_ci, off_policy_estimates
-    from cpo_fast.pipeline.train import predict_outcome
+    from cpo_fast.pipeline.prepare import predict_outcome
 
     cfg = prep.cfg
     seed = cfg.seed + 2024 if seed is None else seed

@@ -55,6 +55,28 @@ def build_model(
     importable; ``attn_implementation`` overrides. ``seed`` makes the init reproducible.
     ``config_overrides`` go to the config class as is.
     """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}.")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}.")
+    attn = attn_implementation or _attn_impl(device)
+    special = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                   eos_token_id=eos_token_id, tie_word_embeddings=tie_word_embeddings)
+    cfg, cls = _hf_config(arch, vocab_size, hidden_size, num_layers, num_heads, max_positions,
+                          intermediate_size or 4 * hidden_size, special, config_overrides)
+    cfg._attn_implementation = attn
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cls(cfg)
+    else:
+        model = cls(cfg)
+    return model.to(device) if device is not None else model
+
+
+def _hf_config(arch: str, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
+               max_positions: int, inter: int, special: dict, overrides: dict):
+    """(transformers config, model class) of a dropout-free ``arch`` decoder."""
     from transformers import (
         GPT2Config,
         GPT2LMHeadModel,
@@ -64,37 +86,19 @@ def build_model(
         Qwen2ForCausalLM,
     )
 
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}.")
-    if hidden_size % num_heads:
-        raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}.")
-    attn = attn_implementation or _attn_impl(device)
-    inter = intermediate_size or 4 * hidden_size
-    special = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id,
-                   eos_token_id=eos_token_id, tie_word_embeddings=tie_word_embeddings)
     if arch == "gpt2":
         cfg = GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers,
                          n_head=num_heads, n_positions=max_positions, n_inner=inter,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special,
-                         **config_overrides)
-        cls = GPT2LMHeadModel
-    else:
-        common = dict(vocab_size=vocab_size, hidden_size=hidden_size,
-                      num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                      num_key_value_heads=num_heads, intermediate_size=inter,
-                      max_position_embeddings=max_positions, attention_dropout=0.0,
-                      **special)
-        common.update(config_overrides)
-        cfg, cls = ((LlamaConfig(**common), LlamaForCausalLM) if arch == "llama"
-                    else (Qwen2Config(**common), Qwen2ForCausalLM))
-    cfg._attn_implementation = attn
-    if seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = cls(cfg)
-    else:
-        model = cls(cfg)
-    return model.to(device) if device is not None else model
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special, **overrides)
+        return cfg, GPT2LMHeadModel
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                  intermediate_size=inter, max_position_embeddings=max_positions,
+                  attention_dropout=0.0, **special)
+    common.update(overrides)
+    if arch == "llama":
+        return LlamaConfig(**common), LlamaForCausalLM
+    return Qwen2Config(**common), Qwen2ForCausalLM
 
 
 def _base(model: Any) -> Any:
@@ -136,7 +140,7 @@ def sequence_token_logprobs(
     with_entropy: bool = False,
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Per-token log-probs [B, T-1] float32 (0 where ``labels == -100``), optionally with
+    """Per-token log-probs [B, T-1] float32 (0 where ``labels == IGNORE_INDEX``), optionally with
     entropies, via the fused-linear op (no logits). ``batch`` comes from
     :func:`cpo_fast.pipeline.data.collate` (on the model's device). Differentiable."""
     h = last_hidden(model, batch["input_ids"], batch.get("attention_mask"))

@@ -1,6 +1,6 @@
 """Reference log-probs of f_0, computed once with the fused forward and cached on disk.
 
-method.md section 3: the per-token log-probs of f_0 over the dataset are computed once
+docs/math.md: the per-token log-probs of f_0 over the dataset are computed once
 (no reference model in memory during training); their masked sum is log P^R(x) when f_0
 estimates P^R, and per token they feed the KL penalty. The forward runs under
 ``torch.no_grad`` through :func:`cpo_fast.pipeline.modeling.sequence_token_logprobs`

@@ -1,0 +1,84 @@
+"""What the loop samples: the rows of a run (:class:`TrainData`) and micro-batch ``k`` of
+them, built on the fly from token ids and the cached reference log-probs.
+
+Micro-batch ``k`` is a pure function of (seed, k) (:func:`batch_indices`), so a resumed run
+sees the same data in the same order without saving any iterator state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cpo_fast.pipeline.config import RunConfig
+from cpo_fast.pipeline.data import Encoded, collate
+
+IPW_METHODS = ("cpo", "dr_cpo")
+DM_METHODS = ("dr_cpo", "oo_rlhf")
+
+
+@dataclass
+class TrainData:
+    """Rows the loop samples from (``rows`` indexes ``enc``), and the DM set for DR/OO."""
+
+    enc: Encoded
+    rows: np.ndarray
+    ref: list[np.ndarray]  # f_0 token log-probs per row, aligned with labels
+    outcomes: np.ndarray | None = None
+    log_propensity: np.ndarray | None = None
+    ghat: np.ndarray | None = None  # cross-fitted (out-of-fold) predictions
+    dm_enc: Encoded | None = None
+    dm_ref: list[np.ndarray] | None = None
+    dm_ghat: np.ndarray | None = None
+
+    def check(self, method: str) -> None:
+        if method in DM_METHODS and self.dm_enc is None:
+            raise ValueError(f"method={method!r} needs a DM set (TrainData.dm_enc) and ghat.")
+        if method in IPW_METHODS and self.outcomes is None:
+            raise ValueError(f"method={method!r} needs outcomes.")
+
+
+def batch_indices(n: int, batch_size: int, k: int, seed: int) -> np.ndarray:
+    """Row positions of micro-batch ``k``: consecutive slices of per-epoch permutations."""
+    start = k * batch_size
+    out: list[int] = []
+    while len(out) < batch_size:
+        epoch, pos = divmod(start, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = perm[pos:pos + batch_size - len(out)]
+        out.extend(take.tolist())
+        start += len(take)
+    return np.asarray(out, dtype=np.int64)
+
+
+def ref_tokens(ref: list[np.ndarray], idx, width: int) -> torch.Tensor:
+    """Cached per-token log-probs of rows ``idx`` padded/cut to ``width`` label positions."""
+    out = torch.zeros(len(idx), width, dtype=torch.float32)
+    for b, i in enumerate(idx):
+        r = torch.as_tensor(np.asarray(ref[int(i)], dtype=np.float32))[:width]
+        out[b, : len(r)] = r
+    return out
+
+
+def make_batch(enc: Encoded, idx, pad_id: int, device, ref, outcomes=None, lp=None, ghat=None):
+    """collate() plus the rows' cached reference log-probs ("ref") and ghat, on ``device``."""
+    b = collate(enc, idx, pad_id, outcomes=outcomes, log_propensity=lp)
+    b["ref"] = ref_tokens(ref, idx, b["labels"].shape[1])
+    if ghat is not None:
+        b["ghat"] = torch.as_tensor(np.asarray(ghat)[np.asarray(idx)], dtype=torch.float32)
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def micro_batch(data: TrainData, k: int, *, cfg: RunConfig, pad_id: int,
+                device) -> tuple[dict, dict | None]:
+    """Micro-batch ``k`` of a run with settings ``cfg``: the training rows and, for
+    DR-CPO/OO-RLHF, the DM rows (their own permutations: seed + 1)."""
+    idx = data.rows[batch_indices(len(data.rows), cfg.batch_size, k, cfg.seed)]
+    batch = make_batch(data.enc, idx, pad_id, device, data.ref, data.outcomes,
+                       data.log_propensity, data.ghat)
+    if cfg.method not in DM_METHODS:
+        return batch, None
+    didx = batch_indices(len(data.dm_enc), cfg.dm_batch_size, k, cfg.seed + 1)
+    return batch, make_batch(data.dm_enc, didx, pad_id, device, data.dm_ref, ghat=data.dm_ghat)
