@@ -102,7 +102,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from cpo_fast.pipeline.evaluate import evaluate_model, write_eval
+    from cpo_fast.pipeline.evaluate import evaluate_model, support_note, write_eval
     from cpo_fast.pipeline.plots import outcome_bars, training_curves, weight_histogram
     from cpo_fast.pipeline.train import prepare, train_policy
 
@@ -116,9 +116,15 @@ def cmd_train(args) -> int:
           f"out-of-fold R^2 = {prep.outcome_fit.r2:.3f}")
     policy, summary = train_policy(prep, cfg, resume=args.resume)
     print(f"[train] {cfg.method}: {summary['steps_done']}/{cfg.steps} steps, last loss "
-          f"{summary.get('loss')}, ESS {summary.get('ess')}  ({time.perf_counter() - t0:.0f}s)")
+          f"{summary.get('loss')}, ESS {summary.get('ess')}, DM ESS {summary.get('dm_ess')}  "
+          f"({time.perf_counter() - t0:.0f}s)")
+    if summary.get("weights_collapsed"):  # issue 11: the ESS guard fired
+        print(f"[train] WARNING: the importance weights collapsed at step "
+              f"{summary['collapse_step']} ({summary['collapse_term']}): a gain this run "
+              "reports is not trustworthy (see docs/validity.md).")
     mdir = out / cfg.method
-    training_curves({cfg.method: mdir / "metrics.jsonl"}, mdir / "plots" / "training.png")
+    training_curves({cfg.method: mdir / "metrics.jsonl"}, mdir / "plots" / "training.png",
+                    guard=cfg.ess_guard)
     weight_histogram({cfg.method: mdir / "metrics.jsonl"}, mdir / "plots" / "weights.png")
     result = {"train": summary, "seconds": time.perf_counter() - t0}
     if summary["finished"] and not args.no_eval:
@@ -129,7 +135,7 @@ def cmd_train(args) -> int:
         outcome_bars({"f_0": before, cfg.method: after}, "ghat", mdir / "plots" / "outcome.png")
         for r in (before, after):
             op = r.get("off_policy") or {}
-            print(f"[eval] {r['name']:8s} generations: {_scores(r)}; "
+            print(f"[eval] {r['name']:8s} generations: {_scores(r)} ({support_note(r)}); "
                   f"off-policy {json.dumps(_brief(op))}")
         result.update(f0={k: v for k, v in before.items() if k != "samples"},
                       policy={k: v for k, v in after.items() if k != "samples"})

@@ -91,12 +91,14 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
         write_eval(res, out / "eval" / f"{m}.json")
         results[NAMES[m]] = res
         del policy
+        flag = (f"; weights collapsed at step {summary['collapse_step']}"
+                if summary.get("weights_collapsed") else "")
         print_fn(f"[demo] {NAMES[m]:8s} oracle {format_row(res, 'oracle')}  "
-                 f"({times[m]:.0f}s train)")
+                 f"({times[m]:.0f}s train{flag})")
     seconds = time.perf_counter() - t0
 
     runs = {NAMES[m]: out / m / "metrics.jsonl" for m in methods}
-    training_curves(runs, out / "plots" / "training.png")
+    training_curves(runs, out / "plots" / "training.png", guard=cfg.ess_guard)
     weight_histogram({k: v for k, v in runs.items() if k in ("CPO", "DR-CPO", "OO-RLHF")},
                      out / "plots" / "weights.png")
     outcome_bars(results, "oracle", out / "plots" / "oracle.png",
@@ -106,10 +108,16 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
     table = []
     for name, r in results.items():
         op = r.get("off_policy") or {}
+        tr = r.get("train") or {}
         table.append({"model": name, "oracle": r.get("oracle"), "ghat": r.get("ghat"),
-                      "distinct": r["distinct_fraction"], "off_policy": op})
+                      "distinct": r["distinct_fraction"], "off_policy": op,
+                      "ghat_outside": (r.get("ghat_support") or {}).get("ood_share"),
+                      "collapsed": bool(tr.get("weights_collapsed")),
+                      "min_ess_share": tr.get("min_ess_share"),
+                      "min_dm_ess_share": tr.get("min_dm_ess_share")})
     summary = {"table": table, "seconds": seconds, "quick": quick, "rows": n,
-               "ghat_r2": prep.outcome_fit.r2, "train_seconds": times}
+               "ghat_r2": prep.outcome_fit.r2, "train_seconds": times,
+               "outcome_model": prep.outcome_fit.summary(), "dm_support": prep.dm_support}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=float))
     print_fn(format_table(table, seconds, higher_is_better=cfg.higher_is_better))
     print_fn(f"[demo] outputs in {out}/ (results.json, eval/, plots/, <method>/metrics.jsonl)")
@@ -118,15 +126,20 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
 
 def format_table(table: list[dict], seconds: float, *, higher_is_better: bool = True) -> str:
     f0 = next((r for r in table if r["model"] == "f_0"), None)
-    lines = ["", f"{'model':9s} {'oracle E[g*] of generations (95% CI)':38s} {'vs f_0':>7s}"
-                 f" {'ghat (95% CI)':>27s} {'distinct':>8s}"]
+    lines = ["", f"{'model':9s} {'oracle E[g*] of generations (95% CI)':38s} {'vs f_0':>8s}"
+                 f" {'ghat (95% CI)':>27s} {'outside':>7s} {'distinct':>8s}"]
     lines.append("-" * len(lines[1]))
     for r in table:
         o, g = r["oracle"], r["ghat"]
         delta = "" if f0 is None or r is f0 else f"{o['mean'] - f0['oracle']['mean']:+.3f}"
+        delta += "!" if r.get("collapsed") else ""
         gs = "-" if g is None else f"{g['mean']:.3f} [{g['lo']:.3f}, {g['hi']:.3f}]"
+        out = "-" if r.get("ghat_outside") is None else f"{r['ghat_outside']:.0%}"
         lines.append(f"{r['model']:9s} {o['mean']:.3f} [{o['lo']:.3f}, {o['hi']:.3f}]"
-                     f"{'':18s} {delta:>7s} {gs:>27s} {r['distinct']:8.2f}")
+                     f"{'':18s} {delta:>8s} {gs:>27s} {out:>7s} {r['distinct']:8.2f}")
     lines.append(f"({'higher' if higher_is_better else 'lower'} is better; run time "
-                 f"{seconds:.0f}s)")
+                 f"{seconds:.0f}s; outside: share of generations outside ghat's support)")
+    if any(r.get("collapsed") for r in table):
+        lines.append("!: the importance weights collapsed during training (the ESS guard "
+                     "fired): that gain is not trustworthy")
     return "\n".join(lines)

@@ -47,7 +47,8 @@ DM_METHODS = ("dr_cpo", "oo_rlhf")
 _RESUME_KEYS = ("method", "weighting", "steps", "batch_size", "grad_accum", "lr", "weight_decay",
                 "warmup_steps", "grad_clip", "lora", "lora_r", "lora_alpha", "lora_dropout",
                 "length_normalize", "entropy_coef", "kl_coef", "max_log_weight", "truncation",
-                "clip_eps", "top_quantile", "dm_batch_size", "seed", "higher_is_better")
+                "clip_eps", "top_quantile", "dm_batch_size", "seed", "higher_is_better",
+                "log_weight_cap")  # issue 11: log_weight_cap
 
 
 # ----------------------------------------------------------------------------- basics
@@ -227,8 +228,12 @@ def compute_loss(model, batch, dm_batch, cfg: RunConfig, method: str):
         out = sequence_token_logprobs(model, b, with_entropy=want_h, backend=cfg.backend)
         return out if want_h else (out, None)
 
+    from cpo_fast.pipeline.remedy import cap_log_weights  # issue 11: --log-weight-cap
+
     lo = None
     seq = lambda t, m: sequence_logprobs(t, m, length_normalize=cfg.length_normalize)
+    cap = lambda p, r: cap_log_weights(p, r, cfg.log_weight_cap,
+                                       self_normalized=cfg.weighting == "self_normalized")
     kw = dict(weighting=cfg.weighting, higher_is_better=cfg.higher_is_better,
               max_log_weight=cfg.max_log_weight, truncation=cfg.truncation, clip_eps=cfg.clip_eps)
     reg_logp = reg_mask = reg_ref = ent = None
@@ -242,7 +247,8 @@ def compute_loss(model, batch, dm_batch, cfg: RunConfig, method: str):
         if method in DM_METHODS:
             dtok, dent = logp(dm_batch)
             dmask = dm_batch["labels"] != -100
-            dm = dict(dm_policy_logp=seq(dtok, dmask), dm_ref_logp=seq(dm_batch["ref"], dmask),
+            dref = seq(dm_batch["ref"], dmask)
+            dm = dict(dm_policy_logp=cap(seq(dtok, dmask), dref), dm_ref_logp=dref,
                       dm_outcome_pred=dm_batch["ghat"])
             reg_logp, reg_mask, reg_ref, ent = dtok, dmask, dm_batch["ref"], dent
         if method == "oo_rlhf":
@@ -251,7 +257,7 @@ def compute_loss(model, batch, dm_batch, cfg: RunConfig, method: str):
             tok, ent_r = logp(batch)
             mask = batch["labels"] != -100
             ref = batch["log_propensity"] if "log_propensity" in batch else seq(batch["ref"], mask)
-            lo = dr_cpo_loss(seq(tok, mask), ref, batch["outcome"],
+            lo = dr_cpo_loss(cap(seq(tok, mask), ref), ref, batch["outcome"],
                              batch["ghat"] if method == "dr_cpo" else None, **dm, **kw)
             if reg_logp is None:
                 reg_logp, reg_mask, reg_ref, ent = tok, mask, batch["ref"], ent_r
@@ -326,6 +332,9 @@ def train(model, data: TrainData, cfg: RunConfig, out_dir: str | Path, *, pad_id
 
     model.train()
     stop = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
+    # issue 11: ESS guard on the outcome rows' and the DM set's weights (pipeline/guard.py)
+    from cpo_fast.pipeline.guard import WeightGuard, weight_stats
+    guard = WeightGuard(cfg.ess_guard, cfg.stop_on_collapse, cfg.batch_size, cfg.dm_batch_size)
     last: dict[str, Any] = {}
     bar = tqdm(range(start, stop), desc=desc, disable=not cfg.progress, initial=start,
                total=stop)
@@ -366,23 +375,29 @@ def train(model, data: TrainData, cfg: RunConfig, out_dir: str | Path, *, pad_id
                     "dm_ess": mean([_scalar(o.dm_ess) for o in los if o.dm_ess is not None]),
                     "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0],
                     "tokens_per_s": ntok / dt, "batch_rows": cfg.batch_size * cfg.grad_accum}
+            last.update(weight_stats(los), dm_batch_rows=cfg.dm_batch_size)  # issue 11
             if los and los[-1].weights is not None:  # for the weight histogram plot
                 last["log_weights"] = [round(float(x), 4) for x in
                                        torch.log(los[-1].weights.clamp_min(1e-30)).tolist()]
             if (step + 1) % cfg.log_every == 0 or step + 1 == stop:
                 mf.write(json.dumps(last) + "\n")
                 mf.flush()
-            bar.set_postfix({k: f"{v:.3g}" for k, v in last.items()
-                             if k in ("loss", "ess", "grad_norm") and v is not None})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in last.items()  # issue 11: + dm_*
+                             if k in ("loss", "ess", "max_weight_share", "dm_ess",
+                                      "dm_max_weight_share", "grad_norm") and v is not None})
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < stop:
                 save_checkpoint(step + 1)
+            if guard.update(step + 1, last, dm_only=method == "oo_rlhf"):  # issue 11
+                stop = step + 1
+                break
     bar.close()
     final = stop if stop > start else start
     save_checkpoint(final)
     if final >= cfg.steps and tokenizer is not None:
         save_model(model, tokenizer, out_dir / "model")
     return {"steps_done": final, "finished": final >= cfg.steps,
-            **{k: v for k, v in last.items() if k != "log_weights"}}
+            **{k: v for k, v in last.items() if k != "log_weights"},
+            **guard.summary()}  # issue 11
 
 
 # ----------------------------------------------------------------------------- shared stages
@@ -409,6 +424,7 @@ class Prepared:
     dm: Any = None
     dm_ref: list[np.ndarray] | None = None
     dm_ghat: np.ndarray | None = None
+    dm_support: dict | None = None  # issue 11: DM texts outside ghat's support / clipped
 
     @property
     def pad_id(self) -> int:
@@ -604,9 +620,8 @@ def prepare(cfg: RunConfig, *, need_dm: bool | None = None, resume: bool = False
     prep.outcome_fit, prep.ghat_train = fit, np.asarray(fit.oof_pred, np.float64)
     if eval_enc is not None:
         prep.ghat_eval = fit.predict(texts_features(prep, eval_enc))
-    (out / "outcome_model.json").write_text(json.dumps(
-        {"kind": fit.kind, "features": cfg.outcome_features, "folds": fit.folds,
-         "r2_oof": fit.r2, "rmse_oof": fit.rmse}, indent=2))
+    summary = {**fit.summary(), "features": cfg.outcome_features}  # issue 11: + bound, support
+    (out / "outcome_model.json").write_text(json.dumps(summary, indent=2))
 
     if until == "outcome":
         return prep
@@ -623,7 +638,13 @@ def prepare(cfg: RunConfig, *, need_dm: bool | None = None, resume: bool = False
             prep.dm = build_dm_set(cfg, f0, tok, train_t, train_enc, device=device)
             save_dm_set(prep.dm, dm_file)
         prep.dm_ref = _ref_logprobs(f0, prep.dm.encoded, cfg, out, f"dm_{cfg.dm_source}", device)
-        prep.dm_ghat = fit.predict(texts_features(prep, prep.dm.encoded))
+        dm_feats = texts_features(prep, prep.dm.encoded)
+        prep.dm_ghat = fit.predict(dm_feats)
+        from cpo_fast.pipeline.support import support_report  # issue 11
+
+        prep.dm_support = support_report(fit, dm_feats)
+        summary["dm_set"] = prep.dm_support
+        (out / "outcome_model.json").write_text(json.dumps(summary, indent=2))
     return prep
 
 
