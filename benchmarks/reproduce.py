@@ -54,8 +54,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(RESULTS), help="results folder")
     p.add_argument("--work-dir", default="runs/reproduce", help="models and logs go here")
     p.add_argument("--tag", default=None, help="results file name (default reproduce[-quick])")
+    p.add_argument("--collect", action="store_true",
+                   help="no training: summarize the cells already finished under --work-dir")
     p.add_argument("--emobank", default=None, help=argparse.SUPPRESS)
     return p
+
+
+def collect(jobs: list[dict]) -> list[dict]:
+    """The records of the cells that finished (``records.json`` in each cell's folder)."""
+    import json
+
+    recs = []
+    for j in jobs:
+        p = Path(j["out"]) / "records.json"
+        if p.is_file():
+            recs += json.loads(p.read_text())
+        else:
+            print(f"[reproduce] --collect: cell level={j['level']} seed={j['seed']} not "
+                  "finished; left out")
+    if not recs:
+        raise SystemExit("--collect: no finished cell under --work-dir")
+    return recs
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
@@ -85,9 +104,14 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
             for lv in levels for sd in seeds]
     load0 = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
-    recs = run_sweep(jobs, workers=a.workers)
-    wall = time.perf_counter() - t0
-    meta = {"wall_s": round(wall, 1), "workers": a.workers, "cpus": os.cpu_count(),
+    if a.collect:
+        recs = collect(jobs)
+        ends = [r["t_end"] for r in recs if "t_end" in r]  # first start to last end
+        wall = (max(ends) - min(r["t_start"] for r in recs if "t_start" in r)) if ends else 0.0
+    else:
+        recs = run_sweep(jobs, workers=a.workers)
+        wall = time.perf_counter() - t0
+    meta = {"wall_s": round(wall, 1), "collected": a.collect, "workers": a.workers, "cpus": os.cpu_count(),
             "loadavg_start": load0, "rows": jobs[0]["rows"], "levels": levels, "seeds": seeds,
             "remedies": remedies, "config": config, "quick": a.quick}
     judge = "VADER compound sentiment" if emobank else "oracle g*"

@@ -11,9 +11,11 @@ self-normalized weights (a shift of all log weights does not change them) and 0 
 A row at the cap gets no gradient pushing it further (a per-row trust region, like PPO's
 clipping, but around the batch rather than around 1), and the self-normalized weights then
 differ by at most a factor exp(2 cap), which bounds the ESS from below: for a ratio
-r = exp(2 cap), ESS / n >= 4 r / (1 + r)^2 (a two-point worst case); cap = 0.7 gives
-r = 4 and ESS >= 64% of the batch, cap = 1.4 gives r = 16 and ESS >= 22%, above the
-ESS guard's 10%.
+r = exp(2 cap), ESS / n >= 4 r / (1 + r)^2 (Kantorovich's inequality, a two-point worst
+case); cap = 0.7 gives r = 4.1 and ESS >= 63% of the batch, cap = 1.4 gives r = 16.4 and
+ESS >= 21.6%, above the ESS guard's 10%. The bound is on the weights actually used: a
+capped run can still drift far from f_0 (watch the share of generations outside ghat's
+support), which is why the cap is evaluated, not assumed (docs/validity.md).
 """
 
 from __future__ import annotations

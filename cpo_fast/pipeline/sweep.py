@@ -32,7 +32,7 @@ REMEDIES: dict[str, dict[str, Any]] = {
     "kl": {"kl_coef": 0.2},  # KL to f_0 on the DM set (on the outcome rows for CPO)
     "clipped": {"weighting": "clipped"},  # PPO-style trust region on each row's weight
     "lennorm": {"length_normalize": True},  # per-token (geometric-mean) weights
-    "cap": {"log_weight_cap": 1.4},  # per-row log-weight cap: ESS >= 22% by construction
+    "cap": {"log_weight_cap": 1.4},  # per-row log-weight cap: ESS >= 21.6% by construction
 }
 NAMES = {"f_0": "f_0", "sft_all": "SFT-all", "sft_top": "SFT-top", "oo_rlhf": "OO-RLHF",
          "cpo": "CPO", "dr_cpo": "DR-CPO"}
@@ -88,7 +88,7 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
     warnings.simplefilter("ignore", FutureWarning)
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     table = _corpus(job)
     from cpo_fast.pipeline.emobank import write_table
 
@@ -116,7 +116,7 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
                                 steps_done=summary.get("steps_done")))
             del policy
     for r in recs:
-        r["cell_s"] = time.perf_counter() - t0
+        r.update(cell_s=time.perf_counter() - t0, t_start=started, t_end=time.time())
     (out / "records.json").write_text(json.dumps(recs, indent=2))
     return recs
 
