@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--remedies", default="none",
                    help="comma-separated, for OO-RLHF/CPO/DR-CPO: none, kl, clipped, lennorm")
+    p.add_argument("--remedy-methods", default="oo_rlhf,cpo,dr_cpo",
+                   help="the methods the remedies are tried on (the others: none)")
     p.add_argument("--rows", type=int, default=None, help="corpus rows (overrides the size)")
     p.add_argument("--steps", type=int, default=None, help="policy steps (overrides the size)")
     p.add_argument("--f0-steps", type=int, default=None, help="f_0 SFT steps (overrides the size)")
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     tag = a.tag or ("emobank" if emobank else "reproduce") + ("-quick" if a.quick else "")
     jobs = [dict(corpus="emobank" if emobank else "synthetic", data_path=a.emobank,
                  level=lv, seed=sd, rows=a.rows or size["rows"], config=config, methods=methods,
-                 remedies=remedies, out=str(Path(a.work_dir) / tag / f"c{lv:g}_s{sd}"))
+                 remedies=remedies, remedy_methods=a.remedy_methods.split(","), out=str(Path(a.work_dir) / tag / f"c{lv:g}_s{sd}"))
             for lv in levels for sd in seeds]
     load0 = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()

@@ -103,7 +103,8 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
                     prepare_s=time.perf_counter() - t0, ghat_r2=prep.outcome_fit.r2,
                     dm_outside=(prep.dm_support or {}).get("ood_share"))]
     for m in methods:
-        for rem in (job["remedies"] if m in WEIGHTED else ["-"]):
+        rems = job["remedies"] if m in job.get("remedy_methods", WEIGHTED) else ["none"]
+        for rem in (rems if m in WEIGHTED else ["-"]):
             mcfg = dataclasses.replace(cfg, method=m, **REMEDIES.get(rem, {})).validate()
             t1 = time.perf_counter()
             with warnings.catch_warnings(record=True):  # the guard's warning is in the record
