@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     tag = a.tag or ("emobank" if emobank else "reproduce") + ("-quick" if a.quick else "")
     jobs = [dict(corpus="emobank" if emobank else "synthetic", data_path=a.emobank,
                  level=lv, seed=sd, rows=a.rows or size["rows"], config=config, methods=methods,
-                 remedies=remedies, remedy_methods=a.remedy_methods.split(","), out=str(Path(a.work_dir) / tag / f"c{lv:g}_s{sd}"))
+                 remedies=remedies, remedy_methods=a.remedy_methods.split(","),
+                 out=str(Path(a.work_dir) / tag / f"c{lv:g}_s{sd}"))
             for lv in levels for sd in seeds]
     load0 = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
