@@ -284,10 +284,11 @@ class OutcomeFit:
 
 def fit_outcome_model(features: np.ndarray, y: np.ndarray, *, kind: str = "ridge",
                       folds: int = 5, seed: int = 0, alpha: float | None = None,
-                      bound: bool = True, support: bool = True) -> OutcomeFit:
+                      bound: bool = False, support: bool = True) -> OutcomeFit:
     """Cross-fit ghat on ``features`` [n, d] and outcomes ``y`` [n]; see the module doc.
 
-    ``bound``: clip every prediction (out-of-fold ones included) to [min y, max y];
+    ``bound``: clip predictions for new texts (:meth:`OutcomeFit.predict`) to [min y, max y]
+    (the pipeline's ``prepare`` always sets it; off here keeps the plain regression);
     ``support``: fit the out-of-support test on the features (support.py)."""
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64).reshape(-1)
@@ -314,9 +315,9 @@ def fit_outcome_model(features: np.ndarray, y: np.ndarray, *, kind: str = "ridge
              else _MLP(x[tr], y[tr], seed=seed + k))
         oof[te] = m.predict(x[te])
         models.append(m)
+    # out-of-fold predictions stay the fold models' own (training texts are in support);
+    # the bound applies to predict(), i.e. to new texts: the DM set and generations
     y_range = (float(y.min()), float(y.max())) if bound else None
-    if bound:
-        oof = np.clip(oof, *y_range)
     res = y - oof
     sst = float(np.sum((y - y.mean()) ** 2))
     r2 = 1.0 - float(np.sum(res**2)) / sst if sst > 0 else float("nan")

@@ -616,7 +616,7 @@ def prepare(cfg: RunConfig, *, need_dm: bool | None = None, resume: bool = False
     feats = texts_features(prep, train_enc)
     fit = fit_outcome_model(feats, np.asarray(train_t.outcomes, np.float64),
                             kind=cfg.outcome_model, folds=max(2, min(cfg.outcome_folds, len(train_t) // 2)),
-                            seed=cfg.seed)
+                            seed=cfg.seed, bound=True)  # issue 11: ghat bounded
     prep.outcome_fit, prep.ghat_train = fit, np.asarray(fit.oof_pred, np.float64)
     if eval_enc is not None:
         prep.ghat_eval = fit.predict(texts_features(prep, eval_enc))
