@@ -142,9 +142,14 @@ def cmd_train(args) -> int:
           f"out-of-fold R^2 = {prep.outcome_fit.r2:.3f}")
     policy, summary = train_policy(prep, cfg, resume=args.resume)
     print(f"[train] {cfg.method}: {summary['steps_done']}/{cfg.steps} steps, last loss "
-          f"{_fmt(summary.get('loss'))}, ESS {_fmt(summary.get('ess'))}  "
-          f"({time.perf_counter() - t0:.0f}s)")
-    training_curves({cfg.method: mdir / "metrics.jsonl"}, mdir / "plots" / "training.png")
+          f"{_fmt(summary.get('loss'))}, ESS {_fmt(summary.get('ess'))}, "
+          f"DM ESS {_fmt(summary.get('dm_ess'))}  ({time.perf_counter() - t0:.0f}s)")
+    if summary.get("weights_collapsed"):  # the ESS guard fired (docs/validity.md)
+        print(f"[train] WARNING: the importance weights collapsed at step "
+              f"{summary['collapse_step']} ({summary['collapse_term']}): a gain this run "
+              "reports is not trustworthy (see docs/validity.md).")
+    training_curves({cfg.method: mdir / "metrics.jsonl"}, mdir / "plots" / "training.png",
+                    guard=cfg.ess_guard)
     weight_histogram({cfg.method: mdir / "metrics.jsonl"}, mdir / "plots" / "weights.png")
     result: dict = {"train": summary}
     if summary["finished"] and not args.no_eval:
@@ -173,7 +178,7 @@ def update_results(path: Path, new: dict) -> dict:
 
 def _evaluate_pair(prep, policy, cfg) -> dict:
     """f_0 and the trained policy: generations scored, off-policy estimates (eval/)."""
-    from cpo_fast.pipeline.evaluate import evaluate_model, write_eval
+    from cpo_fast.pipeline.evaluate import evaluate_model, support_note, write_eval
     from cpo_fast.pipeline.plots import outcome_bars
 
     lay, mdir = prep.layout, prep.layout.method(cfg.method)
@@ -184,7 +189,7 @@ def _evaluate_pair(prep, policy, cfg) -> dict:
     outcome_bars({"f_0": before, cfg.method: after}, "ghat", mdir / "plots" / "outcome.png")
     for r in (before, after):
         op = r.get("off_policy") or {}
-        print(f"[eval] {r['name']:8s} generations: {_scores(r)}; "
+        print(f"[eval] {r['name']:8s} generations: {_scores(r)} ({support_note(r)}); "
               f"off-policy {json.dumps(_brief(op))}")
     return {"f0": {k: v for k, v in before.items() if k != "samples"},
             "policy": {k: v for k, v in after.items() if k != "samples"},

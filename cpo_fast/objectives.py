@@ -410,6 +410,7 @@ def assemble_loss(
     entropy_coef: float = 0.0,
     kl_coef: float = 0.0,
     regularize_on: str = "batch",
+    log_weight_cap: float = 0.0,
     **loss_kwargs,
 ) -> LossOutput:
     """The training loss of ``method`` from per-token tensors, with its diagnostics.
@@ -427,6 +428,7 @@ def assemble_loss(
     DM set is what the policy is optimized on). ``loss_kwargs`` go to :func:`dr_cpo_loss`
     (``max_log_weight``, ``truncation``, ``clip_eps``, ``distributed``). ``value`` and the
     other diagnostics exclude the regularizers; SFT methods fill ``loss`` only.
+    ``log_weight_cap > 0`` caps each row's log weight (:func:`cap_log_weights`).
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}.")
@@ -439,7 +441,7 @@ def assemble_loss(
         out = LossOutput(loss=sft_loss(batch.logp, batch.mask))
     else:
         kw = dict(weighting=weighting, higher_is_better=higher_is_better, **loss_kwargs)
-        out = _ipw_loss(method, batch, dm, length_normalize, kw)
+        out = _ipw_loss(method, batch, dm, length_normalize, kw, log_weight_cap)
     reg = dm if (dm is not None and (regularize_on == "dm" or batch is None)) else batch
     out.loss = _add_regularizers(out.loss, reg, entropy_coef, kl_coef)
     if not bool(torch.isfinite(out.loss.detach())):
@@ -467,22 +469,37 @@ def _raise_nonfinite_tokens(loss: Tensor, batches: dict[str, TokenBatch | None])
     _check_loss_finite(loss, "token log-probs, entropies or reference log-probs")
 
 
+def cap_log_weights(policy_logp: Tensor, ref_logp: Tensor, cap: float, *,
+                    self_normalized: bool = True) -> Tensor:
+    """``policy_logp`` with each row's log weight ``policy_logp - ref_logp`` capped (a remedy
+    for weight collapse: cpo_fast/pipeline/remedy.py, docs/validity.md); ``cap <= 0`` returns
+    it unchanged."""
+    if cap <= 0:
+        return policy_logp
+    ref = ref_logp.to(policy_logp.dtype)
+    ell = policy_logp - ref
+    center = ell.detach().median() if self_normalized else torch.zeros((), dtype=ell.dtype)
+    return ref + center + torch.clamp(ell - center, -cap, cap)
+
+
 def _seq(b: TokenBatch, t: Tensor, length_normalize: bool) -> Tensor:
     return sequence_logprobs(t, b.mask, length_normalize=length_normalize)
 
 
 def _ipw_loss(method: str, batch: TokenBatch | None, dm: TokenBatch | None,
-              length_normalize: bool, kw: dict) -> LossOutput:
+              length_normalize: bool, kw: dict, cap: float = 0.0) -> LossOutput:
     """cpo / dr_cpo / oo_rlhf on sequence log-probs summed from the token ones."""
+    sn = kw.get("weighting") == "self_normalized"
     dm_kw = {}
     if dm is not None:
         if method == "cpo":
             raise ValueError("method='cpo' takes no DM batch (use 'dr_cpo').")
         if dm.ref_logp is None or dm.outcome_pred is None:
             raise ValueError("the DM TokenBatch needs ref_logp and outcome_pred (ghat).")
-        dm_kw = dict(dm_policy_logp=_seq(dm, dm.logp, length_normalize),
-                     dm_ref_logp=_seq(dm, dm.ref_logp, length_normalize),
-                     dm_outcome_pred=dm.outcome_pred)
+        dm_ref = _seq(dm, dm.ref_logp, length_normalize)
+        dm_kw = dict(dm_policy_logp=cap_log_weights(_seq(dm, dm.logp, length_normalize), dm_ref,
+                                                    cap, self_normalized=sn),
+                     dm_ref_logp=dm_ref, dm_outcome_pred=dm.outcome_pred)
     if method == "oo_rlhf":
         return oo_rlhf_loss(**dm_kw, **kw)
     if batch.outcome is None:
@@ -493,8 +510,8 @@ def _ipw_loss(method: str, batch: TokenBatch | None, dm: TokenBatch | None,
             raise ValueError("batch needs ref_logp (token log-probs of f_0) or log_propensity.")
         ref = _seq(batch, batch.ref_logp, length_normalize)
     pred = batch.outcome_pred if method == "dr_cpo" else None
-    return dr_cpo_loss(_seq(batch, batch.logp, length_normalize), ref, batch.outcome, pred,
-                       **dm_kw, **kw)
+    policy = cap_log_weights(_seq(batch, batch.logp, length_normalize), ref, cap, self_normalized=sn)
+    return dr_cpo_loss(policy, ref, batch.outcome, pred, **dm_kw, **kw)
 
 
 def _add_regularizers(loss: Tensor, b: TokenBatch, entropy_coef: float,

@@ -102,6 +102,12 @@ class RunConfig:
     save_every: int = _f(50, "checkpoint every N optimizer steps (0: only at the end)", "train")
     log_every: int = _f(1, "metrics line every N steps", "train")
     stop_after: int | None = _f(None, "stop after this step (simulates an interruption)", "train", local=True)
+    # issue 11: the weight-collapse guard (pipeline/guard.py, docs/validity.md)
+    ess_guard: float = _f(0.1, "warn when the outcome or DM ESS, as a share of its batch, "
+                          "falls below this (0: off)", "train")
+    stop_on_collapse: bool = _f(False, "stop training when the ESS guard fires", "train")
+    log_weight_cap: float = _f(0.0, "cap each row's log weight to the batch median +- this "
+                               "(0: off; pipeline/remedy.py)", "train", pins=RESUME)
     # --- outcome model
     outcome_model: str = _f("ridge", "ridge | mlp on f_0's mean-pooled features", "outcome")
     outcome_folds: int = _f(5, "cross-fitting folds", "outcome")

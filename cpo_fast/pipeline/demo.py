@@ -75,16 +75,23 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
              f"{prep.outcome_fit.r2:.3f}")
     results, times = _train_and_evaluate(prep, cfg, methods, print_fn)
     seconds = time.perf_counter() - t0
-    _plots(out, methods, results)
+    _plots(out, methods, results, guard=cfg.ess_guard)
 
     table = []
     for name, r in results.items():
         op = r.get("off_policy") or {}
+        tr = r.get("train") or {}
         table.append({"model": name, "oracle": r.get("oracle"), "ghat": r.get("ghat"),
-                      "distinct": r["distinct_fraction"], "off_policy": op})
+                      "distinct": r["distinct_fraction"], "off_policy": op,
+                      "ghat_outside": (r.get("ghat_support") or {}).get("ood_share"),
+                      "collapsed": bool(tr.get("weights_collapsed")),
+                      "min_ess_share": tr.get("min_ess_share"),
+                      "min_dm_ess_share": tr.get("min_dm_ess_share")})
     write_json(out / "results.json", {"table": table, "seconds": seconds, "quick": quick,
                                       "rows": n, "ghat_r2": prep.outcome_fit.r2,
-                                      "train_seconds": times})
+                                      "train_seconds": times,
+                                      "outcome_model": prep.outcome_fit.summary(),
+                                      "dm_support": prep.dm_support})
     print_fn(format_table(table, seconds, higher_is_better=cfg.higher_is_better))
     print_fn(f"[demo] outputs in {out}/ (results.json, eval/, plots/, <method>/metrics.jsonl)")
     return {"table": table, "results": results, "seconds": seconds}
@@ -112,16 +119,18 @@ def _train_and_evaluate(prep, cfg: RunConfig, methods, print_fn):
         write_eval(res, lay.eval(m))
         results[NAMES[m]] = res
         del policy
+        flag = (f"; weights collapsed at step {summary['collapse_step']}"
+                if summary.get("weights_collapsed") else "")
         print_fn(f"[demo] {NAMES[m]:8s} oracle {format_row(res, 'oracle')}  "
-                 f"({times[m]:.0f}s train)")
+                 f"({times[m]:.0f}s train{flag})")
     return results, times
 
 
-def _plots(out: Path, methods, results) -> None:
+def _plots(out: Path, methods, results, guard: float = 0.0) -> None:
     from cpo_fast.pipeline.plots import outcome_bars, training_curves, weight_histogram
 
     runs = {NAMES[m]: out / m / "metrics.jsonl" for m in methods}
-    training_curves(runs, out / "plots" / "training.png")
+    training_curves(runs, out / "plots" / "training.png", guard=guard)
     weight_histogram({k: v for k, v in runs.items() if k in ("CPO", "DR-CPO", "OO-RLHF")},
                      out / "plots" / "weights.png")
     outcome_bars(results, "oracle", out / "plots" / "oracle.png",
@@ -131,15 +140,20 @@ def _plots(out: Path, methods, results) -> None:
 
 def format_table(table: list[dict], seconds: float, *, higher_is_better: bool = True) -> str:
     f0 = next((r for r in table if r["model"] == "f_0"), None)
-    lines = ["", f"{'model':9s} {'oracle E[g*] of generations (95% CI)':38s} {'vs f_0':>7s}"
-                 f" {'ghat (95% CI)':>27s} {'distinct':>8s}"]
+    lines = ["", f"{'model':9s} {'oracle E[g*] of generations (95% CI)':38s} {'vs f_0':>8s}"
+                 f" {'ghat (95% CI)':>27s} {'outside':>7s} {'distinct':>8s}"]
     lines.append("-" * len(lines[1]))
     for r in table:
         o, g = r["oracle"], r["ghat"]
         delta = "" if f0 is None or r is f0 else f"{o['mean'] - f0['oracle']['mean']:+.3f}"
+        delta += "!" if r.get("collapsed") else ""
+        out = "-" if r.get("ghat_outside") is None else f"{r['ghat_outside']:.0%}"
         gs = "-" if g is None else f"{g['mean']:.3f} [{g['lo']:.3f}, {g['hi']:.3f}]"
         lines.append(f"{r['model']:9s} {o['mean']:.3f} [{o['lo']:.3f}, {o['hi']:.3f}]"
-                     f"{'':18s} {delta:>7s} {gs:>27s} {r['distinct']:8.2f}")
+                     f"{'':18s} {delta:>8s} {gs:>27s} {out:>7s} {r['distinct']:8.2f}")
     lines.append(f"({'higher' if higher_is_better else 'lower'} is better; run time "
-                 f"{seconds:.0f}s)")
+                 f"{seconds:.0f}s; outside: share of generations outside ghat's support)")
+    if any(r.get("collapsed") for r in table):
+        lines.append("!: the importance weights collapsed during training (the ESS guard "
+                     "fired): that gain is not trustworthy")
     return "\n".join(lines)

@@ -3,6 +3,9 @@
 Two views of V(theta) = E_{X ~ P^f_theta}[g(X)] (method.md section 1):
 - *on-policy*: sample texts from the model, score them with the outcome model ghat and
   with any given scorer (the demo's oracle g*), report means with bootstrap 95% intervals;
+  next to ghat's score, the share of generations outside ghat's support and the share
+  whose raw prediction left the training outcome range (``ghat_support``, support.py):
+  a high share means ghat's score of those texts is an extrapolation, not a measurement;
 - *off-policy*: on held-out rows, the importance weights w_i = P^f(x_i) / P^R(x_i) give
   the IPW, self-normalized and doubly robust estimates (``estimate.off_policy_estimates``),
   with ghat's mean over the model's own samples as the DR's direct-method term.
@@ -78,7 +81,6 @@ def evaluate_model(prep, model, *, name: str, scorers: dict[str, Scorer] | None 
     """Generate ``cfg.num_samples`` texts from ``model`` and score them; off-policy estimates
     on the held-out rows. Returns a JSON-able dict (samples included)."""
     from cpo_fast.pipeline.estimate import bootstrap_ci, off_policy_estimates
-    from cpo_fast.pipeline.prepare import predict_outcome
 
     cfg = prep.cfg
     seed = cfg.seed + 2024 if seed is None else seed
@@ -91,8 +93,9 @@ def evaluate_model(prep, model, *, name: str, scorers: dict[str, Scorer] | None 
                             map(float, bootstrap_ci(np.asarray(v, np.float64),
                                                     n_boot=cfg.bootstrap, seed=seed)), strict=True))
     scores: dict[str, np.ndarray] = {}
+    outside = None
     if prep.outcome_fit is not None:
-        scores["ghat"] = np.asarray(predict_outcome(prep, texts, prompts), np.float64)
+        scores["ghat"], outside, res["ghat_support"] = ghat_with_support(prep, texts, prompts)
     scorers = dict(scorers or {})
     if cfg.scorer:
         sname, fn = load_scorer(cfg.scorer)
@@ -121,9 +124,35 @@ def evaluate_model(prep, model, *, name: str, scorers: dict[str, Scorer] | None 
                                    prep.ghat_eval, ghat_pol, n_boot=cfg.bootstrap, seed=seed)
         res["off_policy"] = _jsonable(est)
     res["samples"] = [{"text": t, **({"prompt": prompts[i]} if prompts else {}),
-                       **{k: float(v[i]) for k, v in scores.items()}}
+                       **{k: float(v[i]) for k, v in scores.items()},
+                       **({"ghat_outside": bool(outside[i])} if outside is not None else {})}
                       for i, t in enumerate(texts)]
     return res
+
+
+def ghat_with_support(prep, texts: list[str], prompts: list[str] | None = None):
+    """(ghat's clipped predictions, the out-of-support flags or None, the support report)
+    for ``texts``, from one pass of f_0's features."""
+    from cpo_fast.pipeline.data import OutcomeTable, encode
+    from cpo_fast.pipeline.prepare import texts_features
+    from cpo_fast.pipeline.support import support_report
+
+    table = OutcomeTable(texts=[t if t.strip() else " " for t in texts], prompts=prompts)
+    feats = texts_features(prep, encode(table, prep.tokenizer, prep.cfg.max_tokens, "truncate"))
+    fit = prep.outcome_fit
+    return (np.asarray(fit.predict(feats), np.float64), fit.outside_support(feats),
+            support_report(fit, feats))
+
+
+def support_note(res: dict[str, Any]) -> str:
+    """'12% outside ghat's support, 3% clipped' for a result of ``evaluate_model``."""
+    sup = res.get("ghat_support") or {}
+    parts = []
+    if "ood_share" in sup:
+        parts.append(f"{sup['ood_share']:.0%} outside ghat's support")
+    if "clipped_share" in sup:
+        parts.append(f"{sup['clipped_share']:.0%} clipped to the outcome range")
+    return ", ".join(parts)
 
 
 def _jsonable(x):

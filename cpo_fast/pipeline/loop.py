@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from cpo_fast.pipeline.batches import TrainData, micro_batch
 from cpo_fast.pipeline.checkpoint import Resumed, find_checkpoint, load_checkpoint, save_checkpoint
 from cpo_fast.pipeline.config import RunConfig, pinned_values
+from cpo_fast.pipeline.guard import WeightGuard, weight_stats
 from cpo_fast.pipeline.loss import compute_loss
 from cpo_fast.pipeline.metrics import MetricsLog, step_metrics
 from cpo_fast.pipeline.policy import save_model
@@ -55,6 +56,8 @@ def train(model, data: TrainData, cfg: RunConfig, out_dir: str | Path, *, pad_id
     # 2. resume
     state = restore(out_dir, model, opt, sched, run_keys=run_keys, resume=resume, desc=desc)
     last, stop = state.last, min(cfg.steps, cfg.stop_after or cfg.steps)
+    # the ESS guard on the outcome rows' and the DM set's weights (guard.py, docs/validity.md)
+    guard = WeightGuard(cfg.ess_guard, cfg.stop_on_collapse, cfg.batch_size, cfg.dm_batch_size)
 
     def checkpoint(step: int) -> Path:
         return save_checkpoint(out_dir, step, model, opt, sched, run_keys=run_keys, last=last,
@@ -88,15 +91,21 @@ def train(model, data: TrainData, cfg: RunConfig, out_dir: str | Path, *, pad_id
             last = step_metrics(step + 1, losses, outs, grad_norm=gnorm, lr=sched.get_last_lr()[0],
                                 seconds=time.perf_counter() - t0, tokens=tokens,
                                 batch_rows=cfg.batch_size * cfg.grad_accum)
+            last.update(weight_stats(outs), dm_batch_rows=cfg.dm_batch_size)
             log.write(last, force=step + 1 == stop)
             bar.set_postfix({k: f"{v:.3g}" for k, v in last.items()
-                             if k in ("loss", "ess", "grad_norm") and v is not None})
+                             if k in ("loss", "ess", "max_weight_share", "dm_ess",
+                                      "dm_max_weight_share", "grad_norm") and v is not None})
             if signals.signum is not None:
                 raise TrainingInterrupted(signals.signum, step + 1, checkpoint(step + 1))
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < stop:
                 checkpoint(step + 1)
+            if guard.update(step + 1, last, dm_only=cfg.method == "oo_rlhf"):
+                stop = step + 1  # --stop-on-collapse
+                break
     # 4. the end
-    return finish(model, tokenizer, out_dir, state, stop, cfg.steps, checkpoint, last)
+    return {**finish(model, tokenizer, out_dir, state, stop, cfg.steps, checkpoint, last),
+            **guard.summary()}
 
 
 def make_optimizer(params, cfg: RunConfig):

@@ -8,7 +8,9 @@ Cross-fitting: rows are split into K shuffled folds; fold k's model is fitted on
 K-1 folds and predicts fold k, so ``oof_pred[i]`` never comes from a model that saw row i
 (the condition for DR-CPO's guarantee). ``r2`` and ``rmse`` are out-of-fold. For *new*
 texts (the direct-method set, generations) :meth:`OutcomeFit.predict` returns the
-**average of the K fold models' predictions** (no refit on all rows).
+**average of the K fold models' predictions** (no refit on all rows), clipped to the
+training outcome range; :meth:`OutcomeFit.outside_support` flags texts unlike the training
+texts in ghat's feature space (both in support.py; docs/validity.md says why).
 
 Kinds:
   - ``"ridge"`` (default): closed-form ridge on standardized features with an intercept.
@@ -250,21 +252,44 @@ class OutcomeFit:
     kind: str
     fold_models: list[Any] = field(default_factory=list, repr=False)
     fold_of_row: np.ndarray | None = field(default=None, repr=False)
+    y_range: tuple[float, float] | None = None  # predictions are clipped to it (support.py)
+    support: Any = field(default=None, repr=False)  # support.FeatureSupport: the OOD test
 
-    def predict(self, features: np.ndarray) -> np.ndarray:
+    def predict(self, features: np.ndarray, *, clip: bool = True) -> np.ndarray:
+        """Mean of the fold models, clipped to the training outcome range (``clip=False``:
+        the raw extrapolation, for diagnostics)."""
+        from cpo_fast.pipeline.support import clip_to_range
+
         x = np.asarray(features, dtype=np.float64)
         if x.ndim != 2:
             raise ValueError(f"features must be [n, d], got shape {x.shape}.")
-        return np.mean([m.predict(x) for m in self.fold_models], axis=0)
+        pred = np.mean([m.predict(x) for m in self.fold_models], axis=0)
+        return clip_to_range(pred, self.y_range) if clip else pred
 
-    def summary(self) -> dict[str, float | int | str]:
-        return {"kind": self.kind, "folds": self.folds, "r2_oof": self.r2,
-                "rmse_oof": self.rmse}
+    def outside_support(self, features: np.ndarray) -> np.ndarray | None:
+        """Boolean [n] (True: unlike ghat's training texts), or None without a support test."""
+        return None if self.support is None else self.support.outside(features)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "folds": self.folds, "r2_oof": self.r2,
+                               "rmse_oof": self.rmse}
+        if self.y_range is not None:
+            out["bound"] = list(self.y_range)
+        if self.support is not None:
+            out["support"] = {"test": "shrunk Mahalanobis distance of ghat's features",
+                              "quantile": self.support.quantile,
+                              "threshold": self.support.threshold}
+        return out
 
 
 def fit_outcome_model(features: np.ndarray, y: np.ndarray, *, kind: str = "ridge",
-                      folds: int = 5, seed: int = 0, alpha: float | None = None) -> OutcomeFit:
-    """Cross-fit ghat on ``features`` [n, d] and outcomes ``y`` [n]; see the module doc."""
+                      folds: int = 5, seed: int = 0, alpha: float | None = None,
+                      bound: bool = False, support: bool = True) -> OutcomeFit:
+    """Cross-fit ghat on ``features`` [n, d] and outcomes ``y`` [n]; see the module doc.
+
+    ``bound``: clip predictions for new texts (:meth:`OutcomeFit.predict`) to [min y, max y]
+    (the pipeline's ``prepare`` always sets it; off here keeps the plain regression);
+    ``support``: fit the out-of-support test on the features (support.py)."""
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64).reshape(-1)
     if kind not in KINDS:
@@ -290,8 +315,17 @@ def fit_outcome_model(features: np.ndarray, y: np.ndarray, *, kind: str = "ridge
              else _MLP(x[tr], y[tr], seed=seed + k))
         oof[te] = m.predict(x[te])
         models.append(m)
+    # out-of-fold predictions stay the fold models' own (training texts are in support);
+    # the bound applies to predict(), i.e. to new texts: the DM set and generations
+    y_range = (float(y.min()), float(y.max())) if bound else None
     res = y - oof
     sst = float(np.sum((y - y.mean()) ** 2))
     r2 = 1.0 - float(np.sum(res**2)) / sst if sst > 0 else float("nan")
+    sup = None
+    if support:
+        from cpo_fast.pipeline.support import fit_support
+
+        sup = fit_support(x, fold_of_row=fold_of_row, seed=seed)
     return OutcomeFit(oof_pred=oof, r2=r2, rmse=float(np.sqrt(np.mean(res**2))),
-                      folds=folds, kind=kind, fold_models=models, fold_of_row=fold_of_row)
+                      folds=folds, kind=kind, fold_models=models, fold_of_row=fold_of_row,
+                      y_range=y_range, support=sup)

@@ -1,6 +1,7 @@
 """PNG plots of a run (matplotlib, Agg backend: no display needed).
 
-- ``training_curves``: loss and ESS per step for one or more runs (metrics.jsonl files);
+- ``training_curves``: loss, ESS and max weight share per step for one or more runs
+  (metrics.jsonl files), the DM set's beside the outcome rows' (dashed);
 - ``weight_histogram``: the log importance weights of the last logged batch of each run;
 - ``outcome_bars``: each model's mean outcome with its 95% interval (f_0 = "before").
 """
@@ -23,26 +24,49 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
 
 
-def training_curves(runs: dict[str, str | Path], path: str | Path) -> Path:
-    """Loss (left) and ESS / batch rows (right) against the step, one line per run."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+def _share(rows: list[dict], key: str, rows_key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key] / max(1, r.get(rows_key) or r.get("batch_rows") or 1))
+            for r in rows if r.get(key) is not None]
+
+
+def training_curves(runs: dict[str, str | Path], path: str | Path, *,
+                    guard: float | None = None) -> Path:
+    """Loss, ESS / batch rows and max weight share against the step, one colour per run:
+    solid lines for the outcome rows, dashed for the DM set (DR-CPO; OO-RLHF's only set).
+    ``guard``: draw the ESS guard's threshold."""
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4))
     for i, (name, mpath) in enumerate(runs.items()):
         rows = read_metrics(mpath)
         if not rows:
             continue
-        color = f"C{i}"  # one colour per run in both panels
-        steps = [r["step"] for r in rows]
-        a1.plot(steps, [r["loss"] for r in rows], label=name, color=color)
-        ess = [(r["step"], r["ess"] / max(1, r.get("batch_rows") or 1)) for r in rows
-               if r.get("ess") is not None]
+        color = f"C{i}"  # one colour per run in every panel
+        a1.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name, color=color)
+        dm_only = all(r.get("dm_ess") == r.get("ess") for r in rows) and rows[0].get("dm_ess")
+        ess = _share(rows, "ess", "dm_batch_rows" if dm_only else "batch_rows")
         if ess:
-            a2.plot(*zip(*ess, strict=True), label=name, color=color)
+            a2.plot(*zip(*ess, strict=True), label=name, color=color,
+                    ls="--" if dm_only else "-")
+        dm = [] if dm_only else _share(rows, "dm_ess", "dm_batch_rows")
+        if dm:
+            a2.plot(*zip(*dm, strict=True), label=f"{name} (DM set)", color=color, ls="--")
+        mws = [(r["step"], r["max_weight_share"]) for r in rows
+               if r.get("max_weight_share") is not None]
+        if mws:
+            a3.plot(*zip(*mws, strict=True), label=name, color=color,
+                    ls="--" if dm_only else "-")
+        dmw = [] if dm_only else [(r["step"], r["dm_max_weight_share"]) for r in rows
+                                  if r.get("dm_max_weight_share") is not None]
+        if dmw:
+            a3.plot(*zip(*dmw, strict=True), label=f"{name} (DM set)", color=color, ls="--")
+    if guard:
+        a2.axhline(guard, color="0.3", ls=":", lw=1, label=f"ESS guard {guard:g}")
     a1.set(xlabel="step", ylabel="loss", title="training loss")
     a2.set(xlabel="step", ylabel="ESS / rows", title="effective sample size (share of batch)",
            ylim=(0, 1.05))
-    for a in (a1, a2):
+    a3.set(xlabel="step", ylabel="max W / sum W", title="max weight share", ylim=(0, 1.05))
+    for a in (a1, a2, a3):
         if a.lines:
-            a.legend(fontsize=8)
+            a.legend(fontsize=7)
         a.grid(alpha=0.3)
     return _save(fig, path)
 

@@ -56,6 +56,7 @@ class Prepared:
     dm: Any = None
     dm_ref: list[np.ndarray] | None = None
     dm_ghat: np.ndarray | None = None
+    dm_support: dict | None = None  # DM texts outside ghat's support (docs/validity.md)
 
     @property
     def pad_id(self) -> int:
@@ -264,13 +265,11 @@ def fit_outcome(prep: Prepared) -> None:
     fit = fit_outcome_model(feats, np.asarray(prep.train_table.outcomes, np.float64),
                             kind=cfg.outcome_model,
                             folds=max(2, min(cfg.outcome_folds, len(prep.train_table) // 2)),
-                            seed=cfg.seed)
+                            seed=cfg.seed, bound=True)  # ghat bounded to the outcome range
     prep.outcome_fit, prep.ghat_train = fit, np.asarray(fit.oof_pred, np.float64)
     if prep.eval_enc is not None:
         prep.ghat_eval = fit.predict(texts_features(prep, prep.eval_enc))
-    write_json(prep.layout.outcome_model, {"kind": fit.kind, "features": cfg.outcome_features,
-                                           "folds": fit.folds, "r2_oof": fit.r2,
-                                           "rmse_oof": fit.rmse})
+    write_json(prep.layout.outcome_model, {**fit.summary(), "features": cfg.outcome_features})
 
 
 def predict_outcome(prep: Prepared, texts: list[str], prompts: list[str] | None = None):
@@ -294,4 +293,11 @@ def build_dm(prep: Prepared) -> None:
                                prep.train_enc, device=prep.device)
         save_dm_set(prep.dm, dm_file)
     prep.dm_ref = ref_logprobs(prep, prep.dm.encoded, f"dm_{cfg.dm_source}")
-    prep.dm_ghat = prep.outcome_fit.predict(texts_features(prep, prep.dm.encoded))
+    from cpo_fast.pipeline.support import support_report
+
+    dm_feats = texts_features(prep, prep.dm.encoded)
+    prep.dm_ghat = prep.outcome_fit.predict(dm_feats)
+    prep.dm_support = support_report(prep.outcome_fit, dm_feats)
+    write_json(prep.layout.outcome_model, {**prep.outcome_fit.summary(),
+                                           "features": cfg.outcome_features,
+                                           "dm_set": prep.dm_support})
