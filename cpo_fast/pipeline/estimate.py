@@ -68,24 +68,8 @@ def _entry(est: float, stats: np.ndarray, alpha: float) -> dict[str, float]:
     return {"estimate": float(est), "lo": lo, "hi": hi}
 
 
-def off_policy_estimates(
-    log_w: np.ndarray,
-    y: np.ndarray,
-    ghat: np.ndarray | None = None,
-    ghat_policy_mean: float | np.ndarray | None = None,
-    *,
-    n_boot: int = 2000,
-    alpha: float = 0.05,
-    seed: int = 0,
-) -> dict:
-    """Off-policy estimates of V with bootstrap intervals (see the module docstring).
-
-    Returns ``{"n", "ess", "max_weight_share", "naive", "ipw", "snips"}`` and, when the
-    outcome model is given, ``"dm"`` (needs ``ghat_policy_mean``), ``"dr"`` and
-    ``"dr_snips"`` (need both ``ghat`` and ``ghat_policy_mean``); each estimate is a dict
-    ``{"estimate", "lo", "hi"}``.
-    """
-    _check(n_boot, alpha)
+def _validated(log_w, y, ghat, ghat_policy_mean):
+    """The inputs of :func:`off_policy_estimates` as float64 vectors, checked."""
     lw = np.asarray(log_w, dtype=np.float64).reshape(-1)
     yy = np.asarray(y, dtype=np.float64).reshape(-1)
     n = lw.size
@@ -104,7 +88,29 @@ def off_policy_estimates(
         dm_vals = np.asarray(ghat_policy_mean, dtype=np.float64).reshape(-1)
         if dm_vals.size == 0:
             raise ValueError("ghat_policy_mean is an empty array.")
+    return lw, yy, gh, dm_vals
 
+
+def off_policy_estimates(
+    log_w: np.ndarray,
+    y: np.ndarray,
+    ghat: np.ndarray | None = None,
+    ghat_policy_mean: float | np.ndarray | None = None,
+    *,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict:
+    """Off-policy estimates of V with bootstrap intervals (see the module docstring).
+
+    Returns ``{"n", "ess", "max_weight_share", "naive", "ipw", "snips"}`` and, when the
+    outcome model is given, ``"dm"`` (needs ``ghat_policy_mean``), ``"dr"`` and
+    ``"dr_snips"`` (need both ``ghat`` and ``ghat_policy_mean``); each estimate is a dict
+    ``{"estimate", "lo", "hi"}``.
+    """
+    _check(n_boot, alpha)
+    lw, yy, gh, dm_vals = _validated(log_w, y, ghat, ghat_policy_mean)
+    n = lw.size
     with np.errstate(over="ignore"):
         w = np.exp(lw)
     if not np.isfinite(w).all():
