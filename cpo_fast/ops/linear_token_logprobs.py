@@ -212,7 +212,13 @@ def linear_token_logprobs(
     Returns:
         ``logp`` shaped like ``labels``; or ``(logp, entropy)`` with ``with_entropy``:
         float32, or float64 when ``hidden`` is float64 (the reference path).
+
+    Sharded heads: a ``DTensor`` weight or bias (FSDP2's ``fully_shard`` outside the head's
+    own forward) is gathered with ``full_tensor()``, whose backward reduce-scatters the
+    gradient back to the shards. ZeRO-3 heads: gather them first (``deepspeed.zero.
+    GatheredParameters``), as TRL does.
     """
+    weight, bias = _unshard(weight), _unshard(bias)
     _check_inputs(hidden, weight, labels, bias, ignore_index, grad_skip_threshold, validate)
     name = select_backend(backend, hidden.device, hidden.dtype)
     if name == "reference" or hidden.numel() == 0:
@@ -226,6 +232,12 @@ def linear_token_logprobs(
         warn_nonfinite_rows("linear_token_logprobs", "hidden @ weight.T + bias", labels,
                             ignore_index, *(out if with_entropy else (out,)))
     return out
+
+
+def _unshard(t: Tensor | None) -> Tensor | None:
+    """The full tensor of a DTensor parameter (differentiable all-gather); others as they are."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
 
 
 def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
