@@ -87,12 +87,16 @@ it against the float64 reference on hypothesis-drawn cases.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import importlib
 import importlib.util
 import os
 import warnings
+from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -209,3 +213,21 @@ def backend_module(backend: str, op: str) -> ModuleType:
 def optional(t: Tensor | None) -> Tensor | None:
     """A backend's 'no tensor' as None (an empty tensor from a custom op counts as None)."""
     return None if t is None or t.numel() == 0 else t
+
+
+@contextlib.contextmanager
+def override_fields(cls: type, overrides: dict[str, Any], fields: dict[str, Any]) -> Iterator[None]:
+    """Set ``fields`` in a backend module's override dict for a ``with`` block: the one
+    test-time tuning override, behind every backend's ``override_config(**fields)``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise TypeError(f"override_config: unknown field(s) {unknown}; "
+                        f"{cls.__module__}.Config has {sorted(names)}.")
+    saved = dict(overrides)
+    overrides.update(fields)
+    try:
+        yield
+    finally:
+        overrides.clear()
+        overrides.update(saved)

@@ -66,14 +66,14 @@ import contextlib
 import dataclasses
 import math
 import os
-from collections.abc import Iterator
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from cpo_fast._backend import triton_interpreting
+from cpo_fast._backend import override_fields, triton_interpreting
 
 # Initial running max: finite, so (m_old - m_new) * s never forms -inf * 0. A constexpr:
 # the GPU compiler rejects plain module-level floats inside @triton.jit functions.
@@ -94,21 +94,12 @@ class Config:
     row_group: int | None = None  # backward rows per pass; None: all N (see docstring)
 
 
-_OVERRIDE: dict | None = None
+_OVERRIDES: dict[str, Any] = {}
 
 
-@contextlib.contextmanager
-def override_config(**fields) -> Iterator[None]:
+def override_config(**fields: Any) -> contextlib.AbstractContextManager[None]:
     """Replace these ``Config`` fields in every default inside the block (tests: tiny tiles)."""
-    global _OVERRIDE
-    bad = set(fields) - {f.name for f in dataclasses.fields(Config)}
-    if bad:
-        raise TypeError(f"override_config: unknown Config fields {sorted(bad)}")
-    old, _OVERRIDE = _OVERRIDE, fields
-    try:
-        yield
-    finally:
-        _OVERRIDE = old
+    return override_fields(Config, _OVERRIDES, fields)
 
 
 def default_config(d: int, dtype: torch.dtype) -> Config:
@@ -120,7 +111,7 @@ def default_config(d: int, dtype: torch.dtype) -> Config:
     rows = os.environ.get("CPO_FAST_LINEAR_ROW_GROUP")
     if rows:
         cfg = dataclasses.replace(cfg, row_group=int(rows))
-    return dataclasses.replace(cfg, **_OVERRIDE) if _OVERRIDE else cfg
+    return dataclasses.replace(cfg, **_OVERRIDES) if _OVERRIDES else cfg
 
 
 def _base_config(d: int, dtype: torch.dtype) -> Config:

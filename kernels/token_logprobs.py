@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+from cpo_fast._backend import override_fields
 
 
 @triton.jit
@@ -110,30 +112,21 @@ class Config:
 
 # The largest vocabulary chunk a program holds at once.
 _MAX_BLOCK_V = 4096
-_OVERRIDE: dict | None = None
+_OVERRIDES: dict[str, Any] = {}
 
 
-@contextlib.contextmanager
-def override_config(**fields) -> Iterator[None]:
+def override_config(**fields: Any) -> contextlib.AbstractContextManager[None]:
     """Replace these ``Config`` fields in every default inside the block (tests: small chunks)."""
-    global _OVERRIDE
-    bad = set(fields) - {f.name for f in dataclasses.fields(Config)}
-    if bad:
-        raise TypeError(f"override_config: unknown Config fields {sorted(bad)}")
-    old, _OVERRIDE = _OVERRIDE, fields
-    try:
-        yield
-    finally:
-        _OVERRIDE = old
+    return override_fields(Config, _OVERRIDES, fields)
 
 
 def default_config(V: int) -> Config:
     """One program per row walks the row in chunks of up to 4096 (warps scale with the chunk)."""
     block_v = min(triton.next_power_of_2(V), _MAX_BLOCK_V)
     cfg = Config(block_v=block_v, num_warps=_warps(block_v))
-    if _OVERRIDE:
-        cfg = dataclasses.replace(cfg, **_OVERRIDE)
-        if "num_warps" not in _OVERRIDE:
+    if _OVERRIDES:
+        cfg = dataclasses.replace(cfg, **_OVERRIDES)
+        if "num_warps" not in _OVERRIDES:
             cfg = dataclasses.replace(cfg, num_warps=_warps(cfg.block_v))
     return cfg
 

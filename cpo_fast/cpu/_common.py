@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -58,20 +55,3 @@ def threads(config_threads: int | None) -> int:
     """The OpenMP thread count: the Config's, else torch's (``torch.get_num_threads()``)."""
     n = config_threads if config_threads is not None else torch.get_num_threads()
     return max(1, int(n))
-
-
-@contextlib.contextmanager
-def override(cls: type, overrides: dict[str, Any], fields: dict[str, Any]) -> Iterator[None]:
-    """Set ``fields`` in a module's override dict for the duration of a ``with`` block."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - names)
-    if unknown:
-        raise TypeError(f"override_config: unknown field(s) {unknown}; "
-                        f"{cls.__module__}.Config has {sorted(names)}.")
-    saved = dict(overrides)
-    overrides.update(fields)
-    try:
-        yield
-    finally:
-        overrides.clear()
-        overrides.update(saved)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from cpo_fast import _C
+from cpo_fast._backend import override_fields
 from cpo_fast.cpu import _common as c
 
 
@@ -56,7 +57,7 @@ def default_config() -> Config:
 
 def override_config(**fields: Any) -> contextlib.AbstractContextManager[None]:
     """``with override_config(block_rows=7, block_cols=16): ...`` forces small blocks."""
-    return c.override(Config, _OVERRIDES, fields)
+    return override_fields(Config, _OVERRIDES, fields)
 
 
 def _check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> None:

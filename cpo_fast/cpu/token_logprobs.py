@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from cpo_fast import _C
+from cpo_fast._backend import override_fields
 from cpo_fast.cpu import _common as c
 
 
@@ -35,7 +36,7 @@ def default_config() -> Config:
 
 def override_config(**fields: Any) -> contextlib.AbstractContextManager[None]:
     """``with override_config(num_threads=1): ...`` (tests; no module constants to patch)."""
-    return c.override(Config, _OVERRIDES, fields)
+    return override_fields(Config, _OVERRIDES, fields)
 
 
 def _check_view3(name: str, t: Tensor) -> Any:
