@@ -12,7 +12,8 @@ import os
 
 from setuptools import setup
 
-packages = ["cpo_fast", "cpo_fast.cpu", "cpo_fast.ops", "cpo_fast.kernels", "cpo_fast.pipeline"]
+packages = ["cpo_fast", "cpo_fast.cpu", "cpo_fast.ops", "cpo_fast.kernels", "cpo_fast.pipeline",
+            "cpo_fast.integrations"]
 package_dir = {"cpo_fast.kernels": "kernels"}
 
 ext_modules: list = []

@@ -3,6 +3,8 @@
 Public API:
     token_logprobs(logits, labels, ...)              per-token log-probs (fused logits path)
     linear_token_logprobs(hidden, weight, labels)    same, logits never materialized
+    causal_lm_token_logprobs(model, input_ids, labels)  same for a HF causal LM (head transforms read
+                                                     from its config), logits never built
     dr_cpo_loss / cpo_loss / oo_rlhf_loss            importance-weighted objectives
     assemble_loss(method, TokenBatch, dm=...)        a training step's loss, one place
     sequence_logprobs, sft_loss, entropy_bonus, kl_penalty, top_quantile_mask, DRCPOLoss
@@ -12,6 +14,7 @@ Public API:
 """
 
 from cpo_fast.constants import IGNORE_INDEX, WEIGHTINGS
+from cpo_fast.models import causal_lm_token_logprobs, head_transform
 from cpo_fast.objectives import (
     DRCPOLoss,
     LossOutput,
@@ -32,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IGNORE_INDEX", "WEIGHTINGS", "DRCPOLoss", "LossOutput", "TokenBatch", "assemble_loss",
+    "causal_lm_token_logprobs", "head_transform",
     "cpo_loss", "dr_cpo_loss", "entropy_bonus", "kl_penalty", "linear_token_logprobs",
     "oo_rlhf_loss", "sequence_logprobs", "sft_loss", "token_logprobs", "top_quantile_mask",
 ]

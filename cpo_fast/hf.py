@@ -27,9 +27,8 @@ from typing import Any
 import torch
 
 from cpo_fast.constants import IGNORE_INDEX
+from cpo_fast.models import causal_lm_token_logprobs
 from cpo_fast.objectives import LossOutput, TokenBatch, assemble_loss
-from cpo_fast.ops import linear_token_logprobs
-from cpo_fast.pipeline.modeling import last_hidden, output_weight
 
 _REQUIRED = ("input_ids", "labels", "outcome")
 
@@ -48,11 +47,10 @@ def drcpo_compute_loss(
             "the dataset and set TrainingArguments(remove_unused_columns=False)."
         )
     labels = inputs["labels"][:, 1:]
-    hidden = last_hidden(model, inputs["input_ids"], inputs.get("attention_mask"))
-    weight, bias = output_weight(model)
     want_entropy = bool(loss_kwargs.get("entropy_coef"))
-    out = linear_token_logprobs(hidden[:, :-1], weight, labels, bias=bias, backend=backend,
-                                with_entropy=want_entropy)
+    out = causal_lm_token_logprobs(model, inputs["input_ids"], inputs["labels"],
+                                   attention_mask=inputs.get("attention_mask"),
+                                   with_entropy=want_entropy, backend=backend)
     logp, entropy = out if want_entropy else (out, None)
     pred, ref_tok = inputs.get("outcome_pred"), inputs.get("ref_token_logp")
     batch = TokenBatch(

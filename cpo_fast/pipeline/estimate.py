@@ -2,7 +2,7 @@ r"""Evaluation statistics: bootstrap intervals and off-policy estimates of V.
 
 All intervals are percentile bootstrap intervals (rows resampled with replacement,
 ``n_boot`` times, seeded). Off-policy estimates of V(theta) = E_{P^f}[g(X)]
-(method.md sections 2 and 4) on n held-out rows x_i ~ P^R with outcomes y_i and
+(docs/math.md sections 2 and 4) on n held-out rows x_i ~ P^R with outcomes y_i and
 log-weights ``log_w_i = log P^f_theta(x_i) - log P^R(x_i)``, w_i = exp(log_w_i):
 
     naive   = (1/n) sum_i y_i                              V of the data's own distribution

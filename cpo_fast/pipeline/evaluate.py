@@ -1,6 +1,6 @@
 """Evaluate a model: what its generations score, and off-policy estimates of V.
 
-Two views of V(theta) = E_{X ~ P^f_theta}[g(X)] (method.md section 1):
+Two views of V(theta) = E_{X ~ P^f_theta}[g(X)] (docs/math.md section 1):
 - *on-policy*: sample texts from the model, score them with the outcome model ghat and
   with any given scorer (the demo's oracle g*), report means with bootstrap 95% intervals;
   next to ghat's score, the share of generations outside ghat's support and the share

@@ -4,8 +4,9 @@ Models are never downloaded: :func:`build_model` makes a Llama-, Qwen2- or GPT-2
 decoder from a config (the same code path works on any Hugging Face causal LM loaded by
 the user). :func:`sequence_token_logprobs` runs only the backbone (the decoder stack and
 its final norm) and hands the last hidden states and the output weight to
-:func:`cpo_fast.linear_token_logprobs`, so the [B, T, V] logits are never built; all
-helpers see through peft wrappers (LoRA).
+:func:`cpo_fast.linear_token_logprobs` through the public model-level drop-in
+:func:`cpo_fast.causal_lm_token_logprobs` (cpo_fast/models.py), so the [B, T, V] logits are
+never built; all helpers see through peft wrappers (LoRA).
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cpo_fast import linear_token_logprobs
+from cpo_fast.constants import IGNORE_INDEX
+from cpo_fast.models import (  # noqa: F401  (last_hidden, output_weight: re-exported)
+    _base,
+    causal_lm_token_logprobs,
+    last_hidden,
+    output_weight,
+)
 
 ARCHS = ("llama", "qwen2", "gpt2")
 
@@ -101,38 +108,6 @@ def _hf_config(arch: str, vocab_size: int, hidden_size: int, num_layers: int, nu
     return Qwen2Config(**common), Qwen2ForCausalLM
 
 
-def _base(model: Any) -> Any:
-    """Unwrap peft (PeftModel -> the transformers model)."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
-
-
-def output_weight(model: Any) -> tuple[Tensor, Tensor | None]:
-    """(weight [V, d], bias [V] or None) of the output layer (through peft wrappers)."""
-    head = _base(model).get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (not a causal LM?).")
-    return head.weight, getattr(head, "bias", None)
-
-
-def _decoder(model: Any) -> Any:
-    base = _base(model)
-    get = getattr(base, "get_decoder", None)
-    dec = get() if callable(get) else None
-    if dec is None:  # older/odd models: the backbone under base_model_prefix
-        dec = getattr(base, getattr(base, "base_model_prefix", ""), None)
-    if dec is None or dec is base:
-        raise ValueError(f"cannot find the decoder backbone of {type(base).__name__}; "
-                         "it needs get_decoder() or a base_model_prefix attribute.")
-    return dec
-
-
-def last_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """Last hidden states [B, T, d] from the backbone only (the lm_head never runs)."""
-    out = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
 def sequence_token_logprobs(
     model: Any,
     batch: dict[str, Tensor],
@@ -141,12 +116,14 @@ def sequence_token_logprobs(
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token log-probs [B, T-1] float32 (0 where ``labels == IGNORE_INDEX``), optionally with
-    entropies, via the fused-linear op (no logits). ``batch`` comes from
-    :func:`cpo_fast.pipeline.data.collate` (on the model's device). Differentiable."""
-    h = last_hidden(model, batch["input_ids"], batch.get("attention_mask"))
-    weight, bias = output_weight(model)
-    return linear_token_logprobs(h[:, :-1], weight, batch["labels"], bias=bias,
-                                 with_entropy=with_entropy, backend=backend)
+    entropies, via the fused-linear op (no logits; the model's head transform applied).
+    ``batch`` comes from :func:`cpo_fast.pipeline.data.collate` (on the model's device); its
+    ``labels`` are already shifted [B, T-1]. Differentiable."""
+    labels = batch["labels"]
+    full = torch.cat([labels.new_full((labels.shape[0], 1), IGNORE_INDEX), labels], dim=1)
+    return causal_lm_token_logprobs(model, batch["input_ids"], full,
+                                    attention_mask=batch.get("attention_mask"),
+                                    with_entropy=with_entropy, backend=backend)
 
 
 _SKIP_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_attn_implementation",

@@ -1,4 +1,4 @@
-"""Cross-fitted outcome model ghat (method.md section 4).
+"""Cross-fitted outcome model ghat (docs/math.md section 4).
 
 Features: by default the masked mean of f_0's last hidden states over a text's real
 tokens (:func:`mean_pooled_features`); or any user embedding callable texts -> [n, d]
@@ -47,7 +47,8 @@ def mean_pooled_features(model: Any, encoded: Encoded, batch_size: int = 32,
     by next-token SFT, the last layer alone keeps little of what a text *says* (on the
     synthetic corpus, ridge OOF R^2 0.07 with "last" vs 0.35 with "all"); for big models
     "all" is wide (use a few indices)."""
-    from cpo_fast.pipeline.modeling import _decoder, last_hidden
+    from cpo_fast.models import decoder as _decoder
+    from cpo_fast.models import last_hidden
 
     dev = torch.device(device) if device is not None else _model_device(model)
     feats: np.ndarray | None = None

@@ -1,4 +1,4 @@
-"""Semi-synthetic direct-outcome corpus with a known oracle g* (method.md section 8).
+"""Semi-synthetic direct-outcome corpus with a known oracle g* (docs/math.md section 8).
 
 Generative story
 ----------------

@@ -1,0 +1,205 @@
+r"""Model-level drop-in: per-token log-probs of a Hugging Face causal LM, logits never built.
+
+    import cpo_fast
+    logp = cpo_fast.causal_lm_token_logprobs(model, input_ids, labels,
+                                             attention_mask=attention_mask)   # [B, T-1] fp32
+    loss = -(logp.sum() / (labels[:, 1:] != -100).sum())                      # e.g. SFT
+    loss.backward()
+
+The backbone runs as usual; its last hidden states go straight into
+:func:`cpo_fast.linear_token_logprobs` with the output layer's weight (and bias), so the
+[B, T, V] logits tensor never exists. Any model whose head is a linear layer works: Llama,
+Qwen2, Mistral, Gemma, GPT-2, ..., tied or untied embeddings, peft-wrapped (LoRA on the
+backbone; LoRA or ``modules_to_save`` on the head too: the effective head weight is formed,
+differentiably, as ``W + sum_a scale_a B_a A_a``), FSDP2-sharded heads (gathered by the op).
+
+Head transforms. Some families transform the logits after the head; the model's own forward
+applies them, so a fused path that ignored them would be silently wrong. They are read from
+the (text) config by :func:`head_transform` and passed to the op, which applies, per logit,
+
+    z' = softcap * tanh(logit_scale * z / softcap) / temperature   (softcap None: no tanh)
+
+======================================  ================================================
+config field                            transform
+======================================  ================================================
+``final_logit_softcapping`` (Gemma 2/3)  ``softcap``
+``logit_scale`` (Cohere; MPT float or    ``logit_scale`` (MPT's ``"inv_sqrt_d_model"``
+``"inv_sqrt_d_model"``)                  is ``1 / sqrt(d_model)``)
+``output_multiplier`` (Muse Glimmer)     ``logit_scale``
+``lm_head_multiplier`` (Falcon-H1)       ``logit_scale``
+``logits_scaling`` (Granite, MiniCPM3;   ``logit_scale = 1 / logits_scaling``
+HyperCLOVA X multiplies)                 (``logits_scaling`` for ``hyperclovax``)
+======================================  ================================================
+
+The first scale field found wins, in that order (as TRL 1.16 reads them). Fields known to
+transform the head in ways this function does not model (``mup_width_multiplier``,
+``dim_model_base``) raise an error naming the field. ``temperature`` is the sampler's (the
+logits are divided by it after the model's own transforms), as in TRL's trainers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from torch import Tensor, nn
+
+from cpo_fast.constants import IGNORE_INDEX
+from cpo_fast.ops import linear_token_logprobs
+
+# Config fields that change the head's output in a way not expressed by HeadTransform.
+_UNSUPPORTED_HEAD_FIELDS = {
+    "mup_width_multiplier": "Phi-3-small's muP logit scaling",
+    "dim_model_base": "MiniCPM's hidden-state scaling before the head",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadTransform:
+    """The model's own logit transform: ``z' = softcap * tanh(logit_scale * z / softcap)``."""
+
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def is_identity(self) -> bool:
+        return self.logit_scale == 1.0 and self.softcap is None
+
+
+def _text_config(model_or_config: Any) -> Any:
+    cfg = getattr(_base(model_or_config), "config", model_or_config)
+    get = getattr(cfg, "get_text_config", None)
+    return get() if callable(get) else cfg
+
+
+def head_transform(model_or_config: Any) -> HeadTransform:
+    """The head transform a model's forward applies to its logits, read from its config."""
+    cfg = _text_config(model_or_config)
+    for field, what in _UNSUPPORTED_HEAD_FIELDS.items():
+        value = getattr(cfg, field, None)
+        if value not in (None, 1, 1.0):
+            raise NotImplementedError(
+                f"config.{field} = {value!r} ({what}) transforms the logits in a way cpo_fast's "
+                "fused head does not model; compute log-probs from the model's logits instead "
+                "(cpo_fast.token_logprobs(model(...).logits[:, :-1], labels))."
+            )
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None)
+    if scale == "inv_sqrt_d_model":  # MPT
+        scale = 1.0 / math.sqrt(cfg.d_model)
+    for field in ("output_multiplier", "lm_head_multiplier"):
+        if scale is None:
+            scale = getattr(cfg, field, None)
+    logits_scaling = getattr(cfg, "logits_scaling", None)
+    if scale is None and logits_scaling is not None:
+        hyperclova = getattr(cfg, "model_type", "") == "hyperclovax"
+        scale = logits_scaling if hyperclova else 1.0 / logits_scaling
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise NotImplementedError(f"unsupported logit scale {scale!r} in the model config.")
+    return HeadTransform(logit_scale=1.0 if scale is None else float(scale),
+                         softcap=None if softcap is None else float(softcap))
+
+
+def _base(model: Any) -> Any:
+    """Unwrap peft (PeftModel -> the transformers model)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def decoder(model: Any) -> nn.Module:
+    """The backbone of a causal LM (through peft wrappers): everything but the head."""
+    base = _base(model)
+    get = getattr(base, "get_decoder", None)
+    dec = get() if callable(get) else None
+    if dec is None:  # older/odd models: the backbone under base_model_prefix
+        dec = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    if dec is None or dec is base:
+        raise ValueError(f"cannot find the decoder backbone of {type(base).__name__}; "
+                         "it needs get_decoder() or a base_model_prefix attribute.")
+    return dec
+
+
+def last_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Last hidden states [B, T, d] from the backbone only (the lm_head never runs)."""
+    out = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def output_weight(model: Any) -> tuple[Tensor, Tensor | None]:
+    """(weight [V, d], bias [V] or None) of the output layer, as the model's forward uses it.
+
+    A peft LoRA head gives ``W + sum_a B_a A_a * scale_a`` over its active adapters (unless
+    merged or disabled), a ``modules_to_save`` head its active copy: differentiable either way.
+    """
+    head = _base(model).get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (not a causal LM?).")
+    saved = getattr(head, "modules_to_save", None)
+    if isinstance(saved, nn.ModuleDict):  # peft ModulesToSaveWrapper
+        active = head.active_adapter
+        active = active[0] if isinstance(active, (list, tuple)) else active
+        if not getattr(head, "disable_adapters", False) and active in saved:
+            head = saved[active]
+        else:
+            head = head.original_module
+    if hasattr(head, "get_delta_weight") and hasattr(head, "base_layer"):  # peft LoRA layer
+        weight, bias = head.base_layer.weight, head.base_layer.bias
+        if not head.disable_adapters and not head.merged:
+            for name in head.active_adapters:
+                if name in head.lora_A:
+                    weight = weight + head.get_delta_weight(name)
+        return weight, bias
+    if not isinstance(head, nn.Linear) and not (
+            hasattr(head, "weight") and getattr(head.weight, "dim", lambda: 0)() == 2):
+        raise TypeError(f"the output layer is a {type(head).__name__}, not a linear layer; "
+                        "cpo_fast's fused head needs lm_head(h) = h @ W.T + b.")
+    return head.weight, getattr(head, "bias", None)
+
+
+def causal_lm_token_logprobs(
+    model: Any,
+    input_ids: Tensor,
+    labels: Tensor | None = None,
+    *,
+    attention_mask: Tensor | None = None,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
+    backend: str | None = None,
+    hidden: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-token log-probs [B, T-1] of ``labels[:, 1:]`` under ``model``, without logits.
+
+    Args:
+        model: a Hugging Face causal LM (or a peft model around one) whose head is linear.
+        input_ids: ``[B, T]``.
+        labels: ``[B, T]`` in the HF convention (unshifted; ``-100`` on prompt and padding);
+            default: ``input_ids`` with ``-100`` where ``attention_mask`` is 0.
+        attention_mask: ``[B, T]`` or None.
+        with_entropy: also return the per-token entropies.
+        temperature: divide the (transformed) logits by this, as a sampler would.
+        backend: as in :func:`cpo_fast.token_logprobs`.
+        hidden: the backbone's last hidden states if already computed (skips the backbone).
+
+    Returns:
+        ``logp`` float32 ``[B, T-1]`` aligned with ``labels[:, 1:]`` (0 where ignored), or
+        ``(logp, entropy)``. Differentiable in every trainable parameter.
+    """
+    if labels is None:
+        labels = input_ids if attention_mask is None else input_ids.masked_fill(
+            attention_mask == 0, IGNORE_INDEX)
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids "
+                         f"{tuple(input_ids.shape)}; pass unshifted HF-convention labels.")
+    if hidden is None:
+        hidden = last_hidden(model, input_ids, attention_mask)
+    weight, bias = output_weight(model)
+    t = head_transform(model)
+    extra = {} if t.is_identity and temperature == 1.0 else {
+        "temperature": temperature, "softcap": t.softcap, "logit_scale": t.logit_scale}
+    return linear_token_logprobs(hidden[:, :-1], weight, labels[:, 1:].to(weight.device),
+                                 bias=bias, with_entropy=with_entropy, backend=backend, **extra)
+
+
+__all__ = ["HeadTransform", "causal_lm_token_logprobs", "decoder", "head_transform",
+           "last_hidden", "output_weight"]
