@@ -18,19 +18,25 @@ file names are described in docs/benchmarks.md ("Results schema"):
 
 from __future__ import annotations
 
-import gc
 import importlib.metadata
 import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from cpo_fast._measure import (  # noqa: F401  (re-exported: the bench scripts use _common.*)
+    measure,
+    peak_extra_memory,
+    rss_bytes,
+    summarize,
+    sync,
+)
 
 SCHEMA = "cpo_fast-bench/1"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -113,67 +119,7 @@ def environment(device: str) -> dict:
 
 # ---- timing and memory ---------------------------------------------------------------------
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def summarize(times_ms: list[float]) -> dict:
-    """median, p20, p80 and min of wall times in ms (the schema's timing fields)."""
-    if not times_ms:
-        return {"iters": 0}
-    if len(times_ms) == 1:
-        q20 = q80 = times_ms[0]
-    else:  # inclusive: the quantiles of the sample itself, interpolated linearly
-        q20, _, _, q80 = statistics.quantiles(times_ms, n=5, method="inclusive")
-    return {"median_ms": statistics.median(times_ms), "p20_ms": q20, "p80_ms": q80,
-            "min_ms": min(times_ms), "iters": len(times_ms), "times_ms": list(times_ms)}
-
-
-def measure(fn: Callable[[], object], device: str, *, warmup: int = 2, iters: int = 5) -> dict:
-    """Time ``iters`` synchronized calls of fn() after ``warmup`` untimed ones: summarize()."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return summarize(times)
-
-
-def _rss_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_extra_memory(fn: Callable[[], object], device: str) -> int | None:
-    """Peak bytes allocated by one call of fn() beyond what existed before it.
-
-    CUDA: the caching allocator's peak statistic. CPU: the process's peak RSS (VmHWM),
-    reset to the current RSS through /proc/self/clear_refs, minus the RSS before the call
-    (tracemalloc cannot see torch's allocations). None where the reset is not allowed.
-    """
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
-    base = _rss_bytes("VmRSS")
-    fn()
-    return _rss_bytes("VmHWM") - base
+# sync, summarize, measure, peak_extra_memory: cpo_fast/_measure.py (shared with `cpo-fast bench`)
 
 
 # ---- floors --------------------------------------------------------------------------------
