@@ -68,6 +68,19 @@ backward) and the backend writes every element of it.
 ``hidden [N, d]`` and ``weight [V, d]`` are contiguous and share a dtype, ``bias`` is None
 or contiguous ``[V]``; gradients come back in their input's dtype (accumulated in float32).
 
+Head transforms. Every backend function above also takes a keyword argument
+``transform: HeadTransform | None = None`` (the forward, the backward and the frozen
+forward alike): the transform applied to each raw logit ``z`` before the softmax,
+
+    u = logit_scale * z,    z' = (softcap * tanh(u / softcap) if softcap else u) / temperature
+
+(Hugging Face / TRL order). logp, entropy and lse are those of ``z'``; the backward returns
+``dL/dz = dL/dz' * (logit_scale / temperature) * (1 - tanh(u / softcap)^2 if softcap else 1)``.
+``None`` (or an identity :class:`HeadTransform`) must run exactly the untransformed code: the
+ops pass ``None`` for the defaults. A backend without a frozen-weight path for a softcap
+need not have one: the op uses that path only without a softcap (see
+``cpo_fast/ops/linear_token_logprobs.py``).
+
 Saved state. The forward saves only O(N) values for the backward: ``lse`` (and the entropy
 when it has a gradient; ``pw``/``plw`` on the frozen path). The ``ctx`` of each op holds the
 saved tensors through ``ctx.save_for_backward`` and its non-tensor arguments as one tuple
@@ -208,6 +221,49 @@ def module_name(backend: str, op: str) -> str:
 def backend_module(backend: str, op: str) -> ModuleType:
     """The module implementing ``op``'s contract on the fused ``backend`` (imported)."""
     return importlib.import_module(module_name(backend, op))
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadTransform:
+    """The logit transform of the output head, applied before the softmax (HF / TRL order):
+    ``z' = (softcap * tanh(logit_scale * z / softcap) if softcap else logit_scale * z) /
+    temperature``. The one form in which every backend receives it (validated by the ops)."""
+
+    temperature: float = 1.0
+    softcap: float | None = None
+    logit_scale: float = 1.0
+
+    @property
+    def is_identity(self) -> bool:
+        return self.temperature == 1.0 and self.softcap is None and self.logit_scale == 1.0
+
+    @property
+    def grad_scale(self) -> float:
+        """d z' / d u at a zero tanh argument, times d u / d z: logit_scale / temperature."""
+        return float(self.logit_scale) / float(self.temperature)
+
+    def kernel_scalars(self) -> tuple[float, float, float]:
+        """``(pre, post, grad)`` for the kernels: with a softcap ``t = tanh(pre * z)``,
+        ``z' = post * t`` and ``dz = dz' * grad * (1 - t^2)``; without one ``z' = pre * z`` and
+        ``dz = dz' * pre`` (``post = grad = pre``)."""
+        g = self.grad_scale
+        if self.softcap is None:
+            return g, g, g
+        c = float(self.softcap)
+        return float(self.logit_scale) / c, c / float(self.temperature), g
+
+
+def head_transform(temperature: float = 1.0, softcap: float | None = None,
+                   logit_scale: float = 1.0) -> HeadTransform | None:
+    """The backends' ``transform`` argument: None for the identity (the untransformed path)."""
+    t = HeadTransform(float(temperature), None if softcap is None else float(softcap),
+                      float(logit_scale))
+    return None if t.is_identity else t
+
+
+def active(transform: HeadTransform | None) -> HeadTransform | None:
+    """``transform`` unless it is None or the identity (a backend's one test)."""
+    return None if transform is None or transform.is_identity else transform
 
 
 def optional(t: Tensor | None) -> Tensor | None:

@@ -97,3 +97,32 @@ def check_finite_seq(name: str, t: torch.Tensor) -> None:
             "NaN logits) or from a label whose logit is -inf; fix the model/data or drop "
             "those rows."
         )
+
+
+def check_head_transform(temperature: float, softcap: float | None, logit_scale: float) -> None:
+    """The head-transform arguments of the fused ops: finite numbers, temperature and softcap
+    positive (errors name the argument and the fix)."""
+    import math
+
+    def number(name: str, x: object) -> float:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            if isinstance(x, torch.Tensor) and x.numel() == 1:
+                raise TypeError(f"{name} must be a Python float, got a tensor; pass "
+                                f"{name}={name}.item() (it is a constant of the op, not an input).")
+            raise TypeError(f"{name} must be a float, got {type(x).__name__}.")
+        return float(x)
+
+    t = number("temperature", temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}; use 1.0 for no "
+                         "temperature scaling (sampling at temperature 0 is greedy decoding, "
+                         "which has no log-probabilities to compute).")
+    if softcap is not None:
+        c = number("softcap", softcap)
+        if not (math.isfinite(c) and c > 0):
+            raise ValueError(f"softcap must be None or finite and > 0, got {softcap}; pass "
+                             "softcap=None for no capping (e.g. a config's "
+                             "final_logit_softcapping of None or 0 means none).")
+    s = number("logit_scale", logit_scale)
+    if not math.isfinite(s):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale}; use 1.0 for no scaling.")

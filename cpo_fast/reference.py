@@ -10,6 +10,7 @@ tensors (memory-hungry at scale) and loop over rows in the obvious way, where
     logp_t = z_t[y] - lse(z_t)                 token_logprobs
     H_t    = lse(z_t) - sum_v p_v z_v           token_logprobs(with_entropy=True)
     dL/dz  = G([v==y] - p) - E p (log p + H)    token_logprobs_grad
+    z' = (c tanh(s z / c) or s z) / T           head_transform (temperature, softcap, logit_scale)
     s_i    = sum_t m_t logp_t  (or mean)        sequence_logprobs
     ell_i  = s_i - log P^R(x_i)                 log_weights
     W_i    = weighting(ell)_i                   weights
@@ -33,11 +34,29 @@ def _upcast(x: Tensor) -> Tensor:
 
 # ---- per-token log-probabilities ---------------------------------------------------------
 
+def head_transform(z: Tensor, temperature: float = 1.0, softcap: float | None = None,
+                   logit_scale: float = 1.0) -> Tensor:
+    """z' = (softcap tanh(u / softcap) if softcap else u) / temperature, u = logit_scale z.
+
+    The order of Hugging Face models and TRL: scale, cap, then divide by the temperature.
+    A -inf logit becomes -softcap / temperature under a softcap (tanh(-inf) = -1), with a
+    zero gradient. The identity returns ``z`` itself.
+    """
+    if temperature == 1.0 and softcap is None and logit_scale == 1.0:
+        return z
+    u = z * logit_scale if logit_scale != 1.0 else z
+    if softcap is not None:
+        u = torch.tanh(u / softcap) * softcap
+    return u / temperature if temperature != 1.0 else u
+
+
 def token_logprobs(
     logits: Tensor, labels: Tensor, *, ignore_index: int = IGNORE_INDEX,
-    with_entropy: bool = False,
+    with_entropy: bool = False, temperature: float = 1.0, softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """log softmax(logits)[labels] (and entropy); 0 at ignore_index positions.
+    """log softmax(z')[labels] (and entropy) with z' = :func:`head_transform` (logits); 0 at
+    ignore_index positions.
 
     Computes in float32 for half inputs, in the input dtype otherwise (float64 in tests).
     """
@@ -45,6 +64,7 @@ def token_logprobs(
     # Ignored rows are zeroed before the softmax: a NaN there must reach neither the output
     # nor (through log_softmax's backward, where 0 * NaN = NaN) the gradient.
     z = torch.where(valid.unsqueeze(-1), _upcast(logits), 0.0)
+    z = head_transform(z, temperature, softcap, logit_scale)
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     logsm = torch.log_softmax(z, dim=-1)
     logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
@@ -61,24 +81,30 @@ def token_logprobs(
 
 def linear_token_logprobs(
     hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
-    ignore_index: int = IGNORE_INDEX, with_entropy: bool = False,
+    ignore_index: int = IGNORE_INDEX, with_entropy: bool = False, temperature: float = 1.0,
+    softcap: float | None = None, logit_scale: float = 1.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """token_logprobs(hidden @ weight.T + bias, labels): materializes the logits."""
+    """token_logprobs(hidden @ weight.T + bias, labels, transform): materializes the logits."""
     # Ignored rows are zeroed (and get no gradient): a NaN in their hidden state must not
     # reach grad_weight, nor a NaN weight their grad_hidden (0 * NaN = NaN in a matmul).
     valid = (labels != ignore_index).unsqueeze(-1)
     logits = torch.where(valid, _upcast(hidden), 0.0) @ _upcast(weight).T
     if bias is not None:
         logits = logits + _upcast(bias)
-    return token_logprobs(logits, labels, ignore_index=ignore_index, with_entropy=with_entropy)
+    return token_logprobs(logits, labels, ignore_index=ignore_index, with_entropy=with_entropy,
+                          temperature=temperature, softcap=softcap, logit_scale=logit_scale)
 
 
 def token_logprobs_grad(
     logits: Tensor, labels: Tensor, grad_logp: Tensor, grad_entropy: Tensor | None = None,
-    *, ignore_index: int = IGNORE_INDEX,
+    *, ignore_index: int = IGNORE_INDEX, temperature: float = 1.0, softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> Tensor:
-    """The closed form dL/dz = G([v==y] - p) - E p (log p + H) (docs/math.md)."""
-    z = _upcast(logits)
+    """The closed form dL/dz = G([v==y] - p) - E p (log p + H) (docs/math.md), p the softmax
+    of z' = head_transform(z), times the chain-rule factor dz'/dz =
+    (logit_scale / temperature) (1 - tanh(logit_scale z / softcap)^2 if softcap else 1)."""
+    raw = _upcast(logits)
+    z = head_transform(raw, temperature, softcap, logit_scale)
     valid = (labels != ignore_index).unsqueeze(-1)
     logsm = torch.log_softmax(z, dim=-1)
     p = logsm.exp()
@@ -90,6 +116,9 @@ def token_logprobs_grad(
         finite = torch.where(p > 0, logsm, torch.zeros_like(logsm))
         H = -(p * finite).sum(-1, keepdim=True)
         g = g - grad_entropy.unsqueeze(-1).to(z.dtype) * p * (finite + H)
+    if softcap is not None:
+        g = g * (1 - torch.tanh(raw * logit_scale / softcap) ** 2)
+    g = g * (logit_scale / temperature)
     return torch.where(valid, g, torch.zeros_like(g))
 
 
@@ -244,7 +273,8 @@ def kl_penalty(token_logp: Tensor, ref_token_logp: Tensor, mask: Tensor,
 
 
 __all__ = [
-    "cpo_loss", "dr_cpo_loss", "entropy_bonus", "ess", "kl_penalty", "linear_token_logprobs",
+    "cpo_loss", "dr_cpo_loss", "entropy_bonus", "ess", "head_transform", "kl_penalty",
+    "linear_token_logprobs",
     "log_weights", "max_weight_share", "oo_rlhf_loss", "sequence_logprobs", "sft_loss",
     "token_logprobs", "token_logprobs_grad", "weights",
 ]

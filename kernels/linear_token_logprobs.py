@@ -54,6 +54,13 @@ so |d grad_h[t, k]| <= b_t sum_v |W[v, k]|, |d grad_W[v, k]| <= sum_t b_t |h[t, 
 zeroed tiles (the saving would need a block-sparse GEMM); the option keeps the op's
 semantics identical across backends.
 
+Head transforms (``transform``, cpo_fast._backend.HeadTransform): both kernels replace each
+logits tile by z' right after its GEMM (before the vocabulary padding is masked to -inf),
+under the constexprs ``HAS_TRANSFORM`` / ``HAS_SOFTCAP`` with the scalars at run time
+(kernels/_head.py); the backward kernel multiplies its dz tile by dz'/dz, so the GEMMs
+after it are unchanged. The grad-skip bound above then holds for dz', and |dz'/dz| <=
+|logit_scale| / temperature. Without a transform both flags are off: the default builds.
+
 Interpreter: ``tl.dot`` on bf16 operands is wrong under TRITON_INTERPRET=1 (docs/gpu.md), so
 the constexpr UPCAST_DOT casts the tiles to fp32 there. fp32 operands use
 input_precision="ieee" (no TF32) to match torch's default matmul precision.
@@ -71,9 +78,10 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from cpo_fast.kernels._head import _head_apply, _head_apply_grad
 from torch import Tensor
 
-from cpo_fast._backend import override_fields, triton_interpreting
+from cpo_fast._backend import HeadTransform, active, override_fields, triton_interpreting
 
 # Initial running max: finite, so (m_old - m_new) * s never forms -inf * 0. A constexpr:
 # the GPU compiler rejects plain module-level floats inside @triton.jit functions.
@@ -161,8 +169,9 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_v, mask_v, D,
 
 @triton.jit
 def _linear_token_logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, m_ptr, s_ptr, a_ptr, zy_ptr,
-                N, V, D, tiles_per_split, ignore_index,
+                N, V, D, tiles_per_split, ignore_index, tf_pre, tf_post,
                 HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PREC: tl.constexpr,
+                HAS_TRANSFORM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -182,6 +191,8 @@ def _linear_token_logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, m_ptr, s_ptr
         mask_v = offs_v < V
         z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_v, mask_v, D,
                          HAS_BIAS, UPCAST_DOT, PREC, BLOCK_N, BLOCK_V, BLOCK_D)
+        if HAS_TRANSFORM:
+            z = _head_apply(z, tf_pre, tf_post, HAS_SOFTCAP)
         z = tl.where(mask_v[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
@@ -201,9 +212,10 @@ def _linear_token_logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, m_ptr, s_ptr
 
 @triton.jit
 def _linear_token_logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, ent_ptr, g_ptr, e_ptr, dz_ptr,
-               N, D, v_begin, v_end, stride_dz, ignore_index, threshold,
+               N, D, v_begin, v_end, stride_dz, ignore_index, threshold, tf_pre, tf_post, tf_grad,
                HAS_BIAS: tl.constexpr, HAS_E: tl.constexpr, SKIP: tl.constexpr,
                UPCAST_DOT: tl.constexpr, PREC: tl.constexpr,
+               HAS_TRANSFORM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -219,6 +231,8 @@ def _linear_token_logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, ent
 
     z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_v, mask_v, D,
                      HAS_BIAS, UPCAST_DOT, PREC, BLOCK_N, BLOCK_V, BLOCK_D)
+    if HAS_TRANSFORM:
+        z, factor = _head_apply_grad(z, tf_pre, tf_post, tf_grad, HAS_SOFTCAP)
     logp = z - lse[:, None]
     live = valid[:, None] & mask_v[None, :]
     p = tl.where(live, tl.exp(logp), 0.0)
@@ -233,6 +247,8 @@ def _linear_token_logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, ent
         n_lab = tl.sum(tl.sum(onehot.to(tl.int32), axis=1), axis=0)
         keep = (p_max >= threshold) | (n_lab > 0)
         dz = tl.where(keep, dz, 0.0)
+    if HAS_TRANSFORM:
+        dz = dz * factor
     dst = dz_ptr + offs_n.to(tl.int64)[:, None] * stride_dz + (offs_v - v_begin)[None, :]
     tl.store(dst, dz.to(dz_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
 
@@ -249,9 +265,10 @@ def _bias_arg(bias: Tensor | None, like: Tensor) -> Tensor:
 
 def linear_token_logprobs_forward(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
-    with_entropy: bool, *, config: Config | None = None,
+    with_entropy: bool, *, config: Config | None = None, transform: HeadTransform | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(logp[N], entropy[N] or None, lse[N]) in float32; ignored rows get logp = H = lse = 0."""
+    """(logp[N], entropy[N] or None, lse[N]) in float32 of the transformed logits (None: no
+    transform); ignored rows get logp = H = lse = 0."""
     N, D = hidden.shape
     V = weight.shape[0]
     cfg = config or default_config(D, hidden.dtype)
@@ -263,10 +280,13 @@ def linear_token_logprobs_forward(
     splits = triton.cdiv(n_tiles, per)  # every split owns >= 1 tile
     parts = torch.empty(4, splits, N, device=hidden.device, dtype=torch.float32)
     upcast, prec = _launch_flags(hidden.dtype)
+    tf = active(transform)
+    pre, post, _ = tf.kernel_scalars() if tf is not None else (1.0, 1.0, 1.0)
     _linear_token_logprobs_fwd_kernel[(n_blocks, splits)](
         hidden, weight, _bias_arg(bias, hidden), labels, parts[0], parts[1], parts[2], parts[3],
-        N, V, D, per, ignore_index,
+        N, V, D, per, ignore_index, pre, post,
         HAS_BIAS=bias is not None, UPCAST_DOT=upcast, PREC=prec,
+        HAS_TRANSFORM=tf is not None, HAS_SOFTCAP=tf is not None and tf.softcap is not None,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -288,8 +308,10 @@ def linear_token_logprobs_backward(
     entropy: Tensor | None, grad_logp: Tensor, grad_entropy: Tensor | None, ignore_index: int,
     needs_hidden_grad: bool, needs_weight_grad: bool, needs_bias_grad: bool,
     grad_skip_threshold: float, *, config: Config | None = None,
+    transform: HeadTransform | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients w.r.t. hidden, weight, bias (None where not needed), in the inputs' dtypes."""
+    """Gradients w.r.t. hidden, weight, bias (None where not needed), in the inputs' dtypes,
+    through the transform's chain-rule factor (None: no transform)."""
     N, D = hidden.shape
     V = weight.shape[0]
     needs_bias_grad = needs_bias_grad and bias is not None
@@ -319,6 +341,8 @@ def linear_token_logprobs_backward(
     gb = torch.empty(V, device=dev, dtype=torch.float32) if needs_bias_grad else None
     upcast, prec = _launch_flags(dt)
     thr = float(grad_skip_threshold)
+    tf = active(transform)
+    pre, post, tgrad = tf.kernel_scalars() if tf is not None else (1.0, 1.0, 1.0)
     for r0 in range(0, N, rows):
         r1 = min(r0 + rows, N)
         n = r1 - r0
@@ -335,8 +359,9 @@ def linear_token_logprobs_backward(
                 h_r, weight, _bias_arg(bias, hidden), labels[r0:r1], lse[r0:r1],
                 (entropy if has_e else lse)[r0:r1], grad_logp[r0:r1],
                 (grad_entropy if has_e else grad_logp)[r0:r1],
-                dz_buf, n, D, v0, v1, chunk, ignore_index, thr,
+                dz_buf, n, D, v0, v1, chunk, ignore_index, thr, pre, post, tgrad,
                 HAS_BIAS=bias is not None, HAS_E=has_e, SKIP=thr > 0, UPCAST_DOT=upcast,
+                HAS_TRANSFORM=tf is not None, HAS_SOFTCAP=tf is not None and tf.softcap is not None,
                 PREC=prec, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )

@@ -12,6 +12,11 @@ cancellation.) Backward, one more read and one write per row:
     dz_v = G ([v == y] - p_v) - E p_v (log p_v + H),     p_v = exp(z_v - lse)
 
 Bytes moved (fwd+bwd) = 2 reads + 1 write of N x V elements: the bandwidth floor.
+Head transforms (``HAS_TRANSFORM``, ``HAS_SOFTCAP`` constexprs; scalars pre, post, grad at
+run time, see kernels/_head.py): each loaded logit is replaced by z' before the above, the
+padding of the last chunk stays -inf, and the backward multiplies dz' by dz'/dz. With both
+flags off the kernels are the untransformed ones.
+
 Rows are addressed as (b, t) with strides (stride_b, stride_t), so a [B, T, V] view such
 as HF's ``logits[:, :-1, :]`` is read in place. Offsets are int64 (N*V exceeds 2^31).
 """
@@ -25,15 +30,17 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from cpo_fast.kernels._head import _head_apply, _head_apply_grad
 
-from cpo_fast._backend import override_fields
+from cpo_fast._backend import HeadTransform, active, override_fields
 
 
 @triton.jit
 def _token_logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logp_ptr, ent_ptr, lse_ptr,
-    T, V, stride_b, stride_t, stride_v, ignore_index,
-    HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+    T, V, stride_b, stride_t, stride_v, ignore_index, tf_pre, tf_post,
+    HAS_ENT: tl.constexpr, HAS_TRANSFORM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
@@ -49,6 +56,8 @@ def _token_logprobs_fwd_kernel(
     for start in range(0, v_end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         z = tl.load(base + cols * stride_v, mask=cols < V, other=-float("inf")).to(tl.float32)
+        if HAS_TRANSFORM:  # padding stays -inf (a real -inf logit is capped to -softcap/T)
+            z = tl.where(cols < V, _head_apply(z, tf_pre, tf_post, HAS_SOFTCAP), -float("inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # A chunk (so far) of only -inf: keep the shift finite so no inf - inf appears.
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
@@ -62,6 +71,8 @@ def _token_logprobs_fwd_kernel(
 
     in_vocab = valid & (label >= 0) & (label < V)
     z_y = tl.load(base + label.to(tl.int64) * stride_v, mask=in_vocab, other=0.0).to(tl.float32)
+    if HAS_TRANSFORM:
+        z_y = _head_apply(z_y, tf_pre, tf_post, HAS_SOFTCAP)
     s = tl.where(valid, s, 1.0)  # ignored rows: s = 0; keep log() finite
     log_s = tl.log(s)
     lse = tl.where(valid, m + log_s, 0.0)
@@ -75,7 +86,9 @@ def _token_logprobs_fwd_kernel(
 def _token_logprobs_bwd_kernel(
     logits_ptr, grad_ptr, labels_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr,
     T, V, stride_b, stride_t, stride_v, gstride_b, gstride_t, gstride_v, ignore_index,
-    HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+    tf_pre, tf_post, tf_grad,
+    HAS_ENT: tl.constexpr, HAS_TRANSFORM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
@@ -94,10 +107,14 @@ def _token_logprobs_bwd_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
         z = tl.load(base + cols * stride_v, mask=cols < v_load, other=-float("inf")).to(tl.float32)
+        if HAS_TRANSFORM:
+            z, factor = _head_apply_grad(z, tf_pre, tf_post, tf_grad, HAS_SOFTCAP)
         p = tl.exp(z - lse)
         g = G * (tl.where(cols == label, 1.0, 0.0) - p)
         if HAS_ENT:
             g -= E * p * tl.where(p > 0, z - lse + H, 0.0)
+        if HAS_TRANSFORM:
+            g = g * factor
         g = tl.where(valid, g, 0.0)
         tl.store(gbase + cols * gstride_v, g.to(grad_ptr.dtype.element_ty), mask=in_row)
 
@@ -137,9 +154,10 @@ def _warps(block_v: int) -> int:
 
 def token_logprobs_forward(
     logits3: torch.Tensor, labels: torch.Tensor, ignore_index: int, with_entropy: bool,
-    *, config: Config | None = None,
+    *, config: Config | None = None, transform: HeadTransform | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Backend contract: [B, T, V] logits (any strides) -> fp32 (logp, entropy or None, lse)."""
+    """Backend contract: [B, T, V] logits (any strides) -> fp32 (logp, entropy or None, lse)
+    of the transformed logits z' (``transform``; None: the logits themselves)."""
     B, T, V = logits3.shape
     N = B * T
     logp = torch.empty(N, dtype=torch.float32, device=logits3.device)
@@ -148,10 +166,14 @@ def token_logprobs_forward(
     if N == 0:
         return logp, ent, lse
     cfg = config or default_config(V)
+    tf = active(transform)
+    pre, post, _ = tf.kernel_scalars() if tf is not None else (1.0, 1.0, 1.0)
     _token_logprobs_fwd_kernel[(N,)](
         logits3, labels, logp, ent if with_entropy else logp, lse,
-        T, V, *logits3.stride(), ignore_index,
-        HAS_ENT=with_entropy, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+        T, V, *logits3.stride(), ignore_index, pre, post,
+        HAS_ENT=with_entropy, HAS_TRANSFORM=tf is not None,
+        HAS_SOFTCAP=tf is not None and tf.softcap is not None,
+        BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
     )
     return logp, ent, lse
 
@@ -160,8 +182,10 @@ def token_logprobs_backward(
     logits3: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor | None,
     grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, ignore_index: int,
     grad_out3: torch.Tensor, *, config: Config | None = None,
+    transform: HeadTransform | None = None,
 ) -> None:
-    """Backend contract: write dL/dlogits into grad_out3 (may be logits3 itself)."""
+    """Backend contract: write dL/dlogits into grad_out3 (may be logits3 itself), through
+    the transform's chain-rule factor when there is one."""
     B, T, V = logits3.shape
     N = B * T
     if N == 0:
@@ -170,9 +194,13 @@ def token_logprobs_backward(
     if has_ent and entropy is None:
         raise ValueError("grad_entropy given but entropy is None: run the forward with_entropy.")
     cfg = config or default_config(V)
+    tf = active(transform)
+    pre, post, grad = tf.kernel_scalars() if tf is not None else (1.0, 1.0, 1.0)
     _token_logprobs_bwd_kernel[(N,)](
         logits3, grad_out3, labels, lse, entropy if has_ent else lse, grad_logp,
         grad_entropy if has_ent else grad_logp,
-        T, V, *logits3.stride(), *grad_out3.stride(), ignore_index,
-        HAS_ENT=has_ent, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+        T, V, *logits3.stride(), *grad_out3.stride(), ignore_index, pre, post, grad,
+        HAS_ENT=has_ent, HAS_TRANSFORM=tf is not None,
+        HAS_SOFTCAP=tf is not None and tf.softcap is not None,
+        BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
     )

@@ -1,4 +1,5 @@
-"""What both CPU op modules share: tensor checks, dtype names, threads, Config overrides."""
+"""What both CPU op modules share: tensor checks, dtype names, threads, head transforms of a
+float32 logits block."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import Tensor
 
 from cpo_fast import _C
+from cpo_fast._backend import HeadTransform
 
 DTYPES = {torch.float32: _C.DType.float32, torch.bfloat16: _C.DType.bfloat16,
           torch.float16: _C.DType.float16}
@@ -55,3 +57,33 @@ def threads(config_threads: int | None) -> int:
     """The OpenMP thread count: the Config's, else torch's (``torch.get_num_threads()``)."""
     n = config_threads if config_threads is not None else torch.get_num_threads()
     return max(1, int(n))
+
+
+def transform_(z: Tensor, tf: HeadTransform, tanh_out: Tensor | None = None) -> Tensor | None:
+    """In place on a float32 logits block: ``z <- z'`` (cpo_fast._backend.HeadTransform).
+
+    With a softcap, also writes ``t = tanh(logit_scale z / softcap)`` into ``tanh_out`` (a
+    buffer of z's shape) and returns it, for :func:`grad_factor_`; None otherwise (and when
+    ``tanh_out`` is None the tanh is formed in place, forward only).
+    """
+    pre, post, _ = tf.kernel_scalars()
+    if tf.softcap is None:
+        z.mul_(pre)
+        return None
+    if tanh_out is None:
+        z.mul_(pre).tanh_().mul_(post)
+        return None
+    t = torch.mul(z, pre, out=tanh_out).tanh_()
+    torch.mul(t, post, out=z)
+    return t
+
+
+def grad_factor_(dz: Tensor, t: Tensor | None, tf: HeadTransform) -> None:
+    """In place: ``dz <- dz' * dz'/dz``, the chain-rule factor ``(logit_scale / temperature)
+    (1 - t^2)`` with ``t`` from :func:`transform_` (consumed), or the constant without a
+    softcap."""
+    pre, _, grad = tf.kernel_scalars()
+    if t is None:
+        dz.mul_(pre)
+        return
+    dz.mul_(t.mul_(t).neg_().add_(1.0).mul_(grad))

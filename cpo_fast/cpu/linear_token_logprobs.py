@@ -7,6 +7,12 @@ recomputes each block, turns it into ``dL/dz`` in place in C++ (``_C.token_logpr
 on the block) and accumulates ``grad_h += dZ @ W_blk``, ``grad_W[blk] = dZ^T @ h``,
 ``grad_b[blk] = sum_rows dZ``. The frozen-weight forward (``_C.block_forward_frozen``) also
 accumulates ``pw`` and ``plw`` (see :func:`linear_token_logprobs_forward_frozen`).
+
+Head transforms (``transform``, cpo_fast._backend.HeadTransform): each float32 logits block
+is transformed in place with torch right after its GEMM (``_common.transform_``), before
+the C++ kernels see it; in backward the dL/dz' block the C++ kernel leaves is multiplied by
+dz'/dz (keeping ``tanh`` of the block in a second block buffer when there is a softcap)
+before the gradient GEMMs. No transform: the untransformed code, unchanged.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 from torch import Tensor
 
 from cpo_fast import _C
-from cpo_fast._backend import override_fields
+from cpo_fast._backend import HeadTransform, active, override_fields
 from cpo_fast.cpu import _common as c
 
 
@@ -86,6 +92,13 @@ class _Blocks:
         self.br = max(1, min(cfg.block_rows, self.N))
         self.bc = max(1, min(cfg.block_cols, self.V))
         self.buf = torch.empty(self.br * self.bc, dtype=torch.float32)
+        self._tbuf: Tensor | None = None
+
+    def tanh_buffer(self, z: Tensor) -> Tensor:
+        """A second block buffer shaped like ``z`` (the backward's tanh under a softcap)."""
+        if self._tbuf is None:
+            self._tbuf = torch.empty_like(self.buf)
+        return self._tbuf[: z.numel()].view(z.shape)
 
     def cols(self) -> Iterator[tuple[int, int, Tensor, Tensor | None]]:
         for c0 in range(0, self.V, self.bc):
@@ -144,16 +157,20 @@ class _Running:
 @torch.no_grad()
 def linear_token_logprobs_forward(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
-    with_entropy: bool, *, config: Config | None = None,
+    with_entropy: bool, *, config: Config | None = None, transform: HeadTransform | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(logp[N], entropy[N] or None, lse[N]) float32; peak extra memory O(N d + block)."""
+    """(logp[N], entropy[N] or None, lse[N]) float32 of the transformed logits (None: no
+    transform); peak extra memory O(N d + block)."""
     cfg = config or default_config()
     _check_linear(hidden, weight, bias, labels)
     blk = _Blocks(hidden, weight, bias, cfg)
     run = _Running.start(blk.N)
+    tf = active(transform)
     for c0, c1, w, b in blk.cols():
         for r0, r1 in blk.rows():
             z = blk.logits(r0, r1, c0, c1, w, b)
+            if tf is not None:
+                c.transform_(z, tf)
             _C.block_forward(
                 block=z.data_ptr(), rows=r1 - r0, cols=c1 - c0, ld=z.stride(0), col0=c0,
                 labels=labels.data_ptr(), ignore_index=int(ignore_index),
@@ -166,9 +183,15 @@ def linear_token_logprobs_forward(
 @torch.no_grad()
 def linear_token_logprobs_forward_frozen(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
-    with_entropy: bool, *, config: Config | None = None,
+    with_entropy: bool, *, config: Config | None = None, transform: HeadTransform | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor | None]:
     r"""Forward for a frozen weight: (logp, entropy or None, lse, pw[N, d], plw[N, d] or None).
+
+    Head transforms: a pure scale (``temperature``, ``logit_scale``; no softcap) is exact
+    here, ``p`` being the softmax of the scaled logits and dz'/dz the constant
+    ``logit_scale / temperature``, which the op's backward applies to dL/dh. A softcap
+    makes dz'/dz vary per logit, which ``pw`` / ``plw`` do not carry: it raises ValueError
+    (the op takes the recompute path instead whenever a softcap is set).
 
     Besides the statistics, accumulates per row, online over vocabulary blocks like the
     logsumexp (flash-attention style), ``pw = sum_v p_v W_v`` and, with entropy,
@@ -182,6 +205,10 @@ def linear_token_logprobs_forward_frozen(
     than the plain forward (4NdV more with entropy) and makes the hidden gradient an O(N d)
     expression (see ``cpo_fast/ops/linear_token_logprobs.py``); extra memory O(N d + block).
     """
+    tf = active(transform)
+    if tf is not None and tf.softcap is not None:
+        raise ValueError("the frozen-weight forward is exact only without a softcap; use "
+                         "linear_token_logprobs_forward and the recompute backward.")
     cfg = config or default_config()
     _check_linear(hidden, weight, bias, labels)
     blk = _Blocks(hidden, weight, bias, cfg)
@@ -194,6 +221,8 @@ def linear_token_logprobs_forward_frozen(
     for c0, c1, w, b in blk.cols():
         for r0, r1 in blk.rows():
             z = blk.logits(r0, r1, c0, c1, w, b)
+            if tf is not None:
+                c.transform_(z, tf)
             ed = ed_buf[: z.numel()].view_as(z) if ed_buf is not None else None
             _C.block_forward_frozen(
                 block=z.data_ptr(), rows=r1 - r0, cols=c1 - c0, ld=z.stride(0), col0=c0,
@@ -269,12 +298,15 @@ def linear_token_logprobs_backward(
     entropy: Tensor | None, grad_logp: Tensor, grad_entropy: Tensor | None, ignore_index: int,
     needs_hidden_grad: bool, needs_weight_grad: bool, needs_bias_grad: bool,
     grad_skip_threshold: float = 0.0, *, config: Config | None = None,
+    transform: HeadTransform | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(grad_hidden, grad_weight, grad_bias), each None unless asked for, in input dtypes.
 
     Recomputes each logits block, overwrites it with dL/dz in C++ and accumulates the
     products in float32. ``grad_skip_threshold`` is ignored on the CPU: every block is
-    computed, so the result is exact (no skipped tiles, no approximation).
+    computed, so the result is exact (no skipped tiles, no approximation). With
+    ``transform`` each block is transformed before the C++ kernel and its dL/dz' block
+    multiplied by dz'/dz after it (ignored rows stay 0).
     """
     del grad_skip_threshold
     cfg = config or default_config()
@@ -288,10 +320,15 @@ def linear_token_logprobs_backward(
     per_row = dict(labels=labels.data_ptr(), lse=lse.data_ptr(), grad_logp=grad_logp.data_ptr(),
                    entropy=c.addr(entropy) if grad_entropy is not None else 0,
                    grad_entropy=c.addr(grad_entropy))
+    tf = active(transform)
+    ignored = labels == ignore_index if tf is not None else None
     for c0, c1, w, b in blk.cols():
         gw_blk = g.weight_block(c0, c1)
         for i, (r0, r1) in enumerate(blk.rows()):
             z = blk.logits(r0, r1, c0, c1, w, b)
+            t = None
+            if tf is not None:
+                t = c.transform_(z, tf, blk.tanh_buffer(z) if tf.softcap is not None else None)
             rows, cols = z.shape
             # in place: z becomes dL/dz of this block (label columns offset by c0)
             _C.token_logprobs_backward(
@@ -302,6 +339,9 @@ def linear_token_logprobs_backward(
                 ignore_index=int(ignore_index), **per_row, row_offset=r0,
                 nthreads=c.threads(cfg.num_threads),
             )
+            if tf is not None:
+                c.grad_factor_(z, t, tf)
+                z.masked_fill_(ignored[r0:r1, None], 0.0)  # a NaN factor must not reach them
             g.add(z, blk.h, w, gw_blk, i == 0, r0, r1, c0, c1)
         if g.gw_acc is not None:
             g.gw[c0:c1] = gw_blk

@@ -9,6 +9,13 @@ optional bias ``b[V]``, logits ``z_t = W h_t + b`` (computed tile by tile, never
     dL/dh_t    = sum_v dL/dz_tv W[v]
     dL/dW[v]   = sum_t dL/dz_tv h_t,     dL/db[v] = sum_t dL/dz_tv
 
+Head transforms (``temperature``, ``softcap``, ``logit_scale``; docs/math.md): each logit
+is transformed before the softmax, ``z'_tv = (softcap tanh(u_tv / softcap) if softcap else
+u_tv) / temperature`` with ``u_tv = logit_scale z_tv``; logp, H and lse are those of z', and
+dL/dz_tv = dL/dz'_tv (logit_scale / temperature) (1 - tanh(u_tv / softcap)^2 if softcap
+else 1), after which dL/dh, dL/dW and dL/db are the sums above. The backends apply the
+transform to each logits tile in place, so nothing N x V appears.
+
 Forward stores O(N) values (logp, lse, H); backward recomputes the logits tiles
 (2NdV FLOPs forward + 6NdV backward with a trained weight, vs 2NdV + 4NdV for eager).
 
@@ -27,7 +34,11 @@ as for eager with a frozen weight (6NdV with entropy: a second product per block
 the same count as recomputing, but no second pass over the logits); saved for backward:
 PW and PLW, [N, d] float32 each. The path is chosen in :func:`linear_token_logprobs`,
 where grad mode and ``requires_grad`` are visible (the custom op's forward runs without
-grad mode), and carried into the op as its ``frozen`` flag.
+grad mode), and carried into the op as its ``frozen`` flag. Under a head transform the
+frozen path is exact for a pure scale (``temperature``, ``logit_scale``: p is the softmax of
+z', and dz'/dz is the constant logit_scale / temperature, applied to dL/dh here) and is
+skipped when a ``softcap`` is set (dz'/dz then varies per logit, which PW and PLW do not
+carry): the recompute backward runs instead.
 
 ``grad_skip_threshold > 0`` lets a backend skip backward tiles whose largest softmax
 probability (over the tile) is below the threshold and whose label and entropy terms are
@@ -46,8 +57,14 @@ import torch
 from torch import Tensor
 
 from cpo_fast import reference
-from cpo_fast._backend import backend_module, module_name, optional, select_backend
-from cpo_fast._checks import check_float, check_labels, warn_nonfinite_rows
+from cpo_fast._backend import (
+    backend_module,
+    head_transform,
+    module_name,
+    optional,
+    select_backend,
+)
+from cpo_fast._checks import check_float, check_head_transform, check_labels, warn_nonfinite_rows
 from cpo_fast.constants import IGNORE_INDEX
 
 
@@ -70,19 +87,21 @@ def _has_frozen_path(backend: str) -> bool:
 def _fwd_op(
     hidden: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, ignore_index: int,
     with_entropy: bool, backend: str, grad_skip_threshold: float, frozen: bool,
+    temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(logp, entropy or [0], lse, pw or [0], plw or [0]); pw/plw only when ``frozen``."""
     # bias is an empty tensor when absent (custom ops take no Optional outputs/None mixing).
     # One fresh empty per unused output: custom-op outputs may not alias each other.
     empty = lambda: hidden.new_empty(0, dtype=torch.float32)
     impl = _impl(backend)
+    tf = head_transform(temperature, softcap, logit_scale)
     if frozen:
         logp, ent, lse, pw, plw = impl.linear_token_logprobs_forward_frozen(
-            hidden, weight, optional(bias), labels, ignore_index, with_entropy
+            hidden, weight, optional(bias), labels, ignore_index, with_entropy, transform=tf
         )
     else:
         logp, ent, lse = impl.linear_token_logprobs_forward(
-            hidden, weight, optional(bias), labels, ignore_index, with_entropy
+            hidden, weight, optional(bias), labels, ignore_index, with_entropy, transform=tf
         )
         pw = plw = None
     or_empty = lambda t, wanted: t if wanted and optional(t) is not None else empty()
@@ -92,7 +111,7 @@ def _fwd_op(
 
 @_fwd_op.register_fake
 def _(hidden, weight, bias, labels, ignore_index, with_entropy, backend, grad_skip_threshold,
-      frozen):
+      frozen, temperature=1.0, softcap=None, logit_scale=1.0):
     f = lambda *shape: hidden.new_empty(shape, dtype=torch.float32)
     N, d = hidden.shape
     return (f(N), f(N if with_entropy else 0), f(N), f(N, d) if frozen else f(0),
@@ -104,6 +123,7 @@ def _bwd_op(
     hidden: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor,
     grad_logp: Tensor, grad_entropy: Tensor, ignore_index: int, needs_hidden_grad: bool,
     needs_weight_grad: bool, needs_bias_grad: bool, backend: str, grad_skip_threshold: float,
+    temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     grad_entropy = optional(grad_entropy)
     gh, gw, gb = _impl(backend).linear_token_logprobs_backward(
@@ -111,7 +131,7 @@ def _bwd_op(
         grad_logp.float().contiguous(),
         None if grad_entropy is None else grad_entropy.float().contiguous(),
         ignore_index, needs_hidden_grad, needs_weight_grad, needs_bias_grad,
-        grad_skip_threshold,
+        grad_skip_threshold, transform=head_transform(temperature, softcap, logit_scale),
     )
     # One fresh empty per missing output: custom-op outputs may not alias each other.
     empty = lambda: hidden.new_empty(0)
@@ -121,7 +141,8 @@ def _bwd_op(
 
 @_bwd_op.register_fake
 def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, ignore_index,
-      needs_hidden_grad, needs_weight_grad, needs_bias_grad, backend, grad_skip_threshold):
+      needs_hidden_grad, needs_weight_grad, needs_bias_grad, backend, grad_skip_threshold,
+      temperature=1.0, softcap=None, logit_scale=1.0):
     e = hidden.new_empty(0)
     return (torch.empty_like(hidden) if needs_hidden_grad else e,
             torch.empty_like(weight) if needs_weight_grad else e,
@@ -129,30 +150,34 @@ def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, ignor
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, with_entropy, backend, thr, frozen = inputs
+    hidden, weight, bias, labels, ignore_index, with_entropy, backend, thr, frozen, *head = inputs
     logp, ent, lse, pw, plw = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, ent, pw, plw)
-    ctx.args = (ignore_index, with_entropy, backend, thr, frozen)
+    ctx.args = (ignore_index, with_entropy, backend, thr, frozen, tuple(head))
     ctx.mark_non_differentiable(lse, pw, plw)
 
 
 def _frozen_grad_hidden(hidden: Tensor, weight: Tensor, labels: Tensor, ent: Tensor,
                         pw: Tensor, plw: Tensor, grad_logp: Tensor, grad_ent: Tensor | None,
-                        ignore_index: int) -> Tensor:
-    """dL/dh = G (W[y] - PW) - E (PLW + H PW), ignored rows 0: O(N d), no logits."""
+                        ignore_index: int, scale: float = 1.0) -> Tensor:
+    """dL/dh = scale (G (W[y] - PW) - E (PLW + H PW)), ignored rows 0: O(N d), no logits.
+
+    ``scale`` is dz'/dz of a pure-scale head transform (logit_scale / temperature)."""
     valid = labels != ignore_index
     # ignored rows' labels may be any value (-100): gather a valid row, then mask
     wy = weight[torch.where(valid, labels, torch.zeros_like(labels))].float()
     gh = grad_logp.float()[:, None] * (wy - pw)
     if grad_ent is not None:
         gh = gh - grad_ent.float()[:, None] * (plw + ent[:, None] * pw)
+    if scale != 1.0:
+        gh = gh * scale
     # where, not a multiply: an upstream inf/NaN on an ignored row must not leak in
     return torch.where(valid[:, None], gh, torch.zeros((), dtype=gh.dtype)).to(hidden.dtype)
 
 
 def _backward(ctx, grad_logp, grad_ent, _grad_lse, _grad_pw, _grad_plw):
     hidden, weight, bias, labels, lse, ent, pw, plw = ctx.saved_tensors
-    ignore_index, with_entropy, backend, thr, frozen = ctx.args
+    ignore_index, with_entropy, backend, thr, frozen, head = ctx.args
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
     if not with_entropy or grad_ent is None:
@@ -160,15 +185,17 @@ def _backward(ctx, grad_logp, grad_ent, _grad_lse, _grad_pw, _grad_plw):
     nh, nw, nb = ctx.needs_input_grad[:3]
     nb = nb and bias.numel() > 0
     if frozen and not (nw or nb):  # always the case: frozen is chosen only then
+        tf = head_transform(*head) if head else None  # frozen: no softcap here
         gh = _frozen_grad_hidden(hidden, weight, labels, ent, pw, plw, grad_logp,
-                                 grad_ent if grad_ent.numel() > 0 else None, ignore_index)
-        return (gh if nh else None, None, None, None, None, None, None, None, None)
+                                 grad_ent if grad_ent.numel() > 0 else None, ignore_index,
+                                 1.0 if tf is None else tf.grad_scale)
+        return (gh if nh else None, *(None,) * (8 + len(head)))
     gh, gw, gb = _bwd_op(hidden, weight, bias, labels, lse, ent, grad_logp, grad_ent,
-                         ignore_index, nh, nw, nb, backend, thr)
+                         ignore_index, nh, nw, nb, backend, thr, *head)
     if nh:  # dz = 0 on ignored rows, but 0 * (a NaN in W) is NaN: they get 0, as documented
         gh = torch.where((labels != ignore_index)[:, None], gh, torch.zeros((), dtype=gh.dtype))
     return (gh if nh else None, gw if nw else None, gb if nb else None,
-            None, None, None, None, None, None)
+            *(None,) * (6 + len(head)))
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -185,8 +212,13 @@ def linear_token_logprobs(
     backend: str | None = None,
     grad_skip_threshold: float = 0.0,
     validate: bool = True,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Per-token ``log softmax(hidden @ weight.T + bias)[labels]`` without building logits.
+    """Per-token ``log softmax(z')[labels]`` without building logits, where ``z'`` is the
+    head transform of ``z = hidden @ weight.T + bias``: ``z' = (softcap tanh(logit_scale z /
+    softcap) or logit_scale z) / temperature`` (``z`` itself at the defaults).
 
     Args:
         hidden: ``[..., d]`` last hidden states (any float dtype; bf16/fp16 kernels
@@ -208,6 +240,10 @@ def linear_token_logprobs(
         validate: as in :func:`cpo_fast.token_logprobs` (labels checked up front; a warning
             naming the rows whose result is NaN or infinite, i.e. NaN/inf in ``hidden``,
             ``weight`` or ``bias``).
+        temperature, softcap, logit_scale: the head transform, as in
+            :func:`cpo_fast.token_logprobs` (HF / TRL order: scale, cap, divide by the
+            temperature); gradients are with respect to hidden, weight and bias through it
+            (module docstring). A softcap turns off the frozen-weight fast path.
 
     Returns:
         ``logp`` shaped like ``labels``; or ``(logp, entropy)`` with ``with_entropy``:
@@ -220,14 +256,17 @@ def linear_token_logprobs(
     """
     weight, bias = _unshard(weight), _unshard(bias)
     _check_inputs(hidden, weight, labels, bias, ignore_index, grad_skip_threshold, validate)
+    check_head_transform(temperature, softcap, logit_scale)
+    head = (float(temperature), None if softcap is None else float(softcap), float(logit_scale))
     name = select_backend(backend, hidden.device, hidden.dtype)
     if name == "reference" or hidden.numel() == 0:
         out = reference.linear_token_logprobs(hidden, weight, labels, bias=bias,
                                               ignore_index=ignore_index,
-                                              with_entropy=with_entropy)
+                                              with_entropy=with_entropy, temperature=head[0],
+                                              softcap=head[1], logit_scale=head[2])
     else:
         out = _fused(hidden, weight, labels, bias, ignore_index, with_entropy, name,
-                     grad_skip_threshold)
+                     grad_skip_threshold, head)
     if validate:
         warn_nonfinite_rows("linear_token_logprobs", "hidden @ weight.T + bias", labels,
                             ignore_index, *(out if with_entropy else (out,)))
@@ -266,7 +305,8 @@ def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor |
 
 
 def _fused(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
-           ignore_index: int, with_entropy: bool, name: str, grad_skip_threshold: float
+           ignore_index: int, with_entropy: bool, name: str, grad_skip_threshold: float,
+           head: tuple[float, float | None, float] = (1.0, None, 1.0),
            ) -> Tensor | tuple[Tensor, Tensor]:
     """The custom op on a fused backend (inputs already validated)."""
     d = weight.shape[1]
@@ -286,8 +326,9 @@ def _fused(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
     # The frozen-weight fast path is decided here: the custom op's forward runs with grad
     # mode off and cannot see who will need a gradient.
     frozen = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
-              and (bias is None or not bias.requires_grad) and _has_frozen_path(name))
+              and (bias is None or not bias.requires_grad) and head[1] is None
+              and _has_frozen_path(name))
     logp, ent, *_ = _fwd_op(h2, weight.contiguous(), b, flat_labels, ignore_index,
-                            with_entropy, name, float(grad_skip_threshold), frozen)
+                            with_entropy, name, float(grad_skip_threshold), frozen, *head)
     logp = logp.view(shape)
     return (logp, ent.view(shape)) if with_entropy else logp

@@ -10,6 +10,20 @@ Backward, from G = dL/dlogp and E = dL/dH:
 
     dL/dz_v = G ([v == y] - p_v) - E p_v (log p_v + H)
 
+Head transforms (``temperature``, ``softcap``, ``logit_scale``; docs/math.md): the row is
+first replaced by z', in the order of Hugging Face models and TRL,
+
+    u_v  = logit_scale z_v,     z'_v = (softcap tanh(u_v / softcap) if softcap else u_v) / temperature
+
+and everything above is computed from z' (logp, H and lse are those of softmax(z')); the
+gradient with respect to the raw logits is
+
+    dL/dz_v = dL/dz'_v (logit_scale / temperature) (1 - tanh(u_v / softcap)^2 if softcap else 1)
+
+A -inf logit becomes -softcap / temperature under a softcap (torch.tanh(-inf) = -1, as in
+HF models) and gets a zero gradient. The defaults (the identity) run the untransformed
+kernels, unchanged.
+
 The forward reads each row once and saves ``lse`` (and ``H``); the backward reads the row
 once more and writes its gradient, optionally over the logits buffer itself
 (``inplace_backward=True``). Rows whose label is ``ignore_index`` give logp = H = 0 and a
@@ -28,8 +42,14 @@ import torch
 from torch import Tensor
 
 from cpo_fast import reference
-from cpo_fast._backend import backend_module, module_name, optional, select_backend
-from cpo_fast._checks import check_float, check_labels, warn_nonfinite_rows
+from cpo_fast._backend import (
+    backend_module,
+    head_transform,
+    module_name,
+    optional,
+    select_backend,
+)
+from cpo_fast._checks import check_float, check_head_transform, check_labels, warn_nonfinite_rows
 from cpo_fast.constants import IGNORE_INDEX
 
 
@@ -58,12 +78,14 @@ def _as_3d(logits: Tensor) -> Tensor:
 @torch.library.custom_op("cpo_fast::token_logprobs_fwd", mutates_args=())
 def _fwd_op(
     logits: Tensor, labels: Tensor, ignore_index: int, with_entropy: bool, backend: str,
-    inplace_backward: bool,
+    inplace_backward: bool, temperature: float = 1.0, softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     # inplace_backward only matters to the backward; it is an argument so that
     # setup_context sees it (also under torch.compile).
     logp, ent, lse = _impl(backend).token_logprobs_forward(
-        _as_3d(logits), labels.reshape(-1).long().contiguous(), ignore_index, with_entropy
+        _as_3d(logits), labels.reshape(-1).long().contiguous(), ignore_index, with_entropy,
+        transform=head_transform(temperature, softcap, logit_scale),
     )
     ent = optional(ent)
     ent = ent.view(labels.shape) if with_entropy else logp.new_empty(0)
@@ -71,7 +93,8 @@ def _fwd_op(
 
 
 @_fwd_op.register_fake
-def _(logits, labels, ignore_index, with_entropy, backend, inplace_backward):
+def _(logits, labels, ignore_index, with_entropy, backend, inplace_backward, temperature=1.0,
+      softcap=None, logit_scale=1.0):
     f = lambda: logits.new_empty(labels.shape, dtype=torch.float32)
     return f(), f() if with_entropy else logits.new_empty(0, dtype=torch.float32), f()
 
@@ -79,54 +102,62 @@ def _(logits, labels, ignore_index, with_entropy, backend, inplace_backward):
 @torch.library.custom_op("cpo_fast::token_logprobs_bwd", mutates_args=())
 def _bwd_op(
     logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
-    grad_entropy: Tensor | None, ignore_index: int, backend: str,
+    grad_entropy: Tensor | None, ignore_index: int, backend: str, temperature: float = 1.0,
+    softcap: float | None = None, logit_scale: float = 1.0,
 ) -> Tensor:
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _run_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, backend, out)
+    _run_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, backend, out,
+             temperature, softcap, logit_scale)
     return out
 
 
 @_bwd_op.register_fake
-def _(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, backend):
+def _(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, backend,
+      temperature=1.0, softcap=None, logit_scale=1.0):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("cpo_fast::token_logprobs_bwd_", mutates_args=("logits",))
 def _bwd_inplace_op(
     logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
-    grad_entropy: Tensor | None, ignore_index: int, backend: str,
+    grad_entropy: Tensor | None, ignore_index: int, backend: str, temperature: float = 1.0,
+    softcap: float | None = None, logit_scale: float = 1.0,
 ) -> None:
-    _run_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, backend, logits)
+    _run_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, backend, logits,
+             temperature, softcap, logit_scale)
 
 
-def _run_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, backend, out):
+def _run_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, backend, out,
+             temperature, softcap, logit_scale):
     flat = lambda t: None if optional(t) is None else t.reshape(-1).float().contiguous()
     _impl(backend).token_logprobs_backward(
         _as_3d(logits), labels.reshape(-1).long().contiguous(), flat(lse), flat(entropy),
         flat(grad_logp), flat(grad_entropy), ignore_index, _as_3d(out),
+        transform=head_transform(temperature, softcap, logit_scale),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, ignore_index, with_entropy, backend, inplace = inputs
+    logits, labels, ignore_index, with_entropy, backend, inplace, *head = inputs
     logp, ent, lse = output
     ctx.save_for_backward(logits, labels, lse, ent)
-    ctx.args = (ignore_index, with_entropy, backend, inplace)
+    ctx.args = (ignore_index, with_entropy, backend, inplace, tuple(head))
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_logp, grad_ent, _grad_lse):
     logits, labels, lse, ent = ctx.saved_tensors
-    ignore_index, with_entropy, backend, inplace = ctx.args
+    ignore_index, with_entropy, backend, inplace, head = ctx.args
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
     if not with_entropy:
         grad_ent = None
-    args = (labels, lse, ent, grad_logp, grad_ent, ignore_index, backend)
+    args = (labels, lse, ent, grad_logp, grad_ent, ignore_index, backend, *head)
+    nones = (None,) * (5 + len(head))
     if inplace:
         _bwd_inplace_op(logits, *args)
-        return logits, None, None, None, None, None
-    return _bwd_op(logits, *args), None, None, None, None, None
+        return (logits, *nones)
+    return (_bwd_op(logits, *args), *nones)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -141,8 +172,13 @@ def token_logprobs(
     backend: str | None = None,
     inplace_backward: bool = False,
     validate: bool = True,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Per-token log-probabilities ``log softmax(logits)[labels]`` (and entropies).
+    """Per-token log-probabilities ``log softmax(z')[labels]`` (and entropies) of the
+    transformed logits ``z' = (softcap tanh(logit_scale z / softcap) or logit_scale z) /
+    temperature`` (just the logits at the defaults).
 
     Args:
         logits: ``[..., V]`` float32 / bfloat16 / float16 (float64 on the reference path);
@@ -159,6 +195,16 @@ def token_logprobs(
             the rows) when a returned value is NaN or infinite on a row that is not ignored,
             i.e. NaN/inf logits (two device syncs, O(N): the N x V logits are not read
             again). The kernels never read out of bounds either way.
+        temperature: divide the (scaled, capped) logits by this, as sampling at that
+            temperature does (TRL's ``temperature``); finite, > 0.
+        softcap: None, or cap the scaled logits to ``(-softcap, softcap)`` with
+            ``softcap * tanh(u / softcap)`` (Gemma-2's ``final_logit_softcapping``); finite,
+            > 0. Under a softcap a ``-inf`` logit becomes ``-softcap / temperature``, as in
+            HF models, with a zero gradient.
+        logit_scale: multiply the logits by this first (Cohere's ``logit_scale``); finite.
+            The gradient is taken with respect to the raw logits: the transform's derivative
+            ``(logit_scale / temperature) (1 - tanh(u / softcap)^2)`` is applied in the
+            backward (see the module docstring).
 
     Returns:
         ``logp`` shaped like ``labels``; or ``(logp, entropy)`` with ``with_entropy``. The
@@ -170,16 +216,19 @@ def token_logprobs(
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}.")
     V = logits.shape[-1]
+    check_head_transform(temperature, softcap, logit_scale)
     check_labels(labels, logits.shape[:-1], V, ignore_index, validate=validate)
     if labels.device != logits.device:
         raise ValueError(f"labels are on {labels.device} but logits on {logits.device}.")
     name = select_backend(backend, logits.device, logits.dtype)
     if name == "reference" or logits.numel() == 0:
         out = reference.token_logprobs(logits, labels, ignore_index=ignore_index,
-                                       with_entropy=with_entropy)
-    else:
+                                       with_entropy=with_entropy, temperature=temperature,
+                                       softcap=softcap, logit_scale=logit_scale)
+    else:  # the defaults reach the backend as transform=None: the untransformed kernels
         logp, ent, _ = _fwd_op(logits, labels, ignore_index, with_entropy, name,
-                               inplace_backward)
+                               inplace_backward, float(temperature),
+                               None if softcap is None else float(softcap), float(logit_scale))
         out = (logp, ent) if with_entropy else logp
     if validate:
         warn_nonfinite_rows("token_logprobs", "logits", labels, ignore_index,
