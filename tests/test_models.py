@@ -1,0 +1,156 @@
+"""The model-level drop-in (cpo_fast.causal_lm_token_logprobs): equal to the model's own
+logits path for every supported family and wrapper, head transforms included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+import cpo_fast
+from cpo_fast.constants import IGNORE_INDEX
+from cpo_fast.models import HeadTransform, head_transform, output_weight
+
+V, D = 97, 32
+_SMALL = dict(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=1,
+              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _model(kind: str, **over):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=V, n_embd=D, n_layer=1, n_head=2, n_positions=64, **over)
+        return tf.GPT2LMHeadModel(cfg).eval()  # no dropout: compared path to path
+    cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+           "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
+           "cohere": (tf.CohereConfig, tf.CohereForCausalLM),
+           "granite": (tf.GraniteConfig, tf.GraniteForCausalLM)}[kind]
+    extra = {"head_dim": 16} if kind == "gemma2" else {}
+    gain = over.pop("_head_gain", 1.0)
+    model = cls[1](cls[0](**_SMALL, **extra, **over)).float()
+    with torch.no_grad():  # make the head's output large enough for a softcap to matter
+        model.get_output_embeddings().weight.mul_(gain)
+    return model.eval()
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[0, :3] = IGNORE_INDEX  # a prompt
+    return ids, mask, labels
+
+
+def _hf_logprobs(model, ids, mask, labels, temperature: float = 1.0):
+    """The model's own path: logits (with its head transform) -> log_softmax -> gather."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double() / temperature
+    lab = labels[:, 1:]
+    lp = torch.log_softmax(logits, -1).gather(-1, lab.clamp(min=0)[..., None])[..., 0]
+    return lp.masked_fill(lab == IGNORE_INDEX, 0.0)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _check_equal(model, temperature: float = 1.0, **kw):
+    ids, mask, labels = _batch()
+    want = _hf_logprobs(model, ids, mask, labels, temperature)
+    (want * torch.linspace(-1, 1, want.numel()).view_as(want)).sum().backward()
+    g_want = _grads(model)
+    model.zero_grad()
+    got = cpo_fast.causal_lm_token_logprobs(model, ids, labels, attention_mask=mask,
+                                            temperature=temperature, **kw)
+    assert got.shape == labels[:, 1:].shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+    (got * torch.linspace(-1, 1, got.numel()).view_as(got)).sum().backward()
+    g_got = _grads(model)
+    assert g_got.keys() == g_want.keys()
+    for n in g_want:
+        torch.testing.assert_close(g_got[n], g_want[n].float(), atol=2e-5, rtol=2e-4, msg=n)
+    return got
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_matches_the_models_logits(kind):
+    _check_equal(_model(kind))
+
+
+def test_tied_embeddings_get_both_gradients():
+    model = _model("llama", tie_word_embeddings=True)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    _check_equal(model)
+
+
+def test_temperature():
+    _check_equal(_model("qwen2"), temperature=0.7)
+
+
+def test_gemma2_softcap_is_applied():
+    """Gemma-2 caps its logits at 30: the drop-in reads that and is reference-exact; without
+    the cap the result would differ (so the check can fail)."""
+    model = _model("gemma2", _head_gain=300.0)
+    assert head_transform(model) == HeadTransform(logit_scale=1.0, softcap=30.0)
+    got = _check_equal(model)
+    ids, mask, labels = _batch()
+    with torch.no_grad():
+        h = cpo_fast.models.last_hidden(model, ids, mask)
+        w, _ = output_weight(model)
+        uncapped = cpo_fast.linear_token_logprobs(h[:, :-1], w, labels[:, 1:])
+    assert (uncapped - got.detach()).abs().max() > 1e-2
+
+
+def test_cohere_and_granite_scales():
+    cohere = _model("cohere", logit_scale=0.25)
+    assert head_transform(cohere).logit_scale == 0.25
+    _check_equal(cohere)
+    granite = _model("granite", logits_scaling=4.0)
+    assert head_transform(granite).logit_scale == 0.25
+    _check_equal(granite)
+
+
+def test_config_fields_read():
+    assert head_transform(tf.FalconH1Config(lm_head_multiplier=0.5)).logit_scale == 0.5
+    mpt = tf.MptConfig(d_model=64, logit_scale="inv_sqrt_d_model")
+    assert head_transform(mpt).logit_scale == pytest.approx(1 / 8)
+    assert head_transform(tf.LlamaConfig()).is_identity
+
+
+def test_unsupported_head_field_is_named():
+    cfg = tf.LlamaConfig()
+    cfg.mup_width_multiplier = 8.0
+    with pytest.raises(NotImplementedError, match="mup_width_multiplier"):
+        head_transform(cfg)
+
+
+def test_lora_backbone_and_lora_head():
+    peft = pytest.importorskip("peft")
+    model = _model("llama")
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"],
+                           init_lora_weights=False)
+    pm = peft.get_peft_model(model, lcfg)
+    w, _ = output_weight(pm)
+    assert w.requires_grad and not torch.equal(w, model.lm_head.base_layer.weight)
+    _check_equal(pm)
+
+
+def test_modules_to_save_head():
+    peft = pytest.importorskip("peft")
+    model = _model("qwen2")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                    modules_to_save=["lm_head"]))
+    with torch.no_grad():  # the trained copy differs from the original head
+        pm.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.1)
+    _check_equal(pm)
+
+
+def test_default_labels_and_shape_error():
+    model = _model("llama")
+    ids, mask, _ = _batch()
+    out = cpo_fast.causal_lm_token_logprobs(model, ids, attention_mask=mask)
+    assert out[1, 5:].abs().sum() == 0 and out[1, :5].abs().sum() > 0
+    with pytest.raises(ValueError, match="labels has shape"):
+        cpo_fast.causal_lm_token_logprobs(model, ids, ids[:, 1:])
