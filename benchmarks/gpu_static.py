@@ -38,9 +38,19 @@ ESIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 # ----------------------------------------------------------------------------- our cases
 def _our_cases(torch) -> list[tuple[str, dict, Callable[[], None]]]:
-    """(tag, meta, launcher call) for every dtype, d/V bucket and flag combination."""
+    """(tag, meta, launcher call) for every dtype, d/V bucket and flag combination.
+
+    ``tf=`` in a tag is the head transform the launcher gets: none without it (HAS_TRANSFORM
+    off: the untransformed build, tags as in earlier reports), ``tf=scale`` temperature and
+    logit_scale only (HAS_TRANSFORM on), ``tf=1`` a softcap as well (HAS_SOFTCAP on)."""
     from cpo_fast.kernels import linear_token_logprobs as LK
     from cpo_fast.kernels import token_logprobs as TK
+
+    from cpo_fast._backend import HeadTransform
+
+    # tag suffix -> transform; no suffix without one, so those tags match earlier reports
+    tfs = {"": None, " tf=scale": HeadTransform(0.7, None, 1.3),
+           " tf=1": HeadTransform(0.7, 30.0, 1.3)}
 
     dts = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     meta = lambda *s, dt=torch.float32: torch.empty(*s, device="meta", dtype=dt)
@@ -51,17 +61,23 @@ def _our_cases(torch) -> list[tuple[str, dict, Callable[[], None]]]:
         for d in (2048, 4096):  # the dispatcher's d buckets: <= 2048, > 2048
             h, w, b = meta(N, d, dt=dt), meta(V, d, dt=dt), meta(V, dt=dt)
             for bias in (False, True):
-                out.append((f"linear.fwd {name} d={d} bias={int(bias)}", dict(dtype=name, d=d),
-                            lambda h=h, w=w, b=b if bias else None:
-                            LK.linear_token_logprobs_forward(h, w, b, lab, -100, True)))
+                for tk, tf in tfs.items():
+                    out.append((f"linear.fwd {name} d={d} bias={int(bias)}{tk}",
+                                dict(dtype=name, d=d),
+                                lambda h=h, w=w, b=b if bias else None, tf=tf:
+                                LK.linear_token_logprobs_forward(h, w, b, lab, -100, True,
+                                                                 transform=tf)))
                 for ent in (False, True):
                     for skip in (0.0, 1e-4):
-                        out.append((f"linear.bwd {name} d={d} bias={int(bias)} ent={int(ent)} "
-                                    f"skip={int(skip > 0)}", dict(dtype=name, d=d),
-                                    lambda h=h, w=w, b=b if bias else None, ent=ent, skip=skip, f=f:
-                                    LK.linear_token_logprobs_backward(
-                                        h, w, b, lab, f, f if ent else None, f, f if ent else None,
-                                        -100, True, True, b is not None, skip)))
+                        for tk, tf in tfs.items():
+                            out.append((f"linear.bwd {name} d={d} bias={int(bias)} ent={int(ent)} "
+                                        f"skip={int(skip > 0)}{tk}", dict(dtype=name, d=d),
+                                        lambda h=h, w=w, b=b if bias else None, ent=ent, skip=skip,
+                                        f=f, tf=tf:
+                                        LK.linear_token_logprobs_backward(
+                                            h, w, b, lab, f, f if ent else None, f,
+                                            f if ent else None, -100, True, True, b is not None,
+                                            skip, transform=tf)))
         # logits path: design V (block 4096) and smaller V buckets; V = 50257 gives
         # unaligned row strides (a shifted HF view of GPT-2's vocabulary).
         for v in (V, 50257, 1000):
@@ -69,21 +85,32 @@ def _our_cases(torch) -> list[tuple[str, dict, Callable[[], None]]]:
             shifted = meta(4, N // 4 + 1, v, dt=dt)[:, :-1]
             for ent in (False, True):
                 for tag, x in (("contig", lg), ("shifted", shifted)):
-                    out.append((f"logits.fwd {name} V={v} ent={int(ent)} {tag}", dict(dtype=name, V=v),
-                                lambda x=x, ent=ent: TK.token_logprobs_forward(x, lab, -100, ent)))
-                    out.append((f"logits.bwd {name} V={v} ent={int(ent)} {tag}", dict(dtype=name, V=v),
-                                lambda x=x, ent=ent:
-                                TK.token_logprobs_backward(x, lab, f, f if ent else None, f,
-                                                           f if ent else None, -100, x)))
+                    for tk, tf in tfs.items():
+                        out.append((f"logits.fwd {name} V={v} ent={int(ent)} {tag}{tk}",
+                                    dict(dtype=name, V=v),
+                                    lambda x=x, ent=ent, tf=tf:
+                                    TK.token_logprobs_forward(x, lab, -100, ent, transform=tf)))
+                        out.append((f"logits.bwd {name} V={v} ent={int(ent)} {tag}{tk}",
+                                    dict(dtype=name, V=v),
+                                    lambda x=x, ent=ent, tf=tf:
+                                    TK.token_logprobs_backward(x, lab, f, f if ent else None, f,
+                                                               f if ent else None, -100, x,
+                                                               transform=tf)))
     return out
 
 
 def _is_default(tag: str) -> bool:
-    """Defaults: design-shape configs with every flag off or every flag on (the extremes)."""
+    """Defaults: design-shape configs with every flag off or every flag on (the extremes),
+    each without a head transform (no ``tf=``) and, all on, with a softcap (``tf=1``); on the
+    logits path with or without the entropy, and the softcap build with it. Head transforms
+    without a softcap (``tf=scale``) are sampled, not defaults."""
+    kv = dict(p.split("=") for p in tag.split() if "=" in p)
+    tf = kv.get("tf", "0")
     if tag.startswith("logits"):
-        return f"V={SHAPE['V']}" in tag and "contig" in tag
-    flags = [p.split("=")[1] for p in tag.split() if p.split("=")[0] in ("bias", "ent", "skip")]
-    return len(set(flags)) == 1
+        return (kv["V"] == str(SHAPE["V"]) and "contig" in tag
+                and (tf == "0" or (tf == "1" and kv["ent"] == "1")))
+    flags = {kv[k] for k in ("bias", "ent", "skip") if k in kv}
+    return len(flags) == 1 and tf in ("0", *flags)
 
 
 # ----------------------------------------------------------------------------- peers

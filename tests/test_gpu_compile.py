@@ -2,10 +2,11 @@
 
 Runs benchmarks/gpu_static.py --gate in a subprocess with TRITON_INTERPRET unset (conftest
 sets it for the numerics tests, and the interpreter would replace the compiler this
-checks). The script drives the real launchers on meta tensors under a stub CUDA driver,
-compiles each launch with triton.compile for the GPU targets and reads ptxas -v. It builds
-every default config (flags all off and all on) and a seeded sample of the other flag
-combinations and vocabulary buckets (CPO_FAST_GATE_SEED picks the sample). No GPU needed.
+checks). The script drives the real launchers (with and without a head transform) on meta
+tensors under a stub CUDA driver, compiles each launch with triton.compile for the GPU
+targets and reads ptxas -v. It builds every default config (flags all off and all on, the
+latter also with a softcap) and a seeded sample of the other flag combinations, head
+transforms and vocabulary buckets (CPO_FAST_GATE_SEED picks the sample). No GPU needed.
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ def test_gpu_builds_fit(tmp_path: Path) -> None:
             hits = [r for r in rows if r["kernel"] == k and r["dtype"] == dt and r["default"]]
             assert hits, (k, dt)
             assert all(set(r["builds"]) == {"80", "90"} for r in hits)
+    # the head-transform builds (HAS_SOFTCAP, the tanh epilogue) are defaults too: every
+    # kernel and dtype, both architectures, so a spill there fails the gate
+    for k in kernels:
+        for dt in ("fp32", "bf16", "fp16"):
+            capped = [r for r in rows if r["kernel"] == k and r["dtype"] == dt and r["default"]
+                      and r["consts"].get("HAS_SOFTCAP") and r["consts"].get("HAS_TRANSFORM")]
+            assert capped, (k, dt, "no softcap build at the defaults")
+            assert all(set(r["builds"]) == {"80", "90"} for r in capped)
     # the static speed budgets of the matmul kernels: tensor cores and a pipelined K loop
     for r in rows:
         if r["kernel"].startswith("_linear") and r["dtype"] != "fp32":
