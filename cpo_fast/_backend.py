@@ -41,10 +41,12 @@ Contract of a fused backend module (``triton`` and ``cpu``). The public wrappers
 
 ``token_logprobs`` backends define::
 
-    token_logprobs_forward(logits3, labels, ignore_index, with_entropy, *, config=None)
+    token_logprobs_forward(logits3, labels, ignore_index, with_entropy, *, config=None,
+                           transform=None)
         -> (logp [N], entropy [N] or None, lse [N])          float32
     token_logprobs_backward(logits3, labels, lse, entropy, grad_logp, grad_entropy,
-                            ignore_index, grad_out3, *, config=None) -> None
+                            ignore_index, grad_out3, *, config=None,
+                            transform=None) -> None
 
 ``logits3`` is a ``[B, T, V]`` view with arbitrary element strides (N = B*T);
 ``grad_out3`` has its shape and dtype (it may be ``logits3`` itself, for the in-place
@@ -53,16 +55,17 @@ backward) and the backend writes every element of it.
 ``linear_token_logprobs`` backends define::
 
     linear_token_logprobs_forward(hidden, weight, bias, labels, ignore_index, with_entropy,
-                                  *, config=None)
+                                  *, config=None, transform=None)
         -> (logp [N], entropy [N] or None, lse [N])          float32
     linear_token_logprobs_backward(hidden, weight, bias, labels, lse, entropy, grad_logp,
                                    grad_entropy, ignore_index, needs_hidden_grad,
                                    needs_weight_grad, needs_bias_grad, grad_skip_threshold,
-                                   *, config=None)
+                                   *, config=None, transform=None)
         -> (grad_hidden [N, d] or None, grad_weight [V, d] or None, grad_bias [V] or None)
     # optional: the frozen-weight fast path (see cpo_fast/ops/linear_token_logprobs.py)
     linear_token_logprobs_forward_frozen(hidden, weight, bias, labels, ignore_index,
-                                         with_entropy, *, config=None)
+                                         with_entropy, *, config=None,
+                                         transform=None)
         -> (logp, entropy or None, lse, pw [N, d], plw [N, d] or None)
 
 ``hidden [N, d]`` and ``weight [V, d]`` are contiguous and share a dtype, ``bias`` is None

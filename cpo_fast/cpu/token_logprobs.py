@@ -10,6 +10,8 @@ a float32 buffer, transformed there with torch (``_common.transform_``), and han
 same C++ kernels as a contiguous ``[1, rows, V]`` block; the backward turns the buffer into
 dL/dz' in place, multiplies it by dz'/dz and writes it to ``grad_out3`` (which may be the
 logits themselves: a chunk is read before it is written). Never an N x V temporary.
+Ignored rows are copied with their chunk, but nothing computed depends on their values
+(their gradient is set to 0 after the factor, so a NaN there stays out).
 Without a transform the C++ kernels read the logits directly, as before.
 """
 
