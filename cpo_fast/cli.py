@@ -6,6 +6,7 @@
     cpo-fast fit-outcome --data FILE ...                      cross-fitted ghat, prints R^2
     cpo-fast generate --output-dir DIR [--model-dir DIR]      sample from a trained policy
     cpo-fast evaluate --output-dir DIR [--model-dir DIR]      generations + off-policy V
+    cpo-fast bench --vocab V --hidden d --tokens N [--json]   op + end-to-end timings here
 
 Every option of ``RunConfig`` (cpo_fast/pipeline/config.py) is a flag and a YAML key
 (``--config run.yaml``; flags override it). Each command saves its settings in
@@ -78,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
         if name == "generate":
             s.add_argument("--out", default=None, help="JSONL of samples (default "
                                                        "OUTPUT_DIR/samples/NAME.jsonl)")
+    from cpo_fast.bench import __doc__ as bench_doc
+    from cpo_fast.bench import add_arguments as bench_arguments
+
+    b = sub.add_parser("bench", help="op-level and end-to-end comparison on your shapes and device",
+                       description=bench_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_arguments(b)
     return p
 
 
@@ -141,6 +148,8 @@ def cmd_train(args) -> int:
           f"{0 if prep.eval_table is None else len(prep.eval_table)} held out; ghat "
           f"out-of-fold R^2 = {prep.outcome_fit.r2:.3f}")
     policy, summary = train_policy(prep, cfg, resume=args.resume)
+    if not prep.is_main:  # torchrun / accelerate: rank 0 alone reports, evaluates and writes
+        return 0
     print(f"[train] {cfg.method}: {summary['steps_done']}/{cfg.steps} steps, last loss "
           f"{_fmt(summary.get('loss'))}, ESS {_fmt(summary.get('ess'))}, "
           f"DM ESS {_fmt(summary.get('dm_ess'))}  ({time.perf_counter() - t0:.0f}s)")
@@ -278,12 +287,20 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "precompute": cmd_precompute,
+def cmd_bench(args) -> int:
+    from cpo_fast.bench import main as bench_main
+
+    return bench_main(args)
+
+
+COMMANDS = {"bench": cmd_bench, "demo": cmd_demo, "train": cmd_train, "precompute": cmd_precompute,
             "fit-outcome": cmd_fit_outcome, "generate": cmd_generate, "evaluate": cmd_evaluate}
 
 
 def _output_dir(args) -> Path | None:
     """The output directory this command will write (best effort, before any work)."""
+    if args.command == "bench":  # writes nothing
+        return None
     try:
         out = getattr(args, "output_dir", None)
         if out is None and getattr(args, "config", None):
