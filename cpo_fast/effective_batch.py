@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cpo_fast.objectives import LossOutput, dr_cpo_loss
+from cpo_fast.objectives import LossOutput, cap_log_weights, dr_cpo_loss
 
 
 @dataclass
@@ -54,18 +54,18 @@ class RowCoefficients:
     world_size: int = 1
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
+def _world(across_ranks: bool = True) -> tuple[int, int]:
+    if across_ranks and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def gather_rows(x: Tensor) -> tuple[Tensor, slice]:
+def gather_rows(x: Tensor, across_ranks: bool = True) -> tuple[Tensor, slice]:
     """Concatenate a 1-D tensor over ranks in rank order (sizes may differ).
 
     Returns the global tensor and the slice that holds this rank's rows.
     """
-    rank, world = _world()
+    rank, world = _world(across_ranks)
     if world == 1:
         return x, slice(0, x.shape[0])
     n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.int64)
@@ -81,10 +81,10 @@ def gather_rows(x: Tensor) -> tuple[Tensor, slice]:
     return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]), slice(start, start + counts[rank])
 
 
-def _gather_opt(x: Tensor | None) -> tuple[Tensor | None, slice | None]:
+def _gather_opt(x: Tensor | None, across_ranks: bool) -> tuple[Tensor | None, slice | None]:
     if x is None:
         return None, None
-    g, part = gather_rows(x.detach())
+    g, part = gather_rows(x.detach(), across_ranks)
     return g, part
 
 
@@ -97,6 +97,8 @@ def row_coefficients(
     dm_policy_logp: Tensor | None = None,
     dm_ref_logp: Tensor | None = None,
     dm_outcome_pred: Tensor | None = None,
+    log_weight_cap: float = 0.0,
+    across_ranks: bool = True,
     **loss_kwargs: Any,
 ) -> RowCoefficients:
     """Coefficients c = dL/ds of :func:`~cpo_fast.objectives.dr_cpo_loss` over the effective batch.
@@ -105,20 +107,27 @@ def row_coefficients(
     concatenated in micro-batch order); the same arguments and keywords as ``dr_cpo_loss``
     (``distributed`` is not accepted: the effective batch is gathered here). With
     ``policy_logp=None`` (OO-RLHF) only the DM rows get coefficients.
+    ``log_weight_cap > 0`` caps every row's log weight around the effective batch's median
+    (:func:`~cpo_fast.objectives.cap_log_weights`, as :func:`~cpo_fast.objectives.assemble_loss`
+    does on one batch). ``across_ranks=False``: this process's rows are the whole effective
+    batch even when torch.distributed is initialized (no collective is called).
     """
     if "distributed" in loss_kwargs:
         raise ValueError("row_coefficients gathers the effective batch itself: drop distributed=.")
-    _, world = _world()
-    s, part = _gather_opt(policy_logp)
-    ref, _ = _gather_opt(ref_logp)
-    y, _ = _gather_opt(outcome)
-    g, _ = _gather_opt(outcome_pred)
-    s_dm, part_dm = _gather_opt(dm_policy_logp)
-    ref_dm, _ = _gather_opt(dm_ref_logp)
-    g_dm, _ = _gather_opt(dm_outcome_pred)
+    _, world = _world(across_ranks)
+    s, part = _gather_opt(policy_logp, across_ranks)
+    ref, _ = _gather_opt(ref_logp, across_ranks)
+    y, _ = _gather_opt(outcome, across_ranks)
+    g, _ = _gather_opt(outcome_pred, across_ranks)
+    s_dm, part_dm = _gather_opt(dm_policy_logp, across_ranks)
+    ref_dm, _ = _gather_opt(dm_ref_logp, across_ranks)
+    g_dm, _ = _gather_opt(dm_outcome_pred, across_ranks)
     leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (s, s_dm)]
+    sn = loss_kwargs.get("weighting", "self_normalized") == "self_normalized"
     with torch.enable_grad():
-        out = dr_cpo_loss(leaves[0], ref, y, g, dm_policy_logp=leaves[1], dm_ref_logp=ref_dm,
+        capped = [None if t is None else cap_log_weights(t, r, log_weight_cap, self_normalized=sn)
+                  for t, r in ((leaves[0], ref), (leaves[1], ref_dm))]
+        out = dr_cpo_loss(capped[0], ref, y, g, dm_policy_logp=capped[1], dm_ref_logp=ref_dm,
                           dm_outcome_pred=g_dm, distributed=False, **loss_kwargs)
         wanted = [t for t in leaves if t is not None]
         grads = torch.autograd.grad(out.loss, wanted, allow_unused=True)

@@ -5,13 +5,25 @@ each optimizer step, saves a checkpoint at that step and raises :class:`Training
 (the CLI prints where the checkpoint is and the ``--resume`` command, and exits with
 128 + the signal number, without a traceback). A second signal stops at once.
 Handlers can only be set from the main thread; elsewhere the context does nothing.
+
+Several ranks (torchrun, accelerate launch): a signal may reach one rank a moment before
+another, so after every step the ranks agree (:meth:`StopRequested.agreed`, one tiny
+all-reduce) and all of them stop after the same step; rank 0 writes the checkpoint while the
+others wait, so none exits early and none waits forever in a collective. A Ctrl-C in the
+terminal reaches every worker *and* the launcher, which forwards it once more: within
+``DUPLICATE_S`` seconds, a second signal on a rank counts as that same Ctrl-C.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
+
+from cpo_fast.pipeline.runtime import SINGLE, World, max_over_ranks
+
+DUPLICATE_S = 2.0
 
 
 class TrainingInterrupted(Exception):
@@ -24,16 +36,27 @@ class TrainingInterrupted(Exception):
 
 
 class StopRequested:
-    def __init__(self) -> None:
+    def __init__(self, world: World = SINGLE) -> None:
         self.signum: int | None = None
+        self.world = world
         self._old: dict[int, object] = {}
+        self._first = 0.0
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:  # asked twice: stop now, without a checkpoint
+            if self.world.distributed and time.monotonic() - self._first < DUPLICATE_S:
+                return  # the launcher forwarding the Ctrl-C every worker already got
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self._first = signum, time.monotonic()
         print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
               "(send it again to stop at once).", flush=True)
+
+    def agreed(self) -> int | None:
+        """The signal to stop on after this step: this rank's, or any other rank's."""
+        if not self.world.distributed:
+            return self.signum
+        signum = int(max_over_ranks(self.world, [float(self.signum or 0)])[0])
+        return signum or None
 
     def __enter__(self) -> StopRequested:
         if threading.current_thread() is threading.main_thread():
