@@ -3,7 +3,8 @@ point, to check that a run killed anywhere resumes exactly.
 
     python tests/crash_driver.py KIND N ARGS...
 
-KIND, N: ``step`` (inside the N-th micro-batch's forward), ``tensors`` (halfway through
+KIND, N: ``step`` (inside the N-th forward of a micro-batch: the loop's two passes over
+the effective batch make two per micro-batch), ``tensors`` (halfway through
 writing the N-th checkpoint's tensor file), ``rename`` (between the two renames of the N-th
 checkpoint swap), ``metrics`` (halfway through the N-th metrics line).
 """
@@ -16,8 +17,8 @@ import signal
 import sys
 
 import cpo_fast.pipeline.checkpoint as checkpoint
-import cpo_fast.pipeline.loop as loop
 import cpo_fast.pipeline.metrics as metrics
+import cpo_fast.pipeline.modeling as modeling
 from cpo_fast.cli import main
 
 
@@ -58,7 +59,7 @@ def half_metrics_line(self, row, **kw) -> None:
 if __name__ == "__main__":
     kind, n, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     if kind == "step":
-        on_nth_call(loop, "compute_loss", n, lambda *a, **k: die())
+        on_nth_call(modeling, "sequence_token_logprobs", n, lambda *a, **k: die())
     elif kind == "tensors":
         on_nth_call(checkpoint, "save_tensors", n, half_tensor_file)
     elif kind == "metrics":

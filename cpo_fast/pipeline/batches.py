@@ -2,7 +2,12 @@
 them, built on the fly from token ids and the cached reference log-probs.
 
 Micro-batch ``k`` is a pure function of (seed, k) (:func:`batch_indices`), so a resumed run
-sees the same data in the same order without saving any iterator state.
+sees the same data in the same order without saving any iterator state. The effective
+batch of optimizer step ``t`` is the global micro-batches ``k = t*W*A .. (t+1)*W*A - 1``
+(W ranks, A = grad_accum), of which rank r computes the A consecutive ones starting at
+``t*W*A + r*A`` (:func:`step_micro_batches`). With b rows each, that is the slice
+``[t*E, (t+1)*E)`` of the seeded permutation stream, E = W*A*b: a function of (seed, t, E)
+alone, however E is split into ranks and micro-batches.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 
 from cpo_fast.pipeline.config import RunConfig
 from cpo_fast.pipeline.data import Encoded, collate
+from cpo_fast.pipeline.runtime import World
 
 IPW_METHODS = ("cpo", "dr_cpo")
 DM_METHODS = ("dr_cpo", "oo_rlhf")
@@ -82,3 +88,12 @@ def micro_batch(data: TrainData, k: int, *, cfg: RunConfig, pad_id: int,
         return batch, None
     didx = batch_indices(len(data.dm_enc), cfg.dm_batch_size, k, cfg.seed + 1)
     return batch, make_batch(data.dm_enc, didx, pad_id, device, data.dm_ref, ghat=data.dm_ghat)
+
+
+def step_micro_batches(data: TrainData, step: int, *, cfg: RunConfig, world: World, pad_id: int,
+                       device) -> list[tuple[dict, dict | None]]:
+    """This rank's ``cfg.grad_accum`` micro-batches of optimizer step ``step`` (0-based); the
+    ranks' micro-batches, concatenated in rank order, are the one-process order."""
+    first = (step * world.size + world.rank) * cfg.grad_accum
+    return [micro_batch(data, first + m, cfg=cfg, pad_id=pad_id, device=device)
+            for m in range(cfg.grad_accum)]

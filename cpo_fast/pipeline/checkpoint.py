@@ -101,8 +101,8 @@ def load_checkpoint(ckpt: Path, model, opt, sched, *, run_keys: dict[str, Any]) 
     meta = read_json(ckpt / "state.json")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{ckpt}: unknown checkpoint format {meta.get('format')!r}.")
-    diff = {k: (meta["run_keys"].get(k), v) for k, v in run_keys.items()
-            if meta["run_keys"].get(k) != v}
+    saved = _effective_keys(meta["run_keys"])
+    diff = {k: (saved.get(k), v) for k, v in run_keys.items() if saved.get(k) != v}
     if diff:
         raise ValueError(f"--resume: the checkpoint in {ckpt} was written with other settings "
                          f"{diff} (checkpoint, now); use the same settings or another "
@@ -113,6 +113,18 @@ def load_checkpoint(ckpt: Path, model, opt, sched, *, run_keys: dict[str, Any]) 
     sched.load_state_dict(meta["scheduler"])
     set_rng_state(meta["rng"], {k: t for k, t in tensors.items() if k.startswith("rng.")})
     return Resumed(step=int(meta["step"]), last=meta.get("last") or {}, path=ckpt)
+
+
+def _effective_keys(keys: dict[str, Any]) -> dict[str, Any]:
+    """Resume keys of a checkpoint written before the effective batch (one process, keys
+    batch_size / grad_accum / dm_batch_size) in today's terms (effective_batch, ...)."""
+    if "effective_batch" in keys or "batch_size" not in keys:
+        return keys
+    keys = dict(keys)
+    a = keys.pop("grad_accum", 1)
+    keys["effective_batch"] = keys.pop("batch_size") * a
+    keys["effective_dm_batch"] = keys.pop("dm_batch_size", 0) * a
+    return keys
 
 
 def _optimizer_state(opt, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

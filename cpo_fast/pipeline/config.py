@@ -171,9 +171,12 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
+        """Write the settings as JSON (on rank 0 only, under torchrun / accelerate)."""
         from cpo_fast.pipeline.persist import write_json
+        from cpo_fast.pipeline.runtime import is_main
 
-        write_json(path, self.to_dict())
+        if is_main():
+            write_json(path, self.to_dict())
 
 
 FIELDS = {f.name: f for f in fields(RunConfig)}

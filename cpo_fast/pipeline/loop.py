@@ -1,22 +1,29 @@
 """The optimization loop, used for f_0's SFT and for every policy method. Read top to bottom:
 it follows one optimizer step from the data file to the parameter update.
 
-    1. setup       the trainable parameters, AdamW, the warmup + cosine schedule
-    2. resume      parameters, optimizer, schedule and RNG states from the checkpoint
-    3. each step   for each of ``grad_accum`` micro-batches:
-                     a. data      micro-batch k = rows picked by (seed, k), token ids
-                                  collated, f_0's cached log-probs attached (batches.py)
-                     b. forward   backbone -> hidden states -> fused-linear op -> token
-                                  log-probs -> sequence log-probs -> the method's loss
-                                  (loss.py; the [B, T, V] logits are never built)
-                     c. backward  loss / grad_accum, gradients accumulate
-                   then clip, step, schedule; one metrics line; a checkpoint every
-                   ``save_every`` steps, or at once on SIGINT/SIGTERM (signals.py)
-    4. the end     the final checkpoint and the model (save_pretrained)
+    1. setup       the ranks (one process, or those of torchrun / accelerate launch), the
+                   trainable parameters, AdamW, the warmup + cosine schedule
+    2. resume      parameters, optimizer, schedule and RNG states from the checkpoint (any
+                   number of ranks: the effective batch does not depend on the split)
+    3. each step   a. data      this rank's ``grad_accum`` micro-batches of the step's
+                                effective batch (all micro-batches on all ranks), rows
+                                picked by (seed, step), token ids collated, f_0's cached
+                                log-probs attached (batches.py)
+                   b. gradient  the exact gradient of the effective batch's loss, with the
+                                memory of one micro-batch (step.py: a no-grad pass for the
+                                rows' scalars, their coefficients over all ranks, then a
+                                backward pass per micro-batch; the [B, T, V] logits are never
+                                built), averaged over the ranks
+                   c. update    clip, step, schedule; one metrics line (rank 0); a checkpoint
+                                every ``save_every`` steps, or at once on SIGINT/SIGTERM
+                                (signals.py; all ranks stop after the same step)
+    4. the end     the final checkpoint and the model (save_pretrained; rank 0 writes)
 
-Exact resume: batch k is a pure function of (seed, k), and a checkpoint holds the trainable
-parameters, optimizer, scheduler and every RNG state, so a resumed run takes bitwise the
-same steps as an uninterrupted one (checkpoint.py says how a checkpoint survives kill -9).
+Exact resume: the effective batch of step t is a pure function of (seed, t, its size), and a
+checkpoint holds the trainable parameters, optimizer, scheduler and every RNG state, so a
+resumed run takes bitwise the same steps as an uninterrupted one (on the same split; on
+another number of ranks the same steps up to float rounding). checkpoint.py says how a
+checkpoint survives kill -9.
 """
 
 from __future__ import annotations
@@ -29,83 +36,123 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from cpo_fast.pipeline.batches import TrainData, micro_batch
+from cpo_fast.pipeline.batches import TrainData, step_micro_batches
 from cpo_fast.pipeline.checkpoint import Resumed, find_checkpoint, load_checkpoint, save_checkpoint
 from cpo_fast.pipeline.config import RunConfig, pinned_values
 from cpo_fast.pipeline.guard import WeightGuard, weight_stats
-from cpo_fast.pipeline.loss import compute_loss
 from cpo_fast.pipeline.metrics import MetricsLog, step_metrics
 from cpo_fast.pipeline.policy import save_model
+from cpo_fast.pipeline.runtime import (
+    SINGLE,
+    World,
+    average_gradients,
+    barrier,
+    broadcast_params,
+    current_world,
+    max_over_ranks,
+)
 from cpo_fast.pipeline.signals import StopRequested, TrainingInterrupted
+from cpo_fast.pipeline.step import StepResult, check_finite, effective_gradient  # noqa: F401
+
+SHOWN = ("loss", "ess", "max_weight_share", "dm_ess", "dm_max_weight_share", "grad_norm")
 
 
 def train(model, data: TrainData, cfg: RunConfig, out_dir: str | Path, *, pad_id: int,
-          resume: bool = False, desc: str = "train", tokenizer=None) -> dict[str, Any]:
+          resume: bool = False, desc: str = "train", tokenizer=None,
+          distributed: bool = True) -> dict[str, Any]:
     """Optimize ``model`` for ``cfg.steps`` steps of ``cfg.method``; write metrics.jsonl and
     checkpoints under ``out_dir``; return a summary. ``resume=True`` continues from
-    ``out_dir/checkpoint`` exactly (same batches, same RNG)."""
+    ``out_dir/checkpoint`` exactly (same batches, same RNG). Under torchrun / accelerate the
+    ranks share each step's effective batch (``distributed=False``: this process alone)."""
     # 1. setup
     out_dir, device = Path(out_dir), next(model.parameters()).device
+    world = current_world() if distributed else SINGLE
     data.check(cfg.method)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters.")
     opt, sched = make_optimizer(params, cfg)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
-    run_keys = pinned_values(cfg, "resume")
-    # 2. resume
-    state = restore(out_dir, model, opt, sched, run_keys=run_keys, resume=resume, desc=desc)
+    run_keys = resume_keys(cfg, world)
+    # 2. resume (every rank reads the checkpoint; rank 0's parameters are broadcast)
+    state = restore(out_dir, model, opt, sched, run_keys=run_keys, resume=resume, desc=desc,
+                    world=world)
+    same_step_everywhere(state, world)
+    broadcast_params(params, world)
     last, stop = state.last, min(cfg.steps, cfg.stop_after or cfg.steps)
     # the ESS guard on the outcome rows' and the DM set's weights (guard.py, docs/validity.md)
-    guard = WeightGuard(cfg.ess_guard, cfg.stop_on_collapse, cfg.batch_size, cfg.dm_batch_size)
+    rows, dm_rows = effective_rows(cfg, world)
+    guard = WeightGuard(cfg.ess_guard, cfg.stop_on_collapse, rows, dm_rows)
 
-    def checkpoint(step: int) -> Path:
-        return save_checkpoint(out_dir, step, model, opt, sched, run_keys=run_keys, last=last,
-                               tokenizer=tokenizer)
+    def checkpoint(step: int) -> Path:  # rank 0 writes; the others wait until it is complete
+        path = out_dir / "checkpoint"
+        if world.is_main:
+            path = save_checkpoint(out_dir, step, model, opt, sched, run_keys=run_keys,
+                                   last=last, tokenizer=tokenizer)
+        barrier(world)
+        return path
 
     # 3. each step
     model.train()
-    with StopRequested() as signals, MetricsLog(out_dir / "metrics.jsonl", state.step,
-                                                cfg.log_every) as log, \
-            tqdm(range(state.step, stop), desc=desc, disable=not cfg.progress,
+    with StopRequested(world) as signals, MetricsLog(out_dir / "metrics.jsonl", state.step,
+                                                     cfg.log_every, enabled=world.is_main) as log, \
+            tqdm(range(state.step, stop), desc=desc, disable=not (cfg.progress and world.is_main),
                  initial=state.step, total=stop) as bar:
         for step in bar:
-            t0, losses, outs, tokens = time.perf_counter(), [], [], 0
-            for micro in range(cfg.grad_accum):
-                # a. data
-                batch, dm_batch = micro_batch(data, step * cfg.grad_accum + micro, cfg=cfg,
-                                              pad_id=pad_id, device=device)
-                tokens += sum(int(b["attention_mask"].sum()) for b in (batch, dm_batch) if b)
-                # b. forward
-                with torch.autocast(**autocast):
-                    loss, lo = compute_loss(model, batch, dm_batch, cfg, cfg.method)
-                check_finite(loss, step + 1, batch)
-                # c. backward
-                (loss / cfg.grad_accum).backward()
-                losses.append(float(loss.detach()))
-                outs.append(lo)
+            t0 = time.perf_counter()
+            # a. data: this rank's micro-batches of the step's effective batch
+            micro = step_micro_batches(data, step, cfg=cfg, world=world, pad_id=pad_id,
+                                       device=device)
+            # b. gradient: the effective batch's, exact, averaged over the ranks
+            res = effective_gradient(model, micro, cfg, world, autocast, step + 1)
+            average_gradients(params, world)
+            # c. update, metrics, checkpoints, signals, the ESS guard
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            last = step_metrics(step + 1, losses, outs, grad_norm=gnorm, lr=sched.get_last_lr()[0],
-                                seconds=time.perf_counter() - t0, tokens=tokens,
-                                batch_rows=cfg.batch_size * cfg.grad_accum)
-            last.update(weight_stats(outs), dm_batch_rows=cfg.dm_batch_size)
+            last = metrics_line(step + 1, res, gnorm, sched.get_last_lr()[0],
+                                time.perf_counter() - t0, rows, dm_rows)
             log.write(last, force=step + 1 == stop)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in last.items()
-                             if k in ("loss", "ess", "max_weight_share", "dm_ess",
-                                      "dm_max_weight_share", "grad_norm") and v is not None})
-            if signals.signum is not None:
-                raise TrainingInterrupted(signals.signum, step + 1, checkpoint(step + 1))
+            bar.set_postfix({k: f"{v:.3g}" for k, v in last.items() if k in SHOWN and v is not None})
+            signum = signals.agreed()
+            if signum is not None:
+                raise TrainingInterrupted(signum, step + 1, checkpoint(step + 1))
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < stop:
                 checkpoint(step + 1)
             if guard.update(step + 1, last, dm_only=cfg.method == "oo_rlhf"):
                 stop = step + 1  # --stop-on-collapse
                 break
     # 4. the end
-    return {**finish(model, tokenizer, out_dir, state, stop, cfg.steps, checkpoint, last),
+    return {**finish(model, tokenizer, out_dir, state, stop, cfg.steps, checkpoint, last, world),
             **guard.summary()}
+
+
+def effective_rows(cfg: RunConfig, world: World) -> tuple[int, int]:
+    """Outcome rows and DM rows of one optimizer step, over all micro-batches and ranks."""
+    n = world.size * cfg.grad_accum
+    return n * cfg.batch_size, n * cfg.dm_batch_size
+
+
+def resume_keys(cfg: RunConfig, world: World) -> dict[str, Any]:
+    """The settings a checkpoint pins (the RESUME fields of config.py), with the split of the
+    effective batch (batch_size, grad_accum, dm_batch_size, and the number of ranks) replaced
+    by the effective batch sizes: the gradient depends on those alone, so a run may resume
+    on another number of ranks or micro-batches as long as they stay the same."""
+    keys = pinned_values(cfg, "resume")
+    for k in ("batch_size", "grad_accum", "dm_batch_size"):
+        keys.pop(k, None)
+    keys["effective_batch"], keys["effective_dm_batch"] = effective_rows(cfg, world)
+    return keys
+
+
+def metrics_line(step: int, res: StepResult, gnorm, lr: float, seconds: float, rows: int,
+                 dm_rows: int) -> dict[str, Any]:
+    """The metrics.jsonl line of one step: the effective batch's loss and diagnostics."""
+    line = step_metrics(step, [res.loss], [res.out], grad_norm=gnorm, lr=lr, seconds=seconds,
+                        tokens=res.tokens, batch_rows=rows)
+    line.update(weight_stats([res.out]), dm_batch_rows=dm_rows)
+    return line
 
 
 def make_optimizer(params, cfg: RunConfig):
@@ -125,35 +172,42 @@ def lr_lambda(warmup: int, total: int):
 
 
 def restore(out_dir: Path, model, opt, sched, *, run_keys: dict[str, Any], resume: bool,
-            desc: str) -> Resumed:
+            desc: str, world: World = SINGLE) -> Resumed:
     """Step 2: load the checkpoint when resuming (saying from which step), else step 0."""
     if not resume:
         return Resumed()
     ckpt = find_checkpoint(out_dir)
+    say = print if world.is_main else (lambda *a, **k: None)
     if ckpt is None:
-        print(f"[{desc}] --resume: no checkpoint in {out_dir}; starting from step 0.")
+        say(f"[{desc}] --resume: no checkpoint in {out_dir}; starting from step 0.")
         return Resumed()
     state = load_checkpoint(ckpt, model, opt, sched, run_keys=run_keys)
-    print(f"[{desc}] resuming from step {state.step} (checkpoint {ckpt}).")
+    say(f"[{desc}] resuming from step {state.step} (checkpoint {ckpt}).")
     return state
 
 
-def check_finite(loss: torch.Tensor, step: int, batch: dict) -> None:
-    if not torch.isfinite(loss.detach()).all():
-        rows = batch["index"].tolist()
-        raise ValueError(f"step {step}: the loss is {float(loss.detach())} (not finite) on the "
-                         f"micro-batch of row positions {rows}; lower --lr or --max-log-weight, "
-                         "or check those rows.")
+def same_step_everywhere(state: Resumed, world: World) -> None:
+    """Every rank must resume from the same checkpoint (rank 0 writes it: --output-dir has
+    to be on a filesystem that all ranks, on every machine, see)."""
+    hi, neg_lo = max_over_ranks(world, [state.step, -state.step])
+    if hi != -neg_lo:
+        raise ValueError(f"--resume: the ranks found checkpoints of different steps ({-neg_lo:.0f} "
+                         f"to {hi:.0f}) in {state.path}; put --output-dir on a filesystem that "
+                         "every rank sees.")
 
 
 def finish(model, tokenizer, out_dir: Path, state: Resumed, stop: int, steps: int, checkpoint,
-           last: dict[str, Any]) -> dict[str, Any]:
+           last: dict[str, Any], world: World = SINGLE) -> dict[str, Any]:
     """Step 4: the final checkpoint (unless nothing ran since the last one) and the model."""
     final = max(stop, state.step)
+    need_model = final >= steps and tokenizer is not None and (
+        final > state.step or not (out_dir / "model").is_dir())
+    barrier(world)  # every rank has decided before rank 0 writes anything
     if final > state.step or state.path is None:
         checkpoint(final)
-    if final >= steps and tokenizer is not None and (final > state.step
-                                                     or not (out_dir / "model").is_dir()):
-        save_model(model, tokenizer, out_dir / "model")
+    if need_model:
+        if world.is_main:
+            save_model(model, tokenizer, out_dir / "model")
+        barrier(world)
     return {"steps_done": final, "finished": final >= steps,
             **{k: v for k, v in last.items() if k != "log_weights"}}

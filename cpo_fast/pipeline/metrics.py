@@ -16,7 +16,7 @@ import torch
 
 from cpo_fast.pipeline.persist import write_text
 
-# LossOutput fields averaged over the micro-batches of a step (None when a method has none).
+# LossOutput fields of the step's effective batch (None when a method has none).
 DIAGNOSTICS = ("ess", "max_weight_share", "clip_fraction", "value", "dm_ess")
 
 
@@ -26,7 +26,8 @@ def _mean(xs: list[float]) -> float | None:
 
 def step_metrics(step: int, losses: list[float], outs: list, *, grad_norm, lr: float,
                  seconds: float, tokens: int, batch_rows: int) -> dict[str, Any]:
-    """The metrics line of one optimizer step (``outs``: LossOutput or None per micro-batch)."""
+    """The metrics line of one optimizer step (``outs``: LossOutput or None; the loop passes
+    the one of the effective batch, a list of several is averaged)."""
     outs = [o for o in outs if o is not None]
     row: dict[str, Any] = {"step": step, "loss": _mean(losses)}
     for name in DIAGNOSTICS:
@@ -56,19 +57,21 @@ def read_metrics(path: Path, up_to: int | None = None) -> list[dict[str, Any]]:
 class MetricsLog:
     """``with MetricsLog(path, start) as log: log.write(row)``; see the module docstring."""
 
-    def __init__(self, path: Path, start: int, every: int):
-        self.path, self.every = path, every
-        kept = read_metrics(path, up_to=start) if start else []
-        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    def __init__(self, path: Path, start: int, every: int, *, enabled: bool = True):
+        self.path, self.every, self.enabled = path, every, enabled  # enabled: rank 0 only
+        if enabled:
+            kept = read_metrics(path, up_to=start) if start else []
+            write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def __enter__(self) -> MetricsLog:
-        self._f = self.path.open("a", encoding="utf-8")
+        self._f = self.path.open("a", encoding="utf-8") if self.enabled else None
         return self
 
     def write(self, row: dict[str, Any], *, force: bool = False) -> None:
-        if force or row["step"] % self.every == 0:
+        if self._f is not None and (force or row["step"] % self.every == 0):
             self._f.write(json.dumps(row) + "\n")
             self._f.flush()
 
     def __exit__(self, *exc) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()

@@ -29,7 +29,7 @@ from cpo_fast.pipeline.data import DataConfig, Encoded, OutcomeTable, encode, lo
 from cpo_fast.pipeline.layout import RunLayout
 from cpo_fast.pipeline.persist import WriteError, read_json, write_json
 from cpo_fast.pipeline.policy import load_causal_lm
-from cpo_fast.pipeline.runtime import pick_device, seed_everything
+from cpo_fast.pipeline.runtime import is_main, main_first, pick_device, seed_everything
 
 STAGES = ("f0", "precompute", "outcome", "all")
 
@@ -63,6 +63,11 @@ class Prepared:
         return int(self.tokenizer.pad_token_id)
 
     @property
+    def is_main(self) -> bool:
+        """False on the ranks other than 0 of a torchrun / accelerate run (they write nothing)."""
+        return is_main()
+
+    @property
     def layout(self) -> RunLayout:
         return RunLayout(self.out)
 
@@ -90,8 +95,17 @@ def prepare(cfg: RunConfig, *, need_dm: bool | None = None, resume: bool = False
     lay = RunLayout(cfg.output_dir)
     if table is None:
         check_cached_settings(cfg, lay)
-    device = pick_device(cfg)
+    device = pick_device(cfg)  # under torchrun / accelerate: joins the process group
     seed_everything(cfg.seed)
+    # Several ranks: rank 0 builds (or reloads) the stages while the others wait, then they
+    # reload what it wrote; only rank 0 writes files.
+    with main_first("the shared stages (f_0, reference cache, ghat, DM set)"):
+        return _stages(cfg, lay, device, table, resume=resume, until=until,
+                       need_dm=cfg.method in DM_METHODS if need_dm is None else need_dm)
+
+
+def _stages(cfg: RunConfig, lay: RunLayout, device, table, *, resume: bool, until: str,
+            need_dm: bool) -> Prepared:
     prep = prepare_data(cfg, lay, device, table, resume=resume)
     if table is None:
         check_cached_settings(cfg, lay, record=True)
@@ -107,8 +121,6 @@ def prepare(cfg: RunConfig, *, need_dm: bool | None = None, resume: bool = False
     fit_outcome(prep)
     if until == "outcome":
         return prep
-    if need_dm is None:
-        need_dm = cfg.method in DM_METHODS
     if need_dm:
         build_dm(prep)
     return prep
@@ -151,7 +163,7 @@ def check_cached_settings(cfg: RunConfig, lay: RunLayout, *, record: bool = Fals
             raise ValueError(f"--output-dir {str(lay.root)!r} holds a tokenizer/f_0 built with "
                              f"other settings {diff} (then, now); use another --output-dir or "
                              "the same settings.")
-    elif record:
+    elif record and is_main():
         write_json(lay.prepare, now)
 
 
@@ -225,7 +237,7 @@ def fit_f0(prep: Prepared, *, resume: bool) -> Path:
     zeros = [np.zeros(len(r) - 1, np.float32) for r in prep.train_enc.input_ids]
     data = TrainData(enc=prep.train_enc, rows=np.arange(len(prep.train_enc)), ref=zeros)
     train(base, data, sft_cfg, lay.f0, pad_id=tok.pad_token_id, resume=resume, desc="f_0 SFT",
-          tokenizer=tok)
+          tokenizer=tok, distributed=False)  # rank 0 alone (prepare's main_first)
     return lay.f0 / "model"
 
 
@@ -269,7 +281,8 @@ def fit_outcome(prep: Prepared) -> None:
     prep.outcome_fit, prep.ghat_train = fit, np.asarray(fit.oof_pred, np.float64)
     if prep.eval_enc is not None:
         prep.ghat_eval = fit.predict(texts_features(prep, prep.eval_enc))
-    write_json(prep.layout.outcome_model, {**fit.summary(), "features": cfg.outcome_features})
+    if is_main():
+        write_json(prep.layout.outcome_model, {**fit.summary(), "features": cfg.outcome_features})
 
 
 def predict_outcome(prep: Prepared, texts: list[str], prompts: list[str] | None = None):
@@ -291,13 +304,15 @@ def build_dm(prep: Prepared) -> None:
     else:
         prep.dm = build_dm_set(cfg, prep.load_f0(), prep.tokenizer, prep.train_table,
                                prep.train_enc, device=prep.device)
-        save_dm_set(prep.dm, dm_file)
+        if is_main():
+            save_dm_set(prep.dm, dm_file)
     prep.dm_ref = ref_logprobs(prep, prep.dm.encoded, f"dm_{cfg.dm_source}")
     from cpo_fast.pipeline.support import support_report
 
     dm_feats = texts_features(prep, prep.dm.encoded)
     prep.dm_ghat = prep.outcome_fit.predict(dm_feats)
     prep.dm_support = support_report(prep.outcome_fit, dm_feats)
-    write_json(prep.layout.outcome_model, {**prep.outcome_fit.summary(),
-                                           "features": cfg.outcome_features,
-                                           "dm_set": prep.dm_support})
+    if is_main():
+        write_json(prep.layout.outcome_model, {**prep.outcome_fit.summary(),
+                                               "features": cfg.outcome_features,
+                                               "dm_set": prep.dm_support})
