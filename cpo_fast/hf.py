@@ -18,6 +18,18 @@ so the N x V logits are never built. The loss is put together by
 :func:`cpo_fast.objectives.assemble_loss` (method ``dr_cpo``), as in ``DRCPOLoss`` and the
 pipeline, so ``cpo_loss_kwargs`` may also hold ``entropy_coef`` and ``kl_coef`` (the latter
 needs ``ref_token_logp``).
+
+Gradient accumulation and DDP (docs/scale-out.md): the mixin optimizes the objective of the
+*effective batch* (``gradient_accumulation_steps`` micro-batches on every rank), not of
+each micro-batch. Trainer fetches a step's micro-batches up front (``get_batch_samples``);
+there the mixin runs one no-grad forward over them, gathers the rows' scalars across ranks
+and computes each row's coefficient dL/ds (cpo_fast/effective_batch.py), and every
+micro-batch then backpropagates ``sum_i c_i s_i`` (plus its share of the token-level
+regularizers). The gradient is exact for every weighting scheme; ESS and the other
+diagnostics are the effective batch's. Under DDP the mixin runs the backbone and head
+itself (not through DDP's forward), so it averages the gradients over the ranks itself at
+each optimizer step. Approximate only with dropout (the no-grad pass draws other masks than
+the backward pass) and for the value logged as ``loss`` of a partial last window.
 """
 
 from __future__ import annotations
@@ -27,17 +39,25 @@ from typing import Any
 import torch
 
 from cpo_fast.constants import IGNORE_INDEX
+from cpo_fast.effective_batch import gather_rows, row_coefficients, split_rows, surrogate
 from cpo_fast.models import causal_lm_token_logprobs
-from cpo_fast.objectives import LossOutput, TokenBatch, assemble_loss
+from cpo_fast.objectives import (
+    LossOutput,
+    TokenBatch,
+    assemble_loss,
+    entropy_bonus,
+    kl_penalty,
+    sequence_logprobs,
+)
 
 _REQUIRED = ("input_ids", "labels", "outcome")
+_COEF, _REG, _VALUE = "cpo_coef", "cpo_reg_scale", "cpo_loss_share"
+_REGULARIZERS = ("entropy_coef", "kl_coef", "regularize_on")
 
 
-def drcpo_compute_loss(
-    model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, *,
-    length_normalize: bool = False, backend: str | None = None, **loss_kwargs: Any,
-) -> torch.Tensor | tuple[torch.Tensor, LossOutput]:
-    """``Trainer.compute_loss``-compatible DR-CPO loss (see the module docstring)."""
+def _token_batch(model: Any, inputs: dict[str, torch.Tensor], want_entropy: bool,
+                 backend: str | None) -> TokenBatch:
+    """The batch's policy token log-probs (fused-linear op) with its rows' outcomes."""
     missing = [k for k in _REQUIRED if k not in inputs]
     if "ref_logp" not in inputs and "ref_token_logp" not in inputs:
         missing.append("ref_logp or ref_token_logp")
@@ -47,30 +67,122 @@ def drcpo_compute_loss(
             "the dataset and set TrainingArguments(remove_unused_columns=False)."
         )
     labels = inputs["labels"][:, 1:]
-    want_entropy = bool(loss_kwargs.get("entropy_coef"))
-    out = causal_lm_token_logprobs(model, inputs["input_ids"], inputs["labels"],
+    out = causal_lm_token_logprobs(_unwrap(model), inputs["input_ids"], inputs["labels"],
                                    attention_mask=inputs.get("attention_mask"),
                                    with_entropy=want_entropy, backend=backend)
     logp, entropy = out if want_entropy else (out, None)
     pred, ref_tok = inputs.get("outcome_pred"), inputs.get("ref_token_logp")
-    batch = TokenBatch(
+    return TokenBatch(
         logp, labels != IGNORE_INDEX,
         ref_logp=None if ref_tok is None else ref_tok.to(logp.dtype), entropy=entropy,
         outcome=inputs["outcome"].to(logp.dtype),
         outcome_pred=None if pred is None else pred.to(logp.dtype),
         log_propensity=inputs["ref_logp"].to(logp.dtype) if "ref_logp" in inputs else None,
     )
+
+
+def _unwrap(model: Any) -> Any:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def drcpo_compute_loss(
+    model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, *,
+    length_normalize: bool = False, backend: str | None = None, **loss_kwargs: Any,
+) -> torch.Tensor | tuple[torch.Tensor, LossOutput]:
+    """``Trainer.compute_loss``-compatible DR-CPO loss of one batch (see the module docstring)."""
+    batch = _token_batch(model, inputs, bool(loss_kwargs.get("entropy_coef")), backend)
     out = assemble_loss("dr_cpo", batch, length_normalize=length_normalize, **loss_kwargs)
     return (out.loss, out) if return_outputs else out.loss
+
+
+def _rows(b: TokenBatch, length_normalize: bool) -> dict[str, torch.Tensor | None]:
+    ref = b.log_propensity
+    if ref is None:
+        ref = sequence_logprobs(b.ref_logp, b.mask, length_normalize=length_normalize)
+    return {"policy_logp": sequence_logprobs(b.logp, b.mask, length_normalize=length_normalize),
+            "ref_logp": ref, "outcome": b.outcome, "outcome_pred": b.outcome_pred}
+
+
+def effective_batch_coefficients(
+    model: Any, batches: list[dict[str, torch.Tensor]], *, length_normalize: bool = False,
+    backend: str | None = None, **loss_kwargs: Any,
+) -> LossOutput:
+    """Pass 1 over a step's micro-batches (this rank's, on the model's device): attach to each
+    batch its rows' coefficients (``cpo_coef``), its share of the regularizers' token mean
+    (``cpo_reg_scale``) and of the loss value (``cpo_loss_share``); gather across ranks when
+    torch.distributed is initialized. Returns the effective batch's loss and diagnostics."""
+    cols: dict[str, list] = {}
+    with torch.no_grad():
+        for inputs in batches:
+            for k, v in _rows(_token_batch(model, inputs, False, backend), length_normalize).items():
+                cols.setdefault(k, []).append(v)
+    cat = {k: None if v[0] is None else torch.cat(v) for k, v in cols.items()}
+    kw = {k: v for k, v in loss_kwargs.items() if k not in _REGULARIZERS}
+    rc = row_coefficients(cat.pop("policy_logp"), cat.pop("ref_logp"), cat.pop("outcome"),
+                          cat.pop("outcome_pred"), **kw)
+    counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
+    total, _ = gather_rows(torch.tensor([float(sum(counts))], device=rc.policy.device))
+    coefs = split_rows(rc.policy, [len(b["input_ids"]) for b in batches])
+    for b, c, n in zip(batches, coefs, counts, strict=True):
+        b[_COEF] = c
+        b[_REG] = torch.tensor(n * rc.world_size / max(float(total.sum()), 1.0), device=c.device)
+        b[_VALUE] = torch.tensor(1.0 / len(batches), device=c.device)
+    return rc.output
+
+
+def drcpo_surrogate_loss(model: Any, inputs: dict[str, torch.Tensor], *,
+                         length_normalize: bool = False, backend: str | None = None,
+                         loss: torch.Tensor | None = None, **loss_kwargs: Any) -> torch.Tensor:
+    """Pass 2 for one micro-batch carrying ``cpo_coef``: ``sum_i c_i s_i`` plus its share of
+    the regularizers; its value is ``loss`` (the effective batch's, detached) times the
+    batch's ``cpo_loss_share``, so that Trainer's logged loss is the effective batch's."""
+    b = _token_batch(model, inputs, bool(loss_kwargs.get("entropy_coef")), backend)
+    s = sequence_logprobs(b.logp, b.mask, length_normalize=length_normalize)
+    grad_part = surrogate(inputs[_COEF], s)
+    if loss_kwargs.get("entropy_coef") and b.entropy is not None:
+        grad_part = grad_part + inputs[_REG] * entropy_bonus(b.entropy, b.mask, loss_kwargs["entropy_coef"])
+    if loss_kwargs.get("kl_coef"):
+        grad_part = grad_part + inputs[_REG] * kl_penalty(b.logp, b.ref_logp, b.mask, loss_kwargs["kl_coef"])
+    value = (0.0 if loss is None else loss.detach()) * inputs[_VALUE]
+    return value + (grad_part - grad_part.detach())
 
 
 class DRCPOTrainerMixin:
     """Mix into ``transformers.Trainer`` before it: ``class T(DRCPOTrainerMixin, Trainer)``."""
 
     cpo_loss_kwargs: dict[str, Any] = {}
+    loss_is_scaled_for_ga = True  # compute_loss returns the micro-batch's share already
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batches:
+            self.model.train()
+            batches = [self._prepare_inputs(b) for b in batches]
+            out = effective_batch_coefficients(self.model, batches, **self.cpo_loss_kwargs)
+            self._cpo_effective = out
+            self._cpo_last = {"ess": float(out.ess), "max_weight_share": float(out.max_weight_share),
+                              "clip_fraction": float(out.clip_fraction)}
+        return batches, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, out = drcpo_compute_loss(model, inputs, True, **self.cpo_loss_kwargs)
-        self._cpo_last = {"ess": float(out.ess), "max_weight_share": float(out.max_weight_share),
-                          "clip_fraction": float(out.clip_fraction)}
+        if _COEF in inputs:  # training: the effective batch's coefficients (get_batch_samples)
+            out = self._cpo_effective
+            loss = drcpo_surrogate_loss(model, inputs, loss=out.loss, **self.cpo_loss_kwargs)
+        else:  # evaluation, or a loop without get_batch_samples: this batch's own loss
+            loss, out = drcpo_compute_loss(model, inputs, True, **self.cpo_loss_kwargs)
+            if model.training:
+                loss = loss / max(1, getattr(self, "current_gradient_accumulation_steps", 1))
+            self._cpo_last = {"ess": float(out.ess), "max_weight_share": float(out.max_weight_share),
+                              "clip_fraction": float(out.clip_fraction)}
         return (loss, {"ess": out.ess}) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if _unwrap(model) is not model and self.accelerator.sync_gradients:
+            # DDP's reducer never saw a forward through the wrapper: average here, as it would
+            from cpo_fast.pipeline.runtime import average_gradients, current_world
+
+            average_gradients([p for p in model.parameters() if p.requires_grad], current_world())
+        return loss

@@ -60,3 +60,52 @@ def test_trainer_runs_with_the_mixin(tmp_path):
     trainer.train()
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     assert 1.0 <= trainer._cpo_last["ess"] <= 8.0
+
+
+# ------------------------------------------------------- gradient accumulation (issue 13)
+
+def _train_params(tmp_path, mixin: bool, per_device: int, accum: int, weighting: str, steps=2):
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainingArguments
+
+    class T(DRCPOTrainerMixin, Trainer):
+        cpo_loss_kwargs = {"weighting": weighting, "clip_eps": 0.05}
+
+        def _get_train_sampler(self, *a, **k):  # the same row order for every split
+            return SequentialSampler(self.train_dataset)
+
+    class PerMicroBatch(Trainer):  # the naive loss: each micro-batch normalized on its own
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return drcpo_compute_loss(model, inputs, weighting=weighting, clip_eps=0.05)
+
+    torch.manual_seed(0)
+    model = build_model("llama", 50, hidden_size=32, num_layers=1, num_heads=2, max_positions=16)
+    n = per_device * accum * steps
+    b = _batch(n=n, seed=1)
+    b["ref_token_logp"] = b["ref_token_logp"] * 0 - 3.0  # P^R near the policy: weights vary
+    rows = [{k: v[i] for k, v in b.items()} for i in range(n)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=per_device,
+                             gradient_accumulation_steps=accum, max_steps=steps,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, max_grad_norm=0.0,
+                             remove_unused_columns=False, save_strategy="no", logging_steps=1)
+    trainer = (T if mixin else PerMicroBatch)(
+        model=model, args=args, train_dataset=rows,
+        data_collator=lambda xs: {k: torch.stack([x[k] for x in xs]) for k in xs[0]})
+    trainer.train()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, trainer
+
+
+@pytest.mark.parametrize("weighting", ["self_normalized", "clipped"])
+def test_trainer_gradient_accumulation_equals_one_big_batch(tmp_path, weighting):
+    """gradient_accumulation_steps=4 x per_device 2 == per_device 8 (fp32, 2 AdamW steps: max
+    |parameter difference| < 1e-5, lr 1e-2); the per-micro-batch loss differs by far more."""
+    big, tb = _train_params(tmp_path / "big", True, 8, 1, weighting)
+    acc, ta = _train_params(tmp_path / "acc", True, 2, 4, weighting)
+    naive, _ = _train_params(tmp_path / "naive", False, 2, 4, weighting)
+    diff = max(float((big[k] - acc[k]).abs().max()) for k in big)
+    off = max(float((big[k] - naive[k]).abs().max()) for k in big)
+    print(f"Trainer GA {weighting}: max |acc - big| {diff:.3g}, per-micro-batch loss {off:.3g}")
+    assert diff < 1e-5 and off > 100 * diff
+    assert ta._cpo_last["ess"] == pytest.approx(tb._cpo_last["ess"], rel=1e-4)  # effective batch's
+    logged = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (ta, tb)]
+    assert logged[0] == pytest.approx(logged[1], rel=1e-4)
