@@ -24,7 +24,7 @@ allocator peak on CUDA, each case in a fresh process), and the largest batch (se
 --search-seq tokens) whose step fits --budget-mib of peak extra memory, measured by a
 search in which every probe is its own fresh process (docs/benchmarks.md, "bench_e2e").
 
-Usage: python benchmarks/bench_e2e.py            # CPU default (~15 min on 2 cores)
+Usage: python benchmarks/bench_e2e.py            # CPU default (<= 20 min on 2 cores)
        python benchmarks/bench_e2e.py --quick    # smoke test, < 60 s
        python benchmarks/bench_e2e.py --gpu      # bf16, design shapes (default on CUDA)
        python benchmarks/bench_e2e.py --render results/<device>-e2e.json
@@ -49,8 +49,8 @@ from cpo_fast import bench  # noqa: E402
 # Default configurations: (family, V) with each family's own vocabularies (Llama 2: 32000,
 # Llama 3: 128256, Qwen2: 151936); --grid full runs every family with every V.
 CPU = {"configs": [["llama", 32000], ["llama", 128256], ["qwen2", 151936]], "hidden": 256,
-       "layers": 2, "batch": 4, "seq": 128, "dtype": "fp32", "warmup": 1, "reps": 3,
-       "search_seq": 128, "budget_mib": 768, "cap_factor": 4, "eager_cap": 64}
+       "layers": 2, "batch": 4, "seq": 64, "dtype": "fp32", "warmup": 1, "reps": 3,
+       "search_seq": 64, "budget_mib": 768, "cap_factor": 4, "eager_cap": 64}
 QUICK = {"configs": [["llama", 4096]], "hidden": 64, "layers": 1, "batch": 2, "seq": 32,
          "dtype": "fp32", "warmup": 1, "reps": 2, "search_seq": 32, "budget_mib": 64,
          "cap_factor": 2, "eager_cap": 2}
@@ -74,8 +74,9 @@ def search_max_batch(case: dict, budget: int, cap: int, timeout: float | None, *
     temporaries; a part per sequence: activations, logits), so the probes are guided by a
     line through two measured points, ``known`` (the timed step, same sequence length) and
     a probe at batch 1, and the answer is then bracketed by probes: b fits, b + 1 does not
-    (measured). ``cap_first``: probe ``cap`` first; when it fits the answer is '>= cap' (a
-    measured lower bound). ``model_only``: stop after the two points and report the line's
+    (measured). ``cap_first``: when the line (or, without two points, nothing) says the cap
+    fits, probe ``cap`` next; when it fits the answer is '>= cap' (a measured lower bound).
+    ``model_only``: stop after the two points and report the line's
     prediction, labelled modelled (used for torch.compile, whose every probe recompiles).
     """
     probes: list[list] = []
@@ -97,13 +98,6 @@ def search_max_batch(case: dict, budget: int, cap: int, timeout: float | None, *
                 "probes": probes}
 
     lo, hi = 0, cap + 1  # lo fits (0: nothing yet), hi does not fit
-    if cap_first and not model_only:
-        ok = fits(cap)
-        if ok is None:
-            return out(None, f"search failed: {probes[-1][2]}")
-        if ok:
-            return out(cap, f">= {cap} (fits at the search cap)", True)
-        hi = cap
     ok = fits(1)
     if ok is None:
         return out(None, f"search failed: {probes[-1][2]}")
@@ -118,6 +112,17 @@ def search_max_batch(case: dict, budget: int, cap: int, timeout: float | None, *
         if model_only:
             return out(max(0, min(guess, cap)), "modelled (line through 2 measured points)",
                        guess >= cap)
+    if cap_first and (guess is None or guess >= cap) and cap > 1:
+        ok = fits(cap)
+        if ok is None:
+            return out(None, f"search failed: {probes[-1][2]}")
+        if ok:
+            return out(cap, f">= {cap} (fits at the search cap)", True)
+        hi = cap
+        if len(points) >= 2 and guess is None:
+            (b1, p1), (b2, p2) = sorted(points.items())[:1] + sorted(points.items())[-1:]
+            slope = (p2 - p1) / (b2 - b1)
+            guess = cap if slope <= 0 else int((budget - (p1 - slope * b1)) // slope)
     tries = 0
     while hi - lo > 1:
         if guess is not None and lo < guess < hi and tries < 2:
@@ -316,6 +321,8 @@ def _tps(r: dict) -> str:
 def _batch(r: dict) -> str:
     if r.get("max_batch") is None:
         return "-" if "max_batch_note" not in r else r["max_batch_note"]
+    if str(r.get("max_batch_note", "")).startswith("modelled"):
+        return f"{r['max_batch']} (modelled)"
     return f">= {r['max_batch']}" if r.get("max_batch_capped") else str(r["max_batch"])
 
 

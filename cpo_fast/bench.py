@@ -46,7 +46,7 @@ PATHS = {
     "trl-selective": "(b) HF logits, trl selective_log_softmax",
     "trl-fused-head": "(b) trl add_fused_lm_head, model(..., fused_lm_head=True).log_probs",
     "compile": "(c) HF logits, torch.compile(log_softmax + gather)",
-    "liger": "(d) backbone hidden, Liger fused linear cross-entropy (reduction='none')",
+    "liger": "(d) backbone hidden, Liger liger_fused_linear_cross_entropy (reduction='none')",
     "cce": "(d) backbone hidden, Cut Cross-Entropy linear_cross_entropy (reduction='none')",
     "cpo_fast": "(e) backbone hidden, cpo_fast fused linear (logits never built)",
 }
@@ -74,6 +74,7 @@ def _serve() -> None:
     import importlib
     import signal
 
+    _die_with_parent()
     for name in _PRELOAD:
         try:
             importlib.import_module(name)
@@ -85,6 +86,7 @@ def _serve() -> None:
         req = json.loads(line)
         pid = os.fork()
         if pid == 0:
+            _die_with_parent()
             code = 0
             try:
                 _child(req["fn"], req["case"], req["out"])
@@ -107,6 +109,16 @@ def _serve() -> None:
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         proto.write(json.dumps({"exitcode": code, "signal": sig, "timed_out": timed_out}) + "\n")
         proto.flush()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent exits (no orphaned server or case)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
 
 
 def _child(fn_name: str, case: dict, out_path: str | None) -> dict:
@@ -289,12 +301,10 @@ def token_logprobs_fn(path: str, model):
     if path in GPU_ONLY:
         base = _base(model)
         if path == "liger":
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-            ce = LigerFusedLinearCrossEntropyLoss(reduction="none")
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
             def nll(h, w, y):
-                return ce(w, h, y)
+                return liger_fused_linear_cross_entropy(h, w, y, reduction="none")
         else:
             from cut_cross_entropy import linear_cross_entropy
 
