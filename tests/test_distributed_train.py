@@ -4,7 +4,8 @@ ranks change how the batch is split, never the parameters it trains (up to float
 (a) one process, grad_accum A x batch B == one process, batch A*B;
 (b) 2 gloo ranks x B x A == one process, batch 2*A*B (the loop function, spawned);
 (c) `torchrun --nproc_per_node=2 -m cpo_fast train`, interrupted by SIGTERM, resumed on 1
-    process, then on 2 again == one uninterrupted process with the same effective batch.
+    process, then on 2 again (`accelerate launch`) == one uninterrupted process with the same
+    effective batch.
 
 Tolerance: parameters after K AdamW steps agree to TOL (fp32; measured differences are in
 docs/scale-out.md). Batches of different splits are padded to different lengths, and the
@@ -15,6 +16,7 @@ every parameter by about lr, so a tolerance far below lr says the runs took the 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -101,6 +103,29 @@ def test_accumulation_equals_one_big_batch(prep, tmp_path, method, weighting):
         assert any(r["clip_fraction"] > 0 for r in rows)
 
 
+def test_per_micro_batch_losses_would_fail(prep, tmp_path, monkeypatch):
+    """The control: the loop before issue 13 (each micro-batch's own self-normalized loss,
+    divided by A) lands far outside TOL of the big batch, so test (a) can fail."""
+    import cpo_fast.pipeline.loop as loop
+    from cpo_fast.pipeline.loss import compute_loss
+    from cpo_fast.pipeline.step import StepResult
+    from cpo_fast.pipeline.train import train_data
+
+    def per_micro_batch(model, micro, cfg, world, autocast, step):
+        for batch, dm_batch in micro:
+            loss, out = compute_loss(model, batch, dm_batch, cfg, cfg.method)
+            (loss / len(micro)).backward()
+        return StepResult(float(loss), out, 1)
+
+    data, f0 = train_data(prep, "dr_cpo"), prep.load_f0()
+    big = _train(f0, data, _config(prep, "dr_cpo", "self_normalized", accum=1, rows=A * B),
+                 tmp_path / "big", prep.pad_id)
+    monkeypatch.setattr(loop, "effective_gradient", per_micro_batch)
+    naive = _train(f0, data, _config(prep, "dr_cpo", "self_normalized"), tmp_path / "naive",
+                   prep.pad_id)
+    assert _max_diff(naive, big) > 100 * TOL
+
+
 # ----------------------------------------------------------------------- (b) 2 gloo ranks
 
 def _free_port() -> int:
@@ -168,12 +193,18 @@ CLI_TINY = ["--max-tokens", "40", "--vocab-size", "200", "--hidden-size", "32", 
             "--method", "dr_cpo", "--lr", "1e-2", "--save-every", "0"]
 
 
-def _torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:
+def _launch(args: list[str], launcher: str = "torchrun") -> subprocess.Popen:
+    """2 processes of ``python -m cpo_fast ARGS`` under torchrun or accelerate launch."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "cpo_fast", *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    else:  # accelerate's multi-GPU launcher is torchrun's; without a GPU the ranks use gloo
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    return subprocess.Popen([*cmd, "-m", "cpo_fast", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def _adapter(run: Path) -> dict[str, torch.Tensor]:
@@ -184,7 +215,8 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
 
 def test_torchrun_sigterm_then_resume_on_other_rank_counts(tmp_path, capsys):
     """(c) Effective batch 8 = 2 ranks x 4 rows = 1 process x 4 rows x 2 micro-batches:
-    2 ranks (SIGTERM mid-run) -> 1 process -> 2 ranks == 1 process uninterrupted."""
+    2 ranks (torchrun, SIGTERM mid-run) -> 1 process -> 2 ranks (accelerate launch) == 1
+    process uninterrupted."""
     from cpo_fast.cli import main
 
     write_corpus(make_corpus(100, seed=2), tmp_path / "corpus.csv")
@@ -194,7 +226,7 @@ def test_torchrun_sigterm_then_resume_on_other_rank_counts(tmp_path, capsys):
     shutil.copytree(prepared, tmp_path / "run")
     run = ["train", "--output-dir", str(tmp_path / "run"), *common, "--no-eval"]
     steps = 14
-    p = _torchrun([*run, "--steps", str(steps), "--batch-size", "4", "--dm-batch-size", "4"])
+    p = _launch([*run, "--steps", str(steps), "--batch-size", "4", "--dm-batch-size", "4"])
     metrics = tmp_path / "run" / "dr_cpo" / "metrics.jsonl"
     t0 = time.monotonic()
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
@@ -212,8 +244,9 @@ def test_torchrun_sigterm_then_resume_on_other_rank_counts(tmp_path, capsys):
     assert main([*run, "--resume", "--steps", str(steps), "--stop-after", str(stopped["step"] + 1),
                  "--batch-size", "4", "--dm-batch-size", "4", "--grad-accum", "2"]) == 0
     assert f"resuming from step {stopped['step']}" in capsys.readouterr().out
-    p = _torchrun([*run, "--resume", "--steps", str(steps), "--batch-size", "4", "--grad-accum", "1",
-                   "--dm-batch-size", "4"])
+    launcher = "accelerate" if importlib.util.find_spec("accelerate") else "torchrun"
+    p = _launch([*run, "--resume", "--steps", str(steps), "--batch-size", "4", "--grad-accum", "1",
+                 "--dm-batch-size", "4"], launcher)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out[-3000:]
     assert out.count(f"resuming from step {stopped['step'] + 1}") == 1  # rank 0 prints

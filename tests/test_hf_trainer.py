@@ -3,6 +3,9 @@ DR-CPO loss, and the loss value equals the functional route on materialized logi
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -64,7 +67,8 @@ def test_trainer_runs_with_the_mixin(tmp_path):
 
 # ------------------------------------------------------- gradient accumulation (issue 13)
 
-def _train_params(tmp_path, mixin: bool, per_device: int, accum: int, weighting: str, steps=2):
+def _train_params(tmp_path, mixin: bool, per_device: int, accum: int, weighting: str, steps=2,
+                  world=1):
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainingArguments
 
@@ -80,7 +84,7 @@ def _train_params(tmp_path, mixin: bool, per_device: int, accum: int, weighting:
 
     torch.manual_seed(0)
     model = build_model("llama", 50, hidden_size=32, num_layers=1, num_heads=2, max_positions=16)
-    n = per_device * accum * steps
+    n = per_device * accum * world * steps
     b = _batch(n=n, seed=1)
     b["ref_token_logp"] = b["ref_token_logp"] * 0 - 3.0  # P^R near the policy: weights vary
     rows = [{k: v[i] for k, v in b.items()} for i in range(n)]
@@ -109,3 +113,33 @@ def test_trainer_gradient_accumulation_equals_one_big_batch(tmp_path, weighting)
     assert ta._cpo_last["ess"] == pytest.approx(tb._cpo_last["ess"], rel=1e-4)  # effective batch's
     logged = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (ta, tb)]
     assert logged[0] == pytest.approx(logged[1], rel=1e-4)
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    params, trainer = _train_params(Path(out) / str(rank), True, 2, 2, "self_normalized", world=2)
+    assert trainer.args.world_size == 2 and trainer.accelerator.num_processes == 2
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in params.items()}, str(Path(out) / f"rank{rank}.safetensors"))
+
+
+def test_trainer_ddp_with_accumulation_equals_one_big_batch(tmp_path):
+    """2 gloo ranks (Trainer's own DDP) x per_device 2 x GA 2 == per_device 8 on one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    big, _ = _train_params(tmp_path / "big", True, 8, 1, "self_normalized")
+    for rank in (0, 1):
+        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        diff = max(float((big[k] - got[k]).abs().max()) for k in big)
+        print(f"Trainer DDP rank {rank}: max |2 ranks - 1 process| {diff:.3g}")
+        assert diff < 1e-5

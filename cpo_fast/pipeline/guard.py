@@ -49,6 +49,7 @@ class WeightGuard:
     batch_size: int = 1
     dm_batch_size: int = 1
     window: int = WINDOW
+    quiet: bool = False  # record, do not warn (the ranks other than 0)
     collapsed_at: int | None = None
     collapsed_term: str | None = None
     min_share: dict[str, float] = field(default_factory=dict)
@@ -78,6 +79,8 @@ class WeightGuard:
             self.min_share[key] = min(self.min_share.get(key, np.inf), avg)
             if self.threshold and self.collapsed_at is None and avg < self.threshold:
                 self.collapsed_at, self.collapsed_term = step, key
+                if self.quiet:
+                    continue
                 name = "DM-set" if key == "dm_ess" or dm_only else "outcome-row"
                 warnings.warn(
                     f"step {step}: the {name} importance weights collapsed (ESS {avg:.1%} of "

@@ -77,12 +77,11 @@ def train(model, data: TrainData, cfg: RunConfig, out_dir: str | Path, *, pad_id
     # 2. resume (every rank reads the checkpoint; rank 0's parameters are broadcast)
     state = restore(out_dir, model, opt, sched, run_keys=run_keys, resume=resume, desc=desc,
                     world=world)
-    same_step_everywhere(state, world)
-    broadcast_params(params, world)
     last, stop = state.last, min(cfg.steps, cfg.stop_after or cfg.steps)
     # the ESS guard on the outcome rows' and the DM set's weights (guard.py, docs/validity.md)
     rows, dm_rows = effective_rows(cfg, world)
-    guard = WeightGuard(cfg.ess_guard, cfg.stop_on_collapse, rows, dm_rows)
+    guard = WeightGuard(cfg.ess_guard, cfg.stop_on_collapse, rows, dm_rows,
+                        quiet=not world.is_main)  # rank 0 warns for all
 
     def checkpoint(step: int) -> Path:  # rank 0 writes; the others wait until it is complete
         path = out_dir / "checkpoint"
@@ -107,10 +106,7 @@ def train(model, data: TrainData, cfg: RunConfig, out_dir: str | Path, *, pad_id
             res = effective_gradient(model, micro, cfg, world, autocast, step + 1)
             average_gradients(params, world)
             # c. update, metrics, checkpoints, signals, the ESS guard
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            gnorm = update(params, opt, sched, cfg)
             last = metrics_line(step + 1, res, gnorm, sched.get_last_lr()[0],
                                 time.perf_counter() - t0, rows, dm_rows)
             log.write(last, force=step + 1 == stop)
@@ -126,6 +122,15 @@ def train(model, data: TrainData, cfg: RunConfig, out_dir: str | Path, *, pad_id
     # 4. the end
     return {**finish(model, tokenizer, out_dir, state, stop, cfg.steps, checkpoint, last, world),
             **guard.summary()}
+
+
+def update(params, opt, sched, cfg: RunConfig) -> torch.Tensor:
+    """Clip the gradient norm (returned), step the optimizer and the schedule, zero the grads."""
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return gnorm
 
 
 def effective_rows(cfg: RunConfig, world: World) -> tuple[int, int]:
@@ -173,7 +178,17 @@ def lr_lambda(warmup: int, total: int):
 
 def restore(out_dir: Path, model, opt, sched, *, run_keys: dict[str, Any], resume: bool,
             desc: str, world: World = SINGLE) -> Resumed:
-    """Step 2: load the checkpoint when resuming (saying from which step), else step 0."""
+    """Step 2: load the checkpoint when resuming (saying from which step), else step 0; then
+    every rank holds rank 0's trainable parameters."""
+    state = _load(out_dir, model, opt, sched, run_keys=run_keys, resume=resume, desc=desc,
+                  world=world)
+    same_step_everywhere(state, world)
+    broadcast_params([p for p in model.parameters() if p.requires_grad], world)
+    return state
+
+
+def _load(out_dir: Path, model, opt, sched, *, run_keys: dict[str, Any], resume: bool,
+          desc: str, world: World) -> Resumed:
     if not resume:
         return Resumed()
     ckpt = find_checkpoint(out_dir)
