@@ -8,6 +8,8 @@ gradient):
     prepare.py     the shared stages: tokenizer, f_0, reference cache, ghat, DM set
     batches.py     micro-batch k of a run: rows, token ids, cached reference log-probs
     loss.py        a micro-batch's loss (fused-linear token log-probs -> objective)
+    step.py        one step's exact gradient over the effective batch (all micro-batches,
+                   all ranks: docs/scale-out.md)
     loop.py        the optimization loop, phase by phase
     checkpoint.py  safe, atomic checkpoints (safetensors + JSON) and exact resume
     policy.py      loading f_0, making the policy (LoRA), saving/loading models
