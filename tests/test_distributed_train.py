@@ -103,6 +103,24 @@ def test_accumulation_equals_one_big_batch(prep, tmp_path, method, weighting):
         assert any(r["clip_fraction"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize("method,extra", [
+    ("dr_cpo", dict(kl_coef=0.1, entropy_coef=0.01, log_weight_cap=0.3)),
+    ("cpo", dict(kl_coef=0.1, log_weight_cap=0.3, length_normalize=True)),
+    ("sft_all", dict(entropy_coef=0.01))])
+def test_accumulation_with_regularizers_cap_and_sft(prep, tmp_path, method, extra):
+    """(a) with the token-level terms (KL, entropy: token means over the effective batch), the
+    log-weight cap (the effective batch's median) and SFT (no coupling, token mean)."""
+    from cpo_fast.pipeline.train import train_data
+
+    data, f0 = train_data(prep, method), prep.load_f0()
+    cfg = dataclasses.replace(_config(prep, method, "self_normalized"), **extra)
+    acc = _train(f0, data, cfg, tmp_path / "acc", prep.pad_id)
+    big = _train(f0, data, dataclasses.replace(cfg, grad_accum=1, batch_size=A * B,
+                                               dm_batch_size=A * B), tmp_path / "big", prep.pad_id)
+    print(f"max |acc - big| {method} {extra}: {_max_diff(acc, big):.3g}")
+    assert _max_diff(acc, big) < TOL
+
+
 def test_per_micro_batch_losses_would_fail(prep, tmp_path, monkeypatch):
     """The control: the loop before issue 13 (each micro-batch's own self-normalized loss,
     divided by A) lands far outside TOL of the big batch, so test (a) can fail."""
