@@ -9,9 +9,11 @@ Handlers can only be set from the main thread; elsewhere the context does nothin
 Several ranks (torchrun, accelerate launch): a signal may reach one rank a moment before
 another, so after every step the ranks agree (:meth:`StopRequested.agreed`, one tiny
 all-reduce) and all of them stop after the same step; rank 0 writes the checkpoint while the
-others wait, so none exits early and none waits forever in a collective. A Ctrl-C in the
-terminal reaches every worker *and* the launcher, which forwards it once more: within
-``DUPLICATE_S`` seconds, a second signal on a rank counts as that same Ctrl-C.
+others wait, so none exits early and none waits forever in a collective. (torchrun forwards
+the SIGINT / SIGTERM it receives to each worker, in its own session, and SIGKILLs them 30 s
+later.) With a launcher whose workers share the terminal's process group, one Ctrl-C
+arrives twice (from the terminal and forwarded): within ``DUPLICATE_S`` seconds, a second
+signal on a rank counts as that same Ctrl-C.
 """
 
 from __future__ import annotations
