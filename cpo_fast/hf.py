@@ -28,8 +28,10 @@ micro-batch then backpropagates ``sum_i c_i s_i`` (plus its share of the token-l
 regularizers). The gradient is exact for every weighting scheme; ESS and the other
 diagnostics are the effective batch's. Under DDP the mixin runs the backbone and head
 itself (not through DDP's forward), so it averages the gradients over the ranks itself at
-each optimizer step. Approximate only with dropout (the no-grad pass draws other masks than
-the backward pass) and for the value logged as ``loss`` of a partial last window.
+each optimizer step. The RNG state is replayed after the no-grad pass, so with dropout the
+backward passes draw the masks the coefficients were computed with (as long as nothing
+else draws random numbers between Trainer's micro-batches). The logged ``loss`` is the
+effective batch's objective without the regularizers.
 """
 
 from __future__ import annotations
@@ -158,9 +160,14 @@ class DRCPOTrainerMixin:
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if batches:
+            from cpo_fast.pipeline.runtime import rng_replay, rng_snapshot
+
             self.model.train()
             batches = [self._prepare_inputs(b) for b in batches]
+            device = next(self.model.parameters()).device
+            rng = rng_snapshot(device)  # pass 2 (the training steps) replays pass 1's dropout
             out = effective_batch_coefficients(self.model, batches, **self.cpo_loss_kwargs)
+            rng_replay(rng, device)
             self._cpo_effective = out
             self._cpo_last = {"ess": float(out.ess), "max_weight_share": float(out.max_weight_share),
                               "clip_fraction": float(out.clip_fraction)}
