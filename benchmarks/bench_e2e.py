@@ -50,7 +50,7 @@ from cpo_fast import bench  # noqa: E402
 # Llama 3: 128256, Qwen2: 151936); --grid full runs every family with every V.
 CPU = {"configs": [["llama", 32000], ["llama", 128256], ["qwen2", 151936]], "hidden": 256,
        "layers": 2, "batch": 4, "seq": 64, "dtype": "fp32", "warmup": 1, "reps": 3,
-       "search_seq": 64, "budget_mib": 768, "cap_factor": 4, "eager_cap": 64}
+       "search_seq": 64, "budget_mib": 512, "cap_factor": 4, "eager_cap": 64}
 QUICK = {"configs": [["llama", 4096]], "hidden": 64, "layers": 1, "batch": 2, "seq": 32,
          "dtype": "fp32", "warmup": 1, "reps": 2, "search_seq": 32, "budget_mib": 64,
          "cap_factor": 2, "eager_cap": 2}

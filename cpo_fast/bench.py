@@ -146,9 +146,13 @@ class _Server:
             import subprocess
 
             quiet = os.environ.get("CPO_FAST_BENCH_VERBOSE") is None
+            # NVML-based device checks: an import that asks torch.cuda.is_available() must
+            # not initialize the CUDA driver in the server, or its forked children cannot
+            # use CUDA.
+            env = {**os.environ, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
             cls.proc = subprocess.Popen(
                 [sys.executable, "-c", "from cpo_fast.bench import _serve; _serve()"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL if quiet else None, text=True, bufsize=1)
             atexit.register(cls.close)
         return cls.proc
@@ -321,9 +325,10 @@ def token_logprobs_fn(path: str, model):
 
 
 def train_step_fn(model, path: str, ids, mask, labels):
-    """One training step: loss = -mean log-prob over the labelled tokens, backward, AdamW."""
+    """One training step: loss = -mean log-prob over the labelled tokens, backward, AdamW
+    (``fused=True``: one kernel over all parameters, the same for every path)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)  # the fast kernel, CPU and CUDA
     lp_fn = token_logprobs_fn(path, model)
     keep = labels[:, 1:] != IGNORE
     count = keep.sum().clamp(min=1)
