@@ -59,21 +59,27 @@ def threads(config_threads: int | None) -> int:
     return max(1, int(n))
 
 
-def transform_(z: Tensor, tf: HeadTransform, tanh_out: Tensor | None = None) -> Tensor | None:
-    """In place on a float32 logits block: ``z <- z'`` (cpo_fast._backend.HeadTransform).
+def transform_(z: Tensor, tf: HeadTransform, tanh_out: Tensor | None = None, *,
+               src: Tensor | None = None) -> Tensor | None:
+    """In place on a float32 logits block: ``z <- z'`` (cpo_fast._backend.HeadTransform);
+    with ``src`` (the raw block, any float dtype), ``z <- z'(src)`` (one pass fewer).
 
     With a softcap, also writes ``t = tanh(logit_scale z / softcap)`` into ``tanh_out`` (a
     buffer of z's shape) and returns it, for :func:`grad_factor_`; None otherwise (and when
     ``tanh_out`` is None the tanh is formed in place, forward only).
     """
     pre, post, _ = tf.kernel_scalars()
+    if src is not None and src.dtype != torch.float32:
+        z.copy_(src)  # upcast first: a product in bf16 / fp16 would round z'
+        src = None
+    first = z if src is None else src
     if tf.softcap is None:
-        z.mul_(pre)
+        torch.mul(first, pre, out=z)
         return None
     if tanh_out is None:
-        z.mul_(pre).tanh_().mul_(post)
+        torch.mul(first, pre, out=z).tanh_().mul_(post)
         return None
-    t = torch.mul(z, pre, out=tanh_out).tanh_()
+    t = torch.mul(first, pre, out=tanh_out).tanh_()
     torch.mul(t, post, out=z)
     return t
 
@@ -86,4 +92,11 @@ def grad_factor_(dz: Tensor, t: Tensor | None, tf: HeadTransform) -> None:
     if t is None:
         dz.mul_(pre)
         return
-    dz.mul_(t.mul_(t).neg_().add_(1.0).mul_(grad))
+    dz.mul_(t.mul_(t).mul_(-grad).add_(grad))
+
+
+def zero_rows_(z: Tensor, rows: Tensor) -> None:
+    """``z[rows] = 0`` for a (usually short) boolean row mask, touching only those rows."""
+    idx = rows.nonzero().squeeze(1)
+    if idx.numel():
+        z.index_fill_(0, idx, 0.0)

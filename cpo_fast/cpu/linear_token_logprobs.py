@@ -341,7 +341,7 @@ def linear_token_logprobs_backward(
             )
             if tf is not None:
                 c.grad_factor_(z, t, tf)
-                z.masked_fill_(ignored[r0:r1, None], 0.0)  # a NaN factor must not reach them
+                c.zero_rows_(z, ignored[r0:r1])  # a NaN factor (NaN logits) must not reach them
             g.add(z, blk.h, w, gw_blk, i == 0, r0, r1, c0, c1)
         if g.gw_acc is not None:
             g.gw[c0:c1] = gw_blk

@@ -11,7 +11,7 @@ same C++ kernels as a contiguous ``[1, rows, V]`` block; the backward turns the 
 dL/dz' in place, multiplies it by dz'/dz and writes it to ``grad_out3`` (which may be the
 logits themselves: a chunk is read before it is written). Never an N x V temporary.
 Ignored rows are copied with their chunk, but nothing computed depends on their values
-(their gradient is set to 0 after the factor, so a NaN there stays out).
+(under a softcap they are zeroed before the tanh, so a NaN there cannot make a NaN factor).
 Without a transform the C++ kernels read the logits directly, as before.
 """
 
@@ -106,8 +106,8 @@ def token_logprobs_forward(
         for r0, r1, x in _row_chunks(cfg.block_rows, logits3):
             if buf is None:
                 buf = torch.empty(x.shape[0] * V, dtype=torch.float32)
-            z = buf[: x.numel()].view(x.shape).copy_(x)
-            c.transform_(z, tf)
+            z = buf[: x.numel()].view(x.shape)
+            c.transform_(z, tf, src=x)
             _C.token_logprobs_forward(
                 logits=z.data_ptr(), **_chunk_kwargs(z), labels=labels[r0:r1].data_ptr(),
                 ignore_index=int(ignore_index), logp=logp[r0:r1].data_ptr(),
@@ -176,8 +176,13 @@ def _backward_transformed(logits3: Tensor, labels: Tensor, lse: Tensor, entropy:
         if buf is None:
             buf = torch.empty(x.shape[0] * V, dtype=torch.float32)
             tbuf = torch.empty_like(buf) if tf.softcap is not None else None
-        z = buf[: x.numel()].view(x.shape).copy_(x)
-        t = c.transform_(z, tf, None if tbuf is None else tbuf[: x.numel()].view(x.shape))
+        z = buf[: x.numel()].view(x.shape)
+        ignored = labels[r0:r1] == ignore_index
+        if tf.softcap is not None:  # their logits are not used, but a NaN would make a NaN factor
+            z.copy_(x)
+            c.zero_rows_(z, ignored)
+            x = z
+        t = c.transform_(z, tf, None if tbuf is None else tbuf[: x.numel()].view(x.shape), src=x)
         kw = _chunk_kwargs(z)
         _C.token_logprobs_backward(  # in place: z becomes dL/dz'
             logits=z.data_ptr(), **kw, grad_out=z.data_ptr(), out_stride_b=kw["stride_b"],
@@ -188,9 +193,7 @@ def _backward_transformed(logits3: Tensor, labels: Tensor, lse: Tensor, entropy:
             grad_entropy=grad_entropy[r0:r1].data_ptr() if has_e else 0,
             nthreads=c.threads(cfg.num_threads),
         )
-        c.grad_factor_(z, t, tf)
-        # ignored rows: 0, also where their (unread) logits would make the factor NaN
-        z.masked_fill_((labels[r0:r1] == ignore_index)[:, None], 0.0)
+        c.grad_factor_(z, t, tf)  # ignored rows: 0 from C++ times a finite factor
         out.copy_(z)
 
 
