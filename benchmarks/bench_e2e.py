@@ -154,7 +154,13 @@ def grid(shape: dict, args: argparse.Namespace) -> list[tuple[str, int]]:
     return [tuple(c) for c in shape["configs"]]
 
 
+TIMING_KEYS = ("median_ms", "p20_ms", "p80_ms", "min_ms", "iters", "times_ms", "tokens_per_s",
+               "tokens_per_s_p20", "tokens_per_s_p80", "warmup_s")
+
+
 def run(args: argparse.Namespace, shape: dict, device: str) -> list[dict]:
+    """Per (family, V, finetune): memory and the largest batch per path, each case and probe
+    in a fresh process; then the timing of every path, interleaved in one process."""
     rows = []
     paths = [p for p in bench.PATHS if not args.paths or p in args.paths]
     budget = int(shape["budget_mib"] * _common.MiB)
@@ -162,18 +168,19 @@ def run(args: argparse.Namespace, shape: dict, device: str) -> list[dict]:
         for ft in FINETUNE:
             base = {"device": device, "dtype": shape["dtype"], "family": family, "vocab": vocab,
                     "hidden": shape["hidden"], "layers": shape["layers"], "finetune": ft}
-            eager_max = None
+            eager_max, group = None, []
             for path in sorted(paths, key=lambda p: p != "eager"):  # eager first: it sets the cap
                 t0 = time.perf_counter()
                 case = {**base, "path": path, "batch": shape["batch"], "seq": shape["seq"],
-                        "warmup": shape["warmup"] + (1 if path == "compile" else 0),
-                        "reps": shape["reps"]}
+                        "warmup": shape["warmup"] + (1 if path == "compile" else 0), "reps": 1}
                 if path == "compile" and (args.no_compile or args.quick):
                     why = "--no-compile" if args.no_compile else ("--quick (compiling takes "
                                                                   "30-60 s on the CPU)")
-                    rows.append({**case, "status": f"skipped: {why}"})
+                    group.append({**case, "status": f"skipped: {why}"})
                     continue
                 row = bench.run_isolated("e2e_case", case, timeout=args.case_timeout)
+                for k in TIMING_KEYS:  # the isolated step measures memory; timing comes below
+                    row.pop(k, None)
                 if row["status"] == "ok" and not args.no_search:
                     cap = (shape["eager_cap"] if path == "eager" or not eager_max
                            else max(2, math.ceil(shape["cap_factor"] * eager_max)))
@@ -188,10 +195,30 @@ def run(args: argparse.Namespace, shape: dict, device: str) -> list[dict]:
                         eager_max = row.get("max_batch")
                 row.pop("traceback", None)
                 row["case_s"] = time.perf_counter() - t0
-                rows.append(row)
-                print(f"{family:6s} V={vocab:<7d} {ft:5s} {path:15s} {row['status'][:60]:12s} "
-                      f"{_tps(row):>22s}  peak {_common.fmt_mib(row.get('peak_extra_bytes')):>7s}"
-                      f" MiB  max batch {_batch(row)}  ({row['case_s']:.0f} s)", flush=True)
+                group.append(row)
+            t0 = time.perf_counter()
+            timed = [r["path"] for r in group if r["status"] == "ok"]
+            if timed:
+                tcase = {**base, "paths": timed, "batch": shape["batch"], "seq": shape["seq"],
+                         "warmup": shape["warmup"], "reps": shape["reps"]}
+                res = bench.run_isolated("interleaved_case", tcase,
+                                         timeout=args.case_timeout * max(1, len(timed)))
+                for r in group:
+                    if r["path"] in timed:
+                        t = (res.get("timings") or {}).get(r["path"])
+                        if t is None:
+                            r["status"] = f"timing {res['status']}"
+                        elif t.get("status") != "ok":
+                            r["status"] = f"timing {t['status']}"
+                        else:
+                            r.update({k: v for k, v in t.items() if k != "status"})
+            timing_s = time.perf_counter() - t0
+            for r in group:
+                r["timing_s"] = timing_s
+                print(f"{family:6s} V={vocab:<7d} {ft:5s} {r['path']:15s} {r['status'][:60]:12s} "
+                      f"{_tps(r):>22s}  peak {_common.fmt_mib(r.get('peak_extra_bytes')):>7s}"
+                      f" MiB  max batch {_batch(r)}  ({r.get('case_s', 0):.0f} s)", flush=True)
+            rows += group
     return rows
 
 
@@ -347,7 +374,9 @@ def render(record: dict) -> str:
              "frozen), full = everything trained; AdamW",
              f"- timed step: batch {st['batch']} x {st['seq']} tokens, forward + backward + "
              f"optimizer step, {st['warmup']} warm-up step(s) (compile: one more) then "
-             f"{st['reps']} timed; tokens/s = B*T / step time, median [p20, p80]",
+             f"{st['reps']} timed; tokens/s = B*T / step time, median [p20, p80]; the paths "
+             "of one (family, V, finetune) are timed in one process, interleaved (one step "
+             "of each per round, order rotated), so that a change of load hits all alike",
              "- peak MiB: peak extra memory of the first timed step beyond everything that "
              "existed before it (weights, optimizer state), each case in a fresh process "
              "(CPU: peak RSS growth; CUDA: max_memory_allocated)",

@@ -426,6 +426,52 @@ def e2e_case(case: dict) -> dict:
             "state_bytes": state, "warmup_s": warm_s, "loss": float(loss)}
 
 
+def interleaved_case(case: dict) -> dict:
+    """Time several paths of one (family, V, finetune) in one process, interleaved.
+
+    Every path gets its own model, optimizer and batch (the same seed, so the same loss);
+    after ``warmup`` steps each (compile: one more), ``reps`` rounds run one timed step of
+    every path, the order rotated each round. A change of the machine's load during the
+    measurement (other jobs starting or stopping) then hits every path alike, which
+    timing the paths one after another in separate processes does not ensure. Memory is
+    not measured here (several models live in this process): ``e2e_case`` does that, in a
+    fresh process per path. Returns ``{"timings": {path: row fields}}``.
+    """
+    dev, dtype = case["device"], DTYPES[case["dtype"]]
+    torch.set_grad_enabled(True)
+    steps, out = {}, {}
+    for path in case["paths"]:
+        try:
+            model = build_model(case["family"], case["vocab"], case["hidden"], case["layers"],
+                                case["finetune"], path, dtype, dev)
+            ids, mask, labels = make_batch(case["batch"], case["seq"], case["vocab"], dev)
+            step = train_step_fn(model, path, ids, mask, labels)
+            t0 = time.perf_counter()
+            for _ in range(case["warmup"] + (1 if path == "compile" else 0)):
+                step()
+            _measure.sync(dev)
+            steps[path] = step
+            out[path] = {"warmup_s": time.perf_counter() - t0, "times_ms": []}
+        except Exception as e:  # noqa: BLE001  (one path failing leaves the others)
+            out[path] = {"status": f"error: {type(e).__name__}: {str(e)[:200]}"}
+    order = list(steps)
+    for r in range(case["reps"]):
+        k = r % max(1, len(order))
+        for path in order[k:] + order[:k]:
+            _measure.sync(dev)
+            t0 = time.perf_counter()
+            steps[path]()
+            _measure.sync(dev)
+            out[path]["times_ms"].append((time.perf_counter() - t0) * 1e3)
+    tokens = case["batch"] * case["seq"]
+    for path in order:
+        t = _measure.summarize(out[path].pop("times_ms"))
+        out[path].update(t, status="ok", tokens_per_s=tokens / (t["median_ms"] / 1e3),
+                         tokens_per_s_p20=tokens / (t["p80_ms"] / 1e3),
+                         tokens_per_s_p80=tokens / (t["p20_ms"] / 1e3))
+    return {**case, "status": "ok", "timings": out}
+
+
 def probe_case(case: dict) -> dict:
     """Does one training step at ``batch`` fit ``budget_bytes`` of peak extra memory?
 
