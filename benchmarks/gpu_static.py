@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _aot  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# design.md shapes for the model: one call of each op at this size.
+# The benchmark shapes (docs/benchmarks.md) for the model: one call of each op at this size.
 SHAPE = dict(N=16384, V=128256, d=4096)
 H100 = dict(bw=3.35e12, bf16=989e12, fp32=67e12)  # datasheet (SXM): HBM3 B/s, dense FLOP/s
 ESIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -268,7 +268,7 @@ def op_models() -> list[tuple[str, float, str]]:
     gemm = 2 * N * d * V / H100["bf16"]
     nv = N * V * 2 / H100["bw"]
     return [
-        ("floor: 8 N d V at the bf16 rate", 4 * gemm, "design.md's FLOP floor"),
+        ("floor: 8 N d V at the bf16 rate", 4 * gemm, "the FLOP floor of docs/benchmarks.md"),
         ("cpo_fast (a) fused fwd + hybrid bwd", gemm + (gemm + nv) + 2 * gemm + 2 * nv,
          "fwd 2NdV; bwd dz tile 2NdV + write dz, 2 GEMMs read dz"),
         ("(b) hybrid fwd (GEMM + fold) + same bwd", (gemm + 2 * nv) + (gemm + nv) + 2 * gemm + 2 * nv,

@@ -323,10 +323,7 @@ def linear_token_logprobs_backward(
         raise ValueError("grad_entropy given but the forward did not compute the entropy.")
     dev, dt = hidden.device, hidden.dtype
     f32 = dt == torch.float32
-    chunk = cfg.vocab_chunk or max(1024, triton.cdiv(triton.cdiv(V, 128), 128) * 128)
-    chunk = min(triton.cdiv(chunk, cfg.block_v) * cfg.block_v,
-                triton.cdiv(V, cfg.block_v) * cfg.block_v)
-    rows = min(N, triton.cdiv(cfg.row_group, cfg.block_n) * cfg.block_n) if cfg.row_group else N
+    chunk, rows = _bwd_sizes(cfg, N, V)
     dz_buf = torch.empty(rows, chunk, device=dev, dtype=dt)
     gh = torch.empty(N, D, device=dev, dtype=dt) if needs_hidden_grad else None
     # grad_hidden of a row group accumulates over vocabulary chunks in fp32: in the output
@@ -365,29 +362,47 @@ def linear_token_logprobs_backward(
                 PREC=prec, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-            if gw is not None:
-                if first_group:
-                    torch.mm(dz.t(), h_r, out=gw[v0:v1])
-                else:  # row groups > 1: accumulated in the weight's dtype (see docstring)
-                    gw[v0:v1].addmm_(dz.t(), h_r)
-            if gh is not None:
-                w_c = weight[v0:v1]
-                if f32:
-                    acc_r.addmm_(dz, w_c)
-                elif prod is None:
-                    torch.addmm(acc_r, dz, w_c, out_dtype=torch.float32, out=acc_r)
-                else:
-                    torch.mm(dz, w_c, out=prod[:n])
-                    acc_r.add_(prod[:n])
-            if gb is not None:
-                if first_group:
-                    torch.sum(dz, dim=0, dtype=torch.float32, out=gb[v0:v1])
-                else:
-                    gb[v0:v1] += torch.sum(dz, dim=0, dtype=torch.float32)
+            _consume_dz(dz, h_r, weight[v0:v1], None if gw is None else gw[v0:v1],
+                        acc_r if gh is not None else None, None if prod is None else prod[:n],
+                        None if gb is None else gb[v0:v1], first_group)
         if gh is not None and not f32:
             gh[r0:r1].copy_(acc_r)
     del dz_buf, acc, prod
     return gh, gw, gb.to(bias.dtype) if gb is not None else None
+
+
+def _bwd_sizes(cfg: Config, N: int, V: int) -> tuple[int, int]:
+    """(vocabulary chunk, rows per pass) of the backward: chunk about V / 128 (>= 1024) unless
+    configured, in whole BLOCK_V tiles; rows = the row group in whole BLOCK_N tiles, or N."""
+    chunk = cfg.vocab_chunk or max(1024, triton.cdiv(triton.cdiv(V, 128), 128) * 128)
+    chunk = min(triton.cdiv(chunk, cfg.block_v) * cfg.block_v,
+                triton.cdiv(V, cfg.block_v) * cfg.block_v)
+    rows = min(N, triton.cdiv(cfg.row_group, cfg.block_n) * cfg.block_n) if cfg.row_group else N
+    return chunk, rows
+
+
+def _consume_dz(dz: Tensor, h_r: Tensor, w_c: Tensor, gw_c: Tensor | None, acc_r: Tensor | None,
+                prod: Tensor | None, gb_c: Tensor | None, first_group: bool) -> None:
+    """The two GEMMs (and the bias sum) that consume one [rows, chunk] dz tile:
+    grad_W[chunk] (+)= dz^T h, grad_h (fp32 accumulator) += dz W[chunk], grad_b[chunk] (+)= sum dz."""
+    if gw_c is not None:
+        if first_group:
+            torch.mm(dz.t(), h_r, out=gw_c)
+        else:  # row groups > 1: accumulated in the weight's dtype (see the module docstring)
+            gw_c.addmm_(dz.t(), h_r)
+    if acc_r is not None:
+        if acc_r.dtype == dz.dtype:  # fp32: accumulate in the output itself
+            acc_r.addmm_(dz, w_c)
+        elif prod is None:
+            torch.addmm(acc_r, dz, w_c, out_dtype=torch.float32, out=acc_r)
+        else:  # no fp32-out addmm from half operands here: a product buffer, then add
+            torch.mm(dz, w_c, out=prod)
+            acc_r.add_(prod)
+    if gb_c is not None:
+        if first_group:
+            torch.sum(dz, dim=0, dtype=torch.float32, out=gb_c)
+        else:
+            gb_c += torch.sum(dz, dim=0, dtype=torch.float32)
 
 
 def _addmm_out_dtype_ok(device: torch.device) -> bool:
