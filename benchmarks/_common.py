@@ -181,6 +181,16 @@ def write_record(record: dict, markdown: str | Callable[[dict], str], *,
     return jpath, mpath
 
 
+def rerender(json_path: str | Path, summary_of: Callable[[dict], object],
+             markdown: Callable[[dict], str], out_dir: Path | None = None) -> None:
+    """Rebuild a results file's summary and report from its JSON (``--render``)."""
+    record = json.loads(Path(json_path).read_text())
+    record["summary"] = summary_of(record)
+    for p in write_record(record, markdown, out_dir=out_dir or Path(json_path).parent,
+                          quick=record["settings"].get("quick", False)):
+        print("wrote", p)
+
+
 def environment_lines(record: dict) -> list[str]:
     """The report's header bullets, the same for every benchmark."""
     env = record["environment"]

@@ -164,11 +164,7 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
     if args.render:
-        record = json.loads(Path(args.render).read_text())
-        record["summary"] = summarize(record)
-        for p in _common.write_record(record, render, out_dir=args.out or Path(args.render).parent,
-                                      quick=record["settings"].get("quick", False)):
-            print("wrote", p)
+        _common.rerender(args.render, summarize, render, args.out)
         return
 
     shape = QUICK if args.quick else FULL

@@ -34,7 +34,6 @@ Writes results/<device>-e2e[-quick].{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -253,11 +252,7 @@ def main() -> None:
     ap.add_argument("--render", metavar="JSON", help="re-render the report of a results JSON")
     args = ap.parse_args()
     if args.render:
-        record = json.loads(Path(args.render).read_text())
-        record["summary"] = summarize(record)
-        for p in _common.write_record(record, render, out_dir=args.out or Path(args.render).parent,
-                                      quick=record["settings"].get("quick", False)):
-            print("wrote", p)
+        _common.rerender(args.render, summarize, render, args.out)
         return
 
     import torch

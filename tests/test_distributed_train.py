@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _dist import free_port, spawn_ranks
 
 from cpo_fast.pipeline.config import RunConfig
 from cpo_fast.pipeline.synthetic import make_corpus, write_corpus
@@ -197,12 +197,6 @@ def test_per_micro_batch_losses_would_fail(prep, tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------- (b) 2 gloo ranks
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank: int, world: int, port: int, job: dict, q) -> None:
     import torch.distributed as dist
 
@@ -225,21 +219,11 @@ def _rank_worker(rank: int, world: int, port: int, job: dict, q) -> None:
 def test_two_ranks_with_accumulation_equal_one_process(prep, tmp_path):
     """(b) 2 gloo ranks x B rows x A micro-batches == one process with 2*A*B rows, for CPO and
     DR-CPO, self-normalized and clipped. Only rank 0 writes metrics and checkpoints."""
-    import torch.multiprocessing as mp
-
     from cpo_fast.pipeline.train import train_data
 
     job = {"f0": str(prep.f0_dir), "pad_id": prep.pad_id, "out": str(tmp_path),
            "cases": {c: (_config(prep, *c), train_data(prep, c[0])) for c in CASES}}
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, job, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(q.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = spawn_ranks(_rank_worker, 2, job, timeout=300)
     f0 = prep.load_f0()
     for case in CASES:
         one = _train(f0, train_data(prep, case[0]), _config(prep, *case, accum=1, rows=2 * A * B),
@@ -270,7 +254,7 @@ def _launch(args: list[str], launcher: str = "torchrun") -> subprocess.Popen:
     else:  # accelerate's multi-GPU launcher is torchrun's; without a GPU the ranks use gloo
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+               "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     return subprocess.Popen([*cmd, "-m", "cpo_fast", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)

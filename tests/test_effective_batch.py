@@ -4,10 +4,10 @@ with uneven micro-batches and on two gloo ranks (DDP averaging), for every schem
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
+from _dist import spawn_ranks
 
 from cpo_fast import dr_cpo_loss
 from cpo_fast.effective_batch import row_coefficients, split_rows, surrogate
@@ -133,12 +133,6 @@ def test_errors_name_the_argument():
         split_rows(torch.zeros(4), [1, 2])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank: int, world: int, port: int, cases, q) -> None:
     import torch.distributed as dist
 
@@ -165,18 +159,8 @@ def _rank_worker(rank: int, world: int, port: int, cases, q) -> None:
 
 def test_two_ranks_with_accumulation_equal_one_process():
     """2 gloo ranks x uneven micro-batches == one process with the whole batch (fp64)."""
-    import torch.multiprocessing as mp
-
     cases = [(m, w) for m in ("cpo", "dr_cpo") for w in ("self_normalized", "clipped")]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, cases, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(q.get(timeout=180) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = spawn_ranks(_rank_worker, 2, cases, timeout=180)
     d = _data(4)
     d["ref"][:2] -= 0.6
     for case in cases:

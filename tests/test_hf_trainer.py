@@ -128,14 +128,11 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
 
 def test_trainer_ddp_with_accumulation_equals_one_big_batch(tmp_path):
     """2 gloo ranks (Trainer's own DDP) x per_device 2 x GA 2 == per_device 8 on one process."""
-    import socket
-
     import torch.multiprocessing as mp
+    from _dist import free_port
     from safetensors.torch import load_file
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
     big, _ = _train_params(tmp_path / "big", True, 8, 1, "self_normalized")
     for rank in (0, 1):

@@ -1,0 +1,32 @@
+"""Helpers for the tests that start several gloo processes on this machine."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker: Callable[..., None], world: int, payload: Any,
+                timeout: float = 300) -> dict:
+    """Run ``worker(rank, world, port, payload, queue)`` in ``world`` spawned processes; each
+    puts one ``(key, value)`` on the queue. Returns the dict of what they put."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, port, payload, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(q.get(timeout=timeout) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    return results
