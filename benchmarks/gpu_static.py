@@ -339,6 +339,7 @@ def markdown(rows: list[dict], archs: list[int], meta: dict) -> str:
             "| design | model ms (fwd+bwd) | basis |", "|---|---|---|"]
     out += [f"| {name} | {t * 1e3:.1f} | {basis} |" for name, t, basis in op_models()]
     out.append("")
+    out += budgets(rows, archs)
     hdr = ("| case | kernel | arch | config | warps/stages | regs | spill B | smem KB | CTAs/SM "
            "(warps) | mma | wgmma/tcgen05 | cp.async | TMA | tile FLOP/B | model ms |")
     for group, title in (("ours", "## cpo_fast kernels"), ("peer", "## Peers' kernels (same harness)")):
@@ -376,6 +377,48 @@ def markdown(rows: list[dict], archs: list[int], meta: dict) -> str:
     if meta.get("failures") is not None:
         out += ["## Gate", "", f"{len(meta['failures'])} failures."] + [f"- {f}" for f in meta["failures"]]
     return "\n".join(out) + "\n"
+
+
+def budgets(rows: list[dict], archs: list[int]) -> list[str]:
+    """Which tuning budget each default meets (docs/gpu.md): zero spills; the fused-linear main
+    loop pipelined (async copies) and, in half dtypes, on tensor cores; the memory-bound logits
+    kernels at >= 2 resident CTAs or >= 8 warps per SM. Worst case over a group's defaults."""
+    out = ["## Budgets at the default configs", "",
+           "Worst case over the default builds of each kernel, dtype and architecture "
+           "(flags all off and all on, with and without a softcap). Budgets: docs/gpu.md.", "",
+           "| kernel | dtype | arch | builds | max regs | spills | async copies | tensor cores "
+           "| min CTAs/SM (warps) | budgets |", "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("group") == "ours" and r.get("default"):
+            groups.setdefault((r["tag"].split()[0], r["dtype"]), []).append(r)
+    for (kind, dtype), rs in sorted(groups.items()):
+        for cc in archs:
+            bs = [b for r in rs if (b := r.get("builds", {}).get(cc) or r.get("builds", {}).get(str(cc)))
+                  and not b.get("error")]
+            if not bs:
+                continue
+            spills = max(b["spill_store"] + b["spill_load"] for b in bs)
+            asyncs = min(b["cp_async"] + b["tma"] for b in bs)
+            tensor = min(b["mma"] + b["wgmma"] + b["tcgen05"] for b in bs)
+            occ = min(bs, key=lambda b: (b["ctas_per_sm"], b["warps_per_sm"]))
+            linear = kind.startswith("linear")
+            checks = [("0 spills", spills == 0)]
+            if linear:
+                checks.append(("pipelined", asyncs > 0))
+                if dtype != "fp32":
+                    checks.append(("tensor cores", tensor > 0))
+            else:
+                checks.append(("occupancy", occ["ctas_per_sm"] >= 2 or occ["warps_per_sm"] >= 8))
+            verdict = ", ".join(f"{n} {'met' if ok else 'NOT met'}" for n, ok in checks)
+            out.append(f"| {kind} | {dtype} | {_aot.ARCH[cc]['name']} | {len(bs)} | "
+                       f"{max(b['regs'] for b in bs)} | {spills} | {asyncs if linear else '-'} | "
+                       f"{tensor if linear else '-'} | {occ['ctas_per_sm']} ({occ['warps_per_sm']}) | "
+                       f"{verdict} |")
+    if any("fp32" in line and "linear" in line for line in out):
+        out += ["", "fp32 fused-linear builds use `input_precision=\"ieee\"` (torch's default matmul "
+                "precision): FMA loops, no tensor cores, by design."]
+    return out + [""]
 
 
 def compare(before: dict, rows: list[dict], archs: list[int]) -> list[str]:
