@@ -15,6 +15,15 @@ struct View3 {
   int64_t sb, st, sv;
 };
 
+// Head transform applied per element inside the token_logprobs kernels (docs/math.md 6.6):
+// kind 0: identity (the untransformed code path); 1: z' = g z; 2 (softcap):
+// z' = c tanh(a z), dz = dz' g (1 - tanh(a z)^2). With pre = logit_scale, post =
+// 1 / temperature and cap = softcap: g = pre post, a = pre / cap, c = cap post.
+struct HeadTf {
+  int kind = 0;
+  float g = 1.f, a = 1.f, c = 1.f;
+};
+
 struct FwdArgs {
   View3 x;
   const int64_t* labels;  // [B*T]
@@ -23,6 +32,7 @@ struct FwdArgs {
   float* entropy;         // [B*T] or nullptr
   float* lse;             // [B*T]
   int nthreads;
+  HeadTf tf;              // identity by default
 };
 
 struct BwdArgs {
@@ -36,6 +46,7 @@ struct BwdArgs {
   const float* grad_logp;  // [B*T]
   const float* grad_entropy;  // [B*T] or nullptr
   int nthreads;
+  HeadTf tf;               // identity by default; the gradient is with respect to raw z
 };
 
 // Online-logsumexp update over an fp32 block [rows, cols] (row stride ld) of a wider

@@ -7,6 +7,8 @@
 //             lse = m + log s,  logp = z_y - lse,  H = lse - sum p z = log s - a / s
 //   backward: dL/dz_v = G([v==y] - p_v) - E p_v (log p_v + H),  p_v = e^(z_v - lse)
 // Entropy is accumulated relative to the running max so large logits do not cancel.
+// Head transforms (HeadTf, docs/math.md 6.6) replace z by z' element by element as a chunk is
+// read (into an L1 float32 buffer); the backward multiplies dL/dz' by dz'/dz before storing.
 //
 // Vectors are GCC/Clang vector extensions of 8 floats: one ymm register under AVX2, two
 // xmm registers on the baseline build. No -ffast-math: -inf logits and NaNs keep IEEE
@@ -246,6 +248,72 @@ template <> inline void store16<kBF16>(void* p, int64_t i, v8f a, v8f b) {
 
 constexpr int64_t esize(int dt) { return dt == kF32 ? 4 : 2; }
 
+// ---- head transforms (docs/math.md 6.6) -------------------------------------------------
+// TF (HeadTf::kind): kTfNone runs the untransformed code unchanged; kTfScale z' = g z
+// (dz = dz' g); kTfCap z' = c tanh(a z) (dz = dz' g (1 - tanh^2)). All in float32.
+enum { kTfNone = 0, kTfScale = 1, kTfCap = 2 };
+
+inline v8f vabs(v8f x) { return (v8f)((v8u)x & 0x7fffffffu); }
+// |mag| with the sign bit of x (mag >= 0).
+inline v8f with_sign_of(v8f mag, v8f x) { return (v8f)((v8u)mag | ((v8u)x & 0x80000000u)); }
+
+// z' of 8 raw logits (TF != kTfNone) and, with FAC, the factor dz'/dz into fac.
+// tanh from e = exp(-2|x|) in (0, 1] (vexp: never overflows): tanh x = sign(x)(1-e)/(1+e)
+// and 1 - tanh^2 = 4e/(1+e)^2. x = -inf gives e = 0, so z' = -c (finite) with factor 0;
+// a NaN stays NaN in both.
+template <int TF, bool FAC>
+inline v8f tf_vec(v8f z, const HeadTf& h, v8f& fac) {
+  if (TF == kTfScale) {
+    if (FAC) fac = splat(h.g);
+    return z * splat(h.g);
+  }
+  const v8f x = z * splat(h.a);
+  const v8f e = vexp(splat(-2.f) * vabs(x));
+  const v8f q = splat(1.f) / (splat(1.f) + e);
+  if (FAC) fac = splat(4.f * h.g) * e * (q * q);
+  return splat(h.c) * with_sign_of((splat(1.f) - e) * q, x);
+}
+// One element, through the same vector code (bit-identical to the chunks' values).
+template <int TF>
+inline float tf1(float z, const HeadTf& h, float* fac) {
+  v8f f;
+  const v8f r = tf_vec<TF, true>(splat(z), h, f);
+  if (fac) *fac = f[0];
+  return r[0];
+}
+
+// Elements [off, off + len) of a contiguous row, transformed, into dst[0, len) as float32
+// (dst may be src itself for DT = kF32, off = 0: each vector is read before it is written);
+// with FAC also the factors into fac[0, len).
+template <int DT, int TF, bool FAC>
+inline void tf_chunk(const void* src, int64_t off, int64_t len, float* dst, float* fac,
+                     const HeadTf& h) {
+  const int64_t nfull = len & ~int64_t(7);
+  v8f f;
+  for (int64_t i = 0; i < nfull; i += 8) {
+    storev<kF32>(dst, i, tf_vec<TF, FAC>(loadv<DT>(src, off + i), h, f));
+    if (FAC) storev<kF32>(fac, i, f);
+  }
+  if (len > nfull) {
+    const v8f z = tf_vec<TF, FAC>(load_tail<DT>(src, off + nfull, len - nfull, 0.f), h, f);
+    store_tail<kF32>(dst, nfull, len - nfull, z);
+    if (FAC) store_tail<kF32>(fac, nfull, len - nfull, f);
+  }
+}
+
+// Chunk [c0, c0 + len) of a row with element stride sv into buf as float32 z' (gathered
+// first when sv != 1); with FAC the factors into fac.
+template <int DT, int TF, bool FAC>
+inline void load_chunk(const void* row, int64_t c0, int64_t len, int64_t sv, float* buf,
+                       float* fac, const HeadTf& h) {
+  if (sv == 1) {
+    tf_chunk<DT, TF, FAC>(row, c0, len, buf, fac, h);
+    return;
+  }
+  for (int64_t j = 0; j < len; ++j) buf[j] = load1<DT>(row, (c0 + j) * sv);
+  tf_chunk<kF32, TF, FAC>(buf, 0, len, buf, fac, h);
+}
+
 // ---- forward ----------------------------------------------------------------------------
 
 struct Stats {
@@ -337,13 +405,17 @@ inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out,
 }
 
 // Statistics of one row read once from memory (chunks of it are swept twice in L1).
-// Rows with element stride sv != 1 are gathered chunk by chunk into buf (fp32).
-template <int DT, bool ENT>
-Stats row_stats(const void* row, int64_t V, int64_t sv, float* buf) {
+// Rows with element stride sv != 1 are gathered chunk by chunk into buf (fp32); with a
+// head transform (TF) every chunk goes to buf, transformed (h), whatever the stride.
+template <int DT, bool ENT, int TF = kTfNone>
+Stats row_stats(const void* row, int64_t V, int64_t sv, float* buf, const HeadTf* h = nullptr) {
   Acc acc;
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t len = V - c0 < kChunk ? V - c0 : kChunk;
-    if (sv == 1) {
+    if (TF != kTfNone) {
+      load_chunk<DT, TF, false>(row, c0, len, sv, buf, nullptr, *h);
+      chunk_stats<kF32, ENT>(buf, 0, len, acc);
+    } else if (sv == 1) {
       chunk_stats<DT, ENT>(row, c0, len, acc);
     } else {
       for (int64_t j = 0; j < len; ++j) buf[j] = load1<DT>(row, (c0 + j) * sv);
@@ -358,7 +430,7 @@ inline const void* row_ptr(const View3& x, int64_t n) {
   return (const char*)x.ptr + (b * x.sb + t * x.st) * esize(x.dtype);
 }
 
-template <int DT, bool ENT>
+template <int DT, bool ENT, int TF>
 void forward_t(const FwdArgs& A) {
   const View3& x = A.x;
   const int64_t N = x.B * x.T, V = x.V;
@@ -375,11 +447,12 @@ void forward_t(const FwdArgs& A) {
         continue;
       }
       const void* row = row_ptr(x, n);
-      const Stats st = row_stats<DT, ENT>(row, V, x.sv, buf);
+      const Stats st = row_stats<DT, ENT, TF>(row, V, x.sv, buf, &A.tf);
       const float ls = logf(st.s);
       const float lse = st.m + ls;
       // Out-of-range labels were rejected in Python; never read out of bounds regardless.
-      const float zy = (y >= 0 && y < V) ? load1<DT>(row, y * x.sv) : NAN;
+      float zy = (y >= 0 && y < V) ? load1<DT>(row, y * x.sv) : NAN;
+      if (TF != kTfNone) zy = tf1<TF>(zy, A.tf, nullptr);
       A.logp[n] = zy - lse;
       A.lse[n] = lse;
       if (ENT) A.entropy[n] = ls - st.a / st.s;
@@ -387,12 +460,21 @@ void forward_t(const FwdArgs& A) {
   }
 }
 
+template <int DT, bool ENT>
+void forward_tf(const FwdArgs& A) {
+  switch (A.tf.kind) {
+    case kTfScale: return forward_t<DT, ENT, kTfScale>(A);
+    case kTfCap: return forward_t<DT, ENT, kTfCap>(A);
+    default: return forward_t<DT, ENT, kTfNone>(A);
+  }
+}
+
 void forward(const FwdArgs& A) {
   const bool ent = A.entropy != nullptr;
   switch (A.x.dtype) {
-    case kF32: return ent ? forward_t<kF32, true>(A) : forward_t<kF32, false>(A);
-    case kBF16: return ent ? forward_t<kBF16, true>(A) : forward_t<kBF16, false>(A);
-    default: return ent ? forward_t<kF16, true>(A) : forward_t<kF16, false>(A);
+    case kF32: return ent ? forward_tf<kF32, true>(A) : forward_tf<kF32, false>(A);
+    case kBF16: return ent ? forward_tf<kBF16, true>(A) : forward_tf<kBF16, false>(A);
+    default: return ent ? forward_tf<kF16, true>(A) : forward_tf<kF16, false>(A);
   }
 }
 
@@ -498,7 +580,27 @@ inline void chunk_grad(const void* in, void* out, int64_t off, int64_t len, cons
   }
 }
 
-template <int DT, bool ENT>
+// out[c0, c0 + len) (element stride sv, dtype DT) = dz'[j] times the factor (fac[j] under
+// a softcap, the constant g otherwise).
+template <int DT, int TF>
+inline void store_scaled(void* out, int64_t c0, int64_t len, int64_t sv, const float* dz,
+                         const float* fac, const HeadTf& h) {
+  const int64_t nfull = len & ~int64_t(7);
+  if (sv == 1) {
+    auto f = [&](int64_t i) { return TF == kTfCap ? loadv<kF32>(fac, i) : splat(h.g); };
+    for (int64_t i = 0; i < nfull; i += 8) storev<DT>(out, c0 + i, loadv<kF32>(dz, i) * f(i));
+    if (len > nfull) {
+      const int64_t cnt = len - nfull;
+      const v8f fv = TF == kTfCap ? load_tail<kF32>(fac, nfull, cnt, 0.f) : splat(h.g);
+      store_tail<DT>(out, c0 + nfull, cnt, load_tail<kF32>(dz, nfull, cnt, 0.f) * fv);
+    }
+    return;
+  }
+  for (int64_t j = 0; j < len; ++j)
+    store1<DT>(out, (c0 + j) * sv, dz[j] * (TF == kTfCap ? fac[j] : h.g));
+}
+
+template <int DT, bool ENT, int TF>
 void backward_t(const BwdArgs& A) {
   const View3& x = A.x;
   const View3& o = A.out;
@@ -506,6 +608,7 @@ void backward_t(const BwdArgs& A) {
 #pragma omp parallel num_threads(A.nthreads)
   {
     float buf[kChunk];
+    float fbuf[TF == kTfCap ? kChunk : 1];
 #pragma omp for schedule(dynamic, 4)
     for (int64_t n = 0; n < N; ++n) {
       const void* in = row_ptr(x, n);
@@ -523,10 +626,16 @@ void backward_t(const BwdArgs& A) {
                 ENT ? A.entropy[n] : 0.f};
       const int64_t yl = y - A.label_offset;
       const bool has_y = yl >= 0 && yl < V;
-      const float zy = has_y ? load1<DT>(in, yl * x.sv) : 0.f;  // read before any write
+      float zy = has_y ? load1<DT>(in, yl * x.sv) : 0.f;  // read before any write
+      float fy = 1.f;  // the label's factor dz'/dz
+      if (TF != kTfNone) zy = tf1<TF>(zy, A.tf, &fy);
       for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
         const int64_t len = V - c0 < kChunk ? V - c0 : kChunk;
-        if (x.sv == 1 && o.sv == 1) {
+        if (TF != kTfNone) {  // z' and the factors in L1, dz' over z', then dz = dz' factor
+          load_chunk<DT, TF, TF == kTfCap>(in, c0, len, x.sv, buf, fbuf, A.tf);
+          chunk_grad<kF32, kF32, ENT>(buf, buf, 0, len, g);
+          store_scaled<DT, TF>(out, c0, len, o.sv, buf, fbuf, A.tf);
+        } else if (x.sv == 1 && o.sv == 1) {
           chunk_grad<DT, DT, ENT>(in, out, c0, len, g);
         } else {
           for (int64_t j = 0; j < len; ++j) buf[j] = load1<DT>(in, (c0 + j) * x.sv);
@@ -539,18 +648,28 @@ void backward_t(const BwdArgs& A) {
         const float p = expf(d);
         float gy = -g.G * expm1f(d);
         if (ENT) gy -= g.E * p * (d + g.H);
+        if (TF != kTfNone) gy *= fy;
         store1<DT>(out, yl * o.sv, gy);
       }
     }
   }
 }
 
+template <int DT, bool ENT>
+void backward_tf(const BwdArgs& A) {
+  switch (A.tf.kind) {
+    case kTfScale: return backward_t<DT, ENT, kTfScale>(A);
+    case kTfCap: return backward_t<DT, ENT, kTfCap>(A);
+    default: return backward_t<DT, ENT, kTfNone>(A);
+  }
+}
+
 void backward(const BwdArgs& A) {
   const bool ent = A.grad_entropy != nullptr;
   switch (A.x.dtype) {
-    case kF32: return ent ? backward_t<kF32, true>(A) : backward_t<kF32, false>(A);
-    case kBF16: return ent ? backward_t<kBF16, true>(A) : backward_t<kBF16, false>(A);
-    default: return ent ? backward_t<kF16, true>(A) : backward_t<kF16, false>(A);
+    case kF32: return ent ? backward_tf<kF32, true>(A) : backward_tf<kF32, false>(A);
+    case kBF16: return ent ? backward_tf<kBF16, true>(A) : backward_tf<kBF16, false>(A);
+    default: return ent ? backward_tf<kF16, true>(A) : backward_tf<kF16, false>(A);
   }
 }
 

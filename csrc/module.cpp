@@ -8,6 +8,7 @@
 
 #include <sys/mman.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -77,6 +78,24 @@ View3 view(uintptr_t p, DType dt, int64_t B, int64_t T, int64_t V, int64_t sb, i
 
 int threads(int n) { return n < 1 ? 1 : n; }
 
+// The kernels' head transform (common.h HeadTf) from pre = logit_scale, post = 1 / temperature
+// and softcap (0 = none): z' = (softcap tanh(pre z / softcap) if softcap else pre z) post.
+// Products are formed in double and rounded once; a scale of exactly 1 is the identity.
+HeadTf head_tf(double pre, double post, double softcap) {
+  if (!std::isfinite(pre) || !std::isfinite(post) || !std::isfinite(softcap) || softcap < 0)
+    throw std::invalid_argument("pre and post must be finite and softcap finite and >= 0");
+  HeadTf h;
+  h.g = float(pre * post);
+  if (softcap > 0) {
+    h.kind = 2;
+    h.a = float(pre / softcap);
+    h.c = float(softcap * post);
+  } else if (h.g != 1.f) {
+    h.kind = 1;
+  }
+  return h;
+}
+
 // A fresh gradient buffer is first touched by the backward kernel, and on virtual machines
 // the 4 KiB page faults of that first touch can cost more than the kernel itself (about
 // 2 ns per float32 element measured on the 2-core CI VM). Asking for transparent huge pages
@@ -115,19 +134,24 @@ PYBIND11_MODULE(_C, m) {
       "token_logprobs_forward",
       [](uintptr_t logits, DType dtype, int64_t B, int64_t T, int64_t V, int64_t stride_b,
          int64_t stride_t, int64_t stride_v, uintptr_t labels, int64_t ignore_index,
-         uintptr_t logp, uintptr_t entropy, uintptr_t lse, int nthreads) {
+         uintptr_t logp, uintptr_t entropy, uintptr_t lse, int nthreads, double pre,
+         double post, double softcap) {
         FwdArgs a{view(logits, dtype, B, T, V, stride_b, stride_t, stride_v),
                   ptr<const int64_t>(labels), ignore_index, ptr<float>(logp),
-                  entropy ? ptr<float>(entropy) : nullptr, ptr<float>(lse), threads(nthreads)};
+                  entropy ? ptr<float>(entropy) : nullptr, ptr<float>(lse), threads(nthreads),
+                  head_tf(pre, post, softcap)};
         py::gil_scoped_release nogil;
         K().forward(a);
       },
       py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"),
       py::arg("stride_b"), py::arg("stride_t"), py::arg("stride_v"), py::arg("labels"),
       py::arg("ignore_index"), py::arg("logp"), py::arg("entropy"), py::arg("lse"),
-      py::arg("nthreads"),
+      py::arg("nthreads"), py::arg("pre") = 1.0, py::arg("post") = 1.0,
+      py::arg("softcap") = 0.0,
       "Forward over a [B,T,V] view (element strides); entropy = 0 for no entropy. "
-      "labels, logp, entropy, lse: [B*T] (int64 / float32).");
+      "labels, logp, entropy, lse: [B*T] (int64 / float32). Head transform, per element in "
+      "float32: z' = (softcap tanh(pre z / softcap) if softcap else pre z) post (pre = "
+      "logit_scale, post = 1 / temperature, softcap = 0: none; the defaults: identity).");
 
   m.def(
       "token_logprobs_backward",
@@ -135,7 +159,8 @@ PYBIND11_MODULE(_C, m) {
          int64_t stride_t, int64_t stride_v, uintptr_t grad_out, int64_t out_stride_b,
          int64_t out_stride_t, int64_t out_stride_v, uintptr_t labels, int64_t label_offset,
          int64_t ignore_index, uintptr_t lse, uintptr_t entropy, uintptr_t grad_logp,
-         uintptr_t grad_entropy, int64_t row_offset, int nthreads) {
+         uintptr_t grad_entropy, int64_t row_offset, int nthreads, double pre, double post,
+         double softcap) {
         check_row_offset(row_offset);
         const int64_t r0 = row_offset;
         BwdArgs a{view(logits, dtype, B, T, V, stride_b, stride_t, stride_v),
@@ -143,7 +168,7 @@ PYBIND11_MODULE(_C, m) {
                   row<const int64_t>(labels, r0), label_offset, ignore_index,
                   row<const float>(lse, r0), row<const float>(entropy, r0),
                   row<const float>(grad_logp, r0), row<const float>(grad_entropy, r0),
-                  threads(nthreads)};
+                  threads(nthreads), head_tf(pre, post, softcap)};
         if (a.grad_entropy && !a.entropy)
           throw std::invalid_argument("grad_entropy given without the saved entropy");
         py::gil_scoped_release nogil;
@@ -155,10 +180,12 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out_stride_b"), py::arg("out_stride_t"), py::arg("out_stride_v"),
       py::arg("labels"), py::arg("label_offset"), py::arg("ignore_index"), py::arg("lse"),
       py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"),
-      py::arg("row_offset") = 0, py::arg("nthreads") = 1,
+      py::arg("row_offset") = 0, py::arg("nthreads") = 1, py::arg("pre") = 1.0,
+      py::arg("post") = 1.0, py::arg("softcap") = 0.0,
       "Backward into grad_out (may alias logits); grad_entropy = 0 when the entropy has no "
       "gradient. Label y sits at column y - label_offset (fused-linear blocks); the per-row "
-      "arrays are read from row row_offset on.");
+      "arrays are read from row row_offset on. pre, post, softcap: the forward's head "
+      "transform; the gradient is then dL/dz' times dz'/dz, with respect to the raw logits.");
 
   m.def(
       "block_forward",
