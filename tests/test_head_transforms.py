@@ -46,16 +46,12 @@ def transformed(z64: torch.Tensor, kw: dict) -> torch.Tensor:
 
 @contextlib.contextmanager
 def small_blocks(backend: str, block: int | None):
-    """Many chunks: Triton vocabulary chunks of ``block``, CPU row chunks of 2 rows."""
+    """Many chunks: Triton vocabulary chunks of ``block`` (the CPU kernels have no chunk knob)."""
     with contextlib.ExitStack() as stack:
         if block is not None and backend == "triton":
             from cpo_fast.kernels import token_logprobs as tk
 
             stack.enter_context(tk.override_config(block_v=block))
-        if block is not None and backend == "cpu":
-            from cpo_fast.cpu import token_logprobs as ck
-
-            stack.enter_context(ck.override_config(block_rows=2))
         yield
 
 

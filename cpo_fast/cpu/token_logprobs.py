@@ -37,9 +37,6 @@ class Config:
     """Tuning knobs of the CPU token_logprobs kernels."""
 
     num_threads: int | None = None  # None: torch.get_num_threads()
-    # No longer used (head transforms are fused into the kernels, no row chunks); kept so
-    # that existing override_config(block_rows=...) calls stay valid.
-    block_rows: int | None = None
 
 
 _OVERRIDES: dict[str, Any] = {}
