@@ -1,1 +1,0 @@
-"""Triton kernels (installed as ``cpo_fast.kernels``): one op per module."""
