@@ -1,4 +1,10 @@
-"""Build script: packages (kernels/ installs as cpo_fast.kernels) and the optional C++ core.
+"""Build script: packages and the optional C++ core.
+
+The Triton kernels live in the top-level folder kernels/ and are reached as `cpo_fast.kernels`
+through the symlink cpo_fast/kernels -> ../kernels. kernels/ has no __init__.py on purpose:
+from the repository root a regular package named `kernels` would shadow Hugging Face's
+`kernels` distribution (a dependency of transformers), while a folder without one never does
+(Python prefers a regular package found later on sys.path to a namespace portion).
 
 The C++ extension `cpo_fast._C` needs only a C++17 compiler and pybind11 (no libtorch):
 Python passes data pointers, shapes, strides and a dtype enum (`_C.DType`). If it fails to build, the
@@ -14,7 +20,6 @@ from setuptools import setup
 
 packages = ["cpo_fast", "cpo_fast.cpu", "cpo_fast.ops", "cpo_fast.kernels", "cpo_fast.pipeline",
             "cpo_fast.integrations"]
-package_dir = {"cpo_fast.kernels": "kernels"}
 
 ext_modules: list = []
 cmdclass: dict = {}
@@ -53,4 +58,4 @@ if sources and os.environ.get("CPO_FAST_NO_EXT") != "1":
     )
     cmdclass["build_ext"] = OptionalBuildExt
 
-setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=packages, ext_modules=ext_modules, cmdclass=cmdclass)
