@@ -32,6 +32,11 @@ each optimizer step. The RNG state is replayed after the no-grad pass, so with d
 backward passes draw the masks the coefficients were computed with (as long as nothing
 else draws random numbers between Trainer's micro-batches). The logged ``loss`` is the
 effective batch's objective without the regularizers.
+
+Logging: ESS, DM ESS, the max weight shares and the clip fraction of each optimizer step
+go into Trainer's own training log lines (averaged over the steps since the last line, as
+Trainer averages the loss), so every ``report_to`` backend (TensorBoard, W&B, ...) and
+``trainer.state.log_history`` get them.
 """
 
 from __future__ import annotations
@@ -151,7 +156,34 @@ def drcpo_surrogate_loss(model: Any, inputs: dict[str, torch.Tensor], *,
     return value + (grad_part - grad_part.detach())
 
 
-class DRCPOTrainerMixin:
+def diagnostics(out: LossOutput) -> dict[str, float]:
+    """The weight diagnostics of one step that the CLI writes to metrics.jsonl (those set)."""
+    vals = {"ess": out.ess, "max_weight_share": out.max_weight_share,
+            "clip_fraction": out.clip_fraction, "dm_ess": out.dm_ess,
+            "dm_max_weight_share": out.dm_max_weight_share}
+    return {k: float(v) for k, v in vals.items() if v is not None}
+
+
+class LogsDiagnostics:
+    """Trainer mixin: values recorded with :meth:`_cpo_record` once per optimizer step are
+    averaged into the next training log line (the one with ``loss``), so they reach every
+    ``report_to`` backend through Trainer's own callbacks."""
+
+    def _cpo_record(self, values: dict[str, float | None]) -> None:
+        window = self.__dict__.setdefault("_cpo_window", {})
+        for k, v in values.items():
+            if v is not None:
+                window.setdefault(k, []).append(float(v))
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        window = self.__dict__.get("_cpo_window")
+        if window and "loss" in logs:  # a training line: add the window's means, then reset
+            logs = {**logs, **{k: sum(v) / len(v) for k, v in window.items()}}
+            self._cpo_window = {}
+        return super().log(logs, *args, **kwargs)
+
+
+class DRCPOTrainerMixin(LogsDiagnostics):
     """Mix into ``transformers.Trainer`` before it: ``class T(DRCPOTrainerMixin, Trainer)``."""
 
     cpo_loss_kwargs: dict[str, Any] = {}
@@ -169,8 +201,8 @@ class DRCPOTrainerMixin:
             out = effective_batch_coefficients(self.model, batches, **self.cpo_loss_kwargs)
             rng_replay(rng, device)
             self._cpo_effective = out
-            self._cpo_last = {"ess": float(out.ess), "max_weight_share": float(out.max_weight_share),
-                              "clip_fraction": float(out.clip_fraction)}
+            self._cpo_last = diagnostics(out)
+            self._cpo_record(self._cpo_last)  # one optimizer step: to Trainer's next log line
         return batches, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -181,8 +213,9 @@ class DRCPOTrainerMixin:
             loss, out = drcpo_compute_loss(model, inputs, True, **self.cpo_loss_kwargs)
             if model.training:
                 loss = loss / max(1, getattr(self, "current_gradient_accumulation_steps", 1))
-            self._cpo_last = {"ess": float(out.ess), "max_weight_share": float(out.max_weight_share),
-                              "clip_fraction": float(out.clip_fraction)}
+            self._cpo_last = diagnostics(out)
+            if model.training:
+                self._cpo_record(self._cpo_last)
         return (loss, {"ess": out.ess}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):

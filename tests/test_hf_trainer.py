@@ -140,3 +140,28 @@ def test_trainer_ddp_with_accumulation_equals_one_big_batch(tmp_path):
         diff = max(float((big[k] - got[k]).abs().max()) for k in big)
         print(f"Trainer DDP rank {rank}: max |2 ranks - 1 process| {diff:.3g}")
         assert diff < 1e-5
+
+
+def test_trainer_logs_carry_the_weight_diagnostics(tmp_path):
+    """Issue 17 item 5: ESS, DM ESS, max weight share and clip fraction reach Trainer's log
+    lines (so every report_to backend), each the mean over the steps since the last line."""
+    from transformers import TrainerCallback
+
+    seen: list[dict] = []
+
+    class Keep(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            seen.append(dict(logs or {}))
+
+    _, trainer = _train_params(tmp_path, True, 4, 2, "clipped", steps=2)  # logging_steps=1
+    lines = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
+    assert len(lines) == 2
+    for key in ("ess", "dm_ess", "max_weight_share", "dm_max_weight_share", "clip_fraction"):
+        assert all(key in h for h in lines), key
+    assert lines[-1]["ess"] == pytest.approx(trainer._cpo_last["ess"])
+    assert 1.0 <= lines[0]["ess"] <= 8.0 and 0.0 <= lines[0]["clip_fraction"] <= 1.0
+    trainer.add_callback(Keep())  # the same lines go to the callbacks (report_to's route)
+    trainer._cpo_record({"ess": 2.0})
+    trainer._cpo_record({"ess": 4.0})
+    trainer.log({"loss": 0.5})
+    assert seen[-1]["ess"] == 3.0 and seen[-1]["loss"] == 0.5
