@@ -48,10 +48,11 @@ if sources and os.environ.get("CPO_FAST_NO_EXT") != "1":
             sources,
             depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),
             cxx_std=17,
-            # No -march=native and no -ffast-math: the portable build runs anywhere, AVX2+FMA
-            # code is compiled in csrc/kernels_avx2.cpp under a target pragma and picked at
-            # run time, and IEEE semantics (-inf logits, NaN) are kept. Contraction lets the
-            # AVX2 build use FMA.
+            # No -march=native and no -ffast-math: the portable build runs anywhere; AVX2+FMA
+            # and AVX-512 code is compiled in csrc/kernels_avx2.cpp / kernels_avx512.cpp under
+            # target pragmas and picked at run time by CPUID (CPO_FAST_CPU_ISA forces one),
+            # and IEEE semantics (-inf logits, NaN) are kept. Contraction lets the wider
+            # builds use FMA.
             extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi"],
             extra_link_args=["-fopenmp"],
         )

@@ -88,6 +88,7 @@ struct Kernels {
 extern const Kernels kernels_generic;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const Kernels kernels_avx2;
+extern const Kernels kernels_avx512;
 #endif
 
 }  // namespace cpo

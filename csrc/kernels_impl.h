@@ -10,18 +10,28 @@
 // Head transforms (HeadTf, docs/math.md 6.6) replace z by z' element by element as a chunk is
 // read (into an L1 float32 buffer); the backward multiplies dL/dz' by dz'/dz before storing.
 //
-// Vectors are GCC/Clang vector extensions of 8 floats: one ymm register under AVX2, two
-// xmm registers on the baseline build. No -ffast-math: -inf logits and NaNs keep IEEE
+// Vectors are GCC/Clang vector extensions of VW floats (CPO_VW below): one ymm under AVX2,
+// one zmm under AVX-512, two xmm registers on the baseline build. No -ffast-math: -inf logits and NaNs keep IEEE
 // semantics; reductions are explicit lane-wise accumulators so nothing needs reassociation.
 
 namespace cpo {
 namespace CPO_NS {
 namespace {
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
-typedef uint16_t v8h __attribute__((vector_size(16)));
+// CPO_VW: floats per vector (8: one ymm under AVX2, two xmm on the baseline build; 16: one
+// zmm in the AVX-512 build). Every loop below steps by VW, so one source serves all widths.
+#ifndef CPO_VW
+#define CPO_VW 8
+#endif
+constexpr int VW = CPO_VW;
+static_assert(VW == 8 || VW == 16, "CPO_VW must be 8 or 16");
+// Hot vector helpers must inline: a call per vector spills the accumulators and reloads
+// every constant (GCC 12 left exp_reduced out of line in the AVX2 build: about 2x slower).
+#define CPO_HOT inline __attribute__((always_inline))
+typedef float vf __attribute__((vector_size(4 * CPO_VW)));
+typedef int32_t vi __attribute__((vector_size(4 * CPO_VW)));
+typedef uint32_t vu __attribute__((vector_size(4 * CPO_VW)));
+typedef uint16_t vh __attribute__((vector_size(2 * CPO_VW)));
 
 constexpr int64_t kChunk = 1024;  // elements per chunk: L1-resident between the two sweeps
 // Differences z - m (<= 0) are clamped below at kDMin before the kernel exp: it turns
@@ -29,30 +39,38 @@ constexpr int64_t kChunk = 1024;  // elements per chunk: L1-resident between the
 // exp(kDMin) is exactly 0 in kexp (see there).
 constexpr float kDMin = -88.f;
 
-inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
-inline v8f vmax(v8f a, v8f b) { return a > b ? a : b; }
+CPO_HOT vf splat(float x) {  // an initializer list folds to one broadcast (a loop did not)
+#if CPO_VW == 16
+  return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#else
+  return vf{x, x, x, x, x, x, x, x};
+#endif
+}
+CPO_HOT vf vmax(vf a, vf b) { return a > b ? a : b; }
 // max(x, lo) that keeps a NaN x (so NaN logits give NaN results, not silently -150).
-inline v8f clamp_lo(v8f x, v8f lo) { return lo > x ? lo : x; }  // = maxps(lo, x)
+CPO_HOT vf clamp_lo(vf x, vf lo) { return lo > x ? lo : x; }  // = maxps(lo, x)
 inline float fmax1(float a, float b) { return a > b ? a : b; }
-inline float hmax(v8f v) {
+CPO_HOT float hmax(vf v) {
   float r = v[0];
-  for (int i = 1; i < 8; ++i) r = fmax1(r, v[i]);
+  for (int i = 1; i < VW; ++i) r = fmax1(r, v[i]);
   return r;
 }
-inline float hsum(v8f v) {  // fixed pairwise order: deterministic
-  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+CPO_HOT float hsum(vf v) {  // fixed pairwise tree (halves folded): deterministic per width
+  for (int w = VW / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) v[i] = v[i] + v[i + w];
+  return v[0];
 }
 
 // The range reduction shared by both exps below: x = n ln2 + r with |r| <= ln2/2
 // (Cody-Waite, ln2 in two parts) and Cephes' minimax polynomial for e^r. Returns e^r and
 // sets t = n + 1.5 * 2^23, whose low mantissa bits hold the integer n.
-inline v8f exp_reduced(v8f x, v8f& t) {
-  const v8f magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+CPO_HOT vf exp_reduced(vf x, vf& t) {
+  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
   t = x * splat(1.44269504088896341f) + magic;
-  const v8f n = t - magic;
-  v8f r = x - n * splat(0.693359375f);
+  const vf n = t - magic;
+  vf r = x - n * splat(0.693359375f);
   r = r - n * splat(-2.12194440e-4f);
-  v8f p = splat(1.9875691500e-4f);
+  vf p = splat(1.9875691500e-4f);
   p = p * r + splat(1.3981999507e-3f);
   p = p * r + splat(8.3334519073e-3f);
   p = p * r + splat(4.1665795894e-2f);
@@ -61,21 +79,21 @@ inline v8f exp_reduced(v8f x, v8f& t) {
   return p * (r * r) + r + splat(1.f);
 }
 
-// exp(x) for 8 floats: e^r from exp_reduced, then a scale by 2^n split in two halves so
+// exp(x) lane-wise: e^r from exp_reduced, then a scale by 2^n split in two halves so
 // that results in the subnormal range (x down to about -103.97) round once, and overflow
 // gives +inf. Measured error: within 2 ulp of the correctly rounded float32 result (tests
 // sweep it). vexp_core needs x in [-150, 89] (or NaN); vexp clamps first.
-inline v8f vexp_core(v8f x) {
-  v8f t;
-  const v8f e = exp_reduced(x, t);
-  const v8i ni = (v8i)t - (v8i)splat(12582912.f);
-  const v8i n1 = ni >> 1;
-  const v8i n2 = ni - n1;
-  const v8f s1 = (v8f)((n1 + 127) << 23);
-  const v8f s2 = (v8f)((n2 + 127) << 23);
+CPO_HOT vf vexp_core(vf x) {
+  vf t;
+  const vf e = exp_reduced(x, t);
+  const vi ni = (vi)t - (vi)splat(12582912.f);
+  const vi n1 = ni >> 1;
+  const vi n2 = ni - n1;
+  const vf s1 = (vf)((n1 + 127) << 23);
+  const vf s2 = (vf)((n2 + 127) << 23);
   return (e * s1) * s2;
 }
-inline v8f vexp(v8f x) {
+CPO_HOT vf vexp(vf x) {
   x = clamp_lo(x, splat(-150.f));  // NaN fails both comparisons and propagates
   x = x > splat(89.f) ? splat(89.f) : x;
   return vexp_core(x);
@@ -86,12 +104,12 @@ inline v8f vexp(v8f x) {
 // x < about -87.68 (a flush of results below 2^-126; they do not change a sum that holds
 // a 1, and a gradient that small is 0 to within 1e-38). Same polynomial as vexp, so the
 // same error (<= 2 ulp, tested) for results >= 2^-126.
-inline v8f kexp(v8f x) {
-  v8f t;
-  const v8f e = exp_reduced(x, t);
+CPO_HOT vf kexp(vf x) {
+  vf t;
+  const vf e = exp_reduced(x, t);
   // bits(t) = bits(magic) + n: fold the exponent bias into one integer add
-  const v8i biased = (v8i)t + (int32_t)(127u - 0x4b400000u);
-  return e * (v8f)(biased << 23);
+  const vi biased = (vi)t + (int32_t)(127u - 0x4b400000u);
+  return e * (vf)(biased << 23);
 }
 
 // ---- dtype conversion -------------------------------------------------------------------
@@ -146,10 +164,10 @@ inline uint16_t f2h(float f) {
 inline float bf2f(uint16_t h) { return bits2f((uint32_t)h << 16); }
 
 // The one float -> bfloat16 rounding (round to nearest even; a NaN stays a quiet NaN), for
-// a float (F = float, U = uint32_t) or 8 of them (F = v8f, U = v8u): the bf16 bits come
+// a float (F = float, U = uint32_t) or VW of them (F = vf, U = vu): the bf16 bits come
 // back in the low 16 bits of each U.
 template <class F, class U>
-inline U bf16_round(F v) {
+CPO_HOT U bf16_round(F v) {
   U u;
   __builtin_memcpy(&u, &v, sizeof(U));
   const U r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
@@ -177,74 +195,78 @@ template <> inline void store1<kBF16>(void* p, int64_t i, float v) {
 }
 template <> inline void store1<kF16>(void* p, int64_t i, float v) { ((uint16_t*)p)[i] = f2h(v); }
 
-// 8 contiguous elements starting at index i.
-template <int DT> inline v8f loadv(const void* p, int64_t i);
-template <> inline v8f loadv<kF32>(const void* p, int64_t i) {
-  v8f r;
-  __builtin_memcpy(&r, (const float*)p + i, 32);
+// VW contiguous elements starting at index i.
+template <int DT> CPO_HOT vf loadv(const void* p, int64_t i);
+template <> CPO_HOT vf loadv<kF32>(const void* p, int64_t i) {
+  vf r;
+  __builtin_memcpy(&r, (const float*)p + i, sizeof(vf));
   return r;
 }
-template <> inline v8f loadv<kBF16>(const void* p, int64_t i) {
-  v8h h;
-  __builtin_memcpy(&h, (const uint16_t*)p + i, 16);
-  return (v8f)(__builtin_convertvector(h, v8u) << 16);
+template <> CPO_HOT vf loadv<kBF16>(const void* p, int64_t i) {
+  vh h;
+  __builtin_memcpy(&h, (const uint16_t*)p + i, sizeof(vh));
+  return (vf)(__builtin_convertvector(h, vu) << 16);
 }
-template <> inline v8f loadv<kF16>(const void* p, int64_t i) {
-  v8f r;
-  for (int j = 0; j < 8; ++j) r[j] = h2f(((const uint16_t*)p)[i + j]);
+template <> CPO_HOT vf loadv<kF16>(const void* p, int64_t i) {
+  vf r;
+  for (int j = 0; j < VW; ++j) r[j] = h2f(((const uint16_t*)p)[i + j]);
   return r;
 }
-template <int DT> inline void storev(void* p, int64_t i, v8f v);
-template <> inline void storev<kF32>(void* p, int64_t i, v8f v) {
-  __builtin_memcpy((float*)p + i, &v, 32);
+template <int DT> CPO_HOT void storev(void* p, int64_t i, vf v);
+template <> CPO_HOT void storev<kF32>(void* p, int64_t i, vf v) {
+  __builtin_memcpy((float*)p + i, &v, sizeof(vf));
 }
-template <> inline void storev<kBF16>(void* p, int64_t i, v8f v) {
-  const v8h h = __builtin_convertvector((bf16_round<v8f, v8u>(v)), v8h);
-  __builtin_memcpy((uint16_t*)p + i, &h, 16);
+template <> CPO_HOT void storev<kBF16>(void* p, int64_t i, vf v) {
+  const vh h = __builtin_convertvector((bf16_round<vf, vu>(v)), vh);
+  __builtin_memcpy((uint16_t*)p + i, &h, sizeof(vh));
 }
-template <> inline void storev<kF16>(void* p, int64_t i, v8f v) {
-  for (int j = 0; j < 8; ++j) ((uint16_t*)p)[i + j] = f2h(v[j]);
+template <> CPO_HOT void storev<kF16>(void* p, int64_t i, vf v) {
+  for (int j = 0; j < VW; ++j) ((uint16_t*)p)[i + j] = f2h(v[j]);
 }
-// The last cnt < 8 elements, padded with pad.
-template <int DT> inline v8f load_tail(const void* p, int64_t i, int64_t cnt, float pad) {
-  v8f r = splat(pad);
+// The last cnt < VW elements, padded with pad.
+template <int DT> inline vf load_tail(const void* p, int64_t i, int64_t cnt, float pad) {
+  vf r = splat(pad);
   for (int64_t j = 0; j < cnt; ++j) r[j] = load1<DT>(p, i + j);
   return r;
 }
-template <int DT> inline void store_tail(void* p, int64_t i, int64_t cnt, v8f v) {
+template <int DT> inline void store_tail(void* p, int64_t i, int64_t cnt, vf v) {
   for (int64_t j = 0; j < cnt; ++j) store1<DT>(p, i + j, v[j]);
 }
 
-// 16 elements as two vectors, for loops that are order-agnostic per element as long as
+// 2 VW elements as two vectors, for loops that are order-agnostic per element as long as
 // store16 puts each value back where load16 found it. bf16 uses the per-128-bit-lane
 // unpack (vpunpck{l,h}wd with zeros) and its inverse, the per-lane pack (vpackusdw):
 // one instruction each way instead of widening conversions plus cross-lane moves.
-typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef uint16_t v2h __attribute__((vector_size(32)));
 #if defined(__clang__)
 #define CPO_SHUFFLE16(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
-#define CPO_SHUFFLE16(a, b, ...) __builtin_shuffle(a, b, v16h{__VA_ARGS__})
+#define CPO_SHUFFLE16(a, b, ...) __builtin_shuffle(a, b, v2h{__VA_ARGS__})
 #endif
-template <int DT> inline void load16(const void* p, int64_t i, v8f& a, v8f& b) {
+template <int DT> CPO_HOT void load16(const void* p, int64_t i, vf& a, vf& b) {
   a = loadv<DT>(p, i);
-  b = loadv<DT>(p, i + 8);
+  b = loadv<DT>(p, i + VW);
 }
-template <> inline void load16<kBF16>(const void* p, int64_t i, v8f& a, v8f& b) {
-  v16h x;
+#if CPO_VW == 8  // AVX-512 (VW = 16): vpmovzxwd / vpmovdw are single instructions
+template <> CPO_HOT void load16<kBF16>(const void* p, int64_t i, vf& a, vf& b) {
+  v2h x;
   __builtin_memcpy(&x, (const uint16_t*)p + i, 32);
-  const v16h z = {};
-  a = (v8f)CPO_SHUFFLE16(z, x, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27);
-  b = (v8f)CPO_SHUFFLE16(z, x, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31);
+  const v2h z = {};
+  a = (vf)CPO_SHUFFLE16(z, x, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27);
+  b = (vf)CPO_SHUFFLE16(z, x, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31);
 }
-template <int DT> inline void store16(void* p, int64_t i, v8f a, v8f b) {
+#endif
+template <int DT> CPO_HOT void store16(void* p, int64_t i, vf a, vf b) {
   storev<DT>(p, i, a);
-  storev<DT>(p, i + 8, b);
+  storev<DT>(p, i + VW, b);
 }
-template <> inline void store16<kBF16>(void* p, int64_t i, v8f a, v8f b) {
-  const v16h ra = (v16h)bf16_round<v8f, v8u>(a), rb = (v16h)bf16_round<v8f, v8u>(b);
-  const v16h x = CPO_SHUFFLE16(ra, rb, 0, 2, 4, 6, 16, 18, 20, 22, 8, 10, 12, 14, 24, 26, 28, 30);
+#if CPO_VW == 8
+template <> CPO_HOT void store16<kBF16>(void* p, int64_t i, vf a, vf b) {
+  const v2h ra = (v2h)bf16_round<vf, vu>(a), rb = (v2h)bf16_round<vf, vu>(b);
+  const v2h x = CPO_SHUFFLE16(ra, rb, 0, 2, 4, 6, 16, 18, 20, 22, 8, 10, 12, 14, 24, 26, 28, 30);
   __builtin_memcpy((uint16_t*)p + i, &x, 32);
 }
+#endif
 
 constexpr int64_t esize(int dt) { return dt == kF32 ? 4 : 2; }
 
@@ -253,31 +275,31 @@ constexpr int64_t esize(int dt) { return dt == kF32 ? 4 : 2; }
 // (dz = dz' g); kTfCap z' = c tanh(a z) (dz = dz' g (1 - tanh^2)). All in float32.
 enum { kTfNone = 0, kTfScale = 1, kTfCap = 2 };
 
-inline v8f vabs(v8f x) { return (v8f)((v8u)x & 0x7fffffffu); }
+CPO_HOT vf vabs(vf x) { return (vf)((vu)x & 0x7fffffffu); }
 // |mag| with the sign bit of x (mag >= 0).
-inline v8f with_sign_of(v8f mag, v8f x) { return (v8f)((v8u)mag | ((v8u)x & 0x80000000u)); }
+CPO_HOT vf with_sign_of(vf mag, vf x) { return (vf)((vu)mag | ((vu)x & 0x80000000u)); }
 
-// z' of 8 raw logits (TF != kTfNone) and, with FAC, the factor dz'/dz into fac.
+// z' of VW raw logits (TF != kTfNone) and, with FAC, the factor dz'/dz into fac.
 // tanh from e = exp(-2|x|) in (0, 1] (vexp: never overflows): tanh x = sign(x)(1-e)/(1+e)
 // and 1 - tanh^2 = 4e/(1+e)^2. x = -inf gives e = 0, so z' = -c (finite) with factor 0;
 // a NaN stays NaN in both.
 template <int TF, bool FAC>
-inline v8f tf_vec(v8f z, const HeadTf& h, v8f& fac) {
+CPO_HOT vf tf_vec(vf z, const HeadTf& h, vf& fac) {
   if (TF == kTfScale) {
     if (FAC) fac = splat(h.g);
     return z * splat(h.g);
   }
-  const v8f x = z * splat(h.a);
-  const v8f e = vexp(splat(-2.f) * vabs(x));
-  const v8f q = splat(1.f) / (splat(1.f) + e);
+  const vf x = z * splat(h.a);
+  const vf e = vexp(splat(-2.f) * vabs(x));
+  const vf q = splat(1.f) / (splat(1.f) + e);
   if (FAC) fac = splat(4.f * h.g) * e * (q * q);
   return splat(h.c) * with_sign_of((splat(1.f) - e) * q, x);
 }
 // One element, through the same vector code (bit-identical to the chunks' values).
 template <int TF>
 inline float tf1(float z, const HeadTf& h, float* fac) {
-  v8f f;
-  const v8f r = tf_vec<TF, true>(splat(z), h, f);
+  vf f;
+  const vf r = tf_vec<TF, true>(splat(z), h, f);
   if (fac) *fac = f[0];
   return r[0];
 }
@@ -288,14 +310,14 @@ inline float tf1(float z, const HeadTf& h, float* fac) {
 template <int DT, int TF, bool FAC>
 inline void tf_chunk(const void* src, int64_t off, int64_t len, float* dst, float* fac,
                      const HeadTf& h) {
-  const int64_t nfull = len & ~int64_t(7);
-  v8f f;
-  for (int64_t i = 0; i < nfull; i += 8) {
+  const int64_t nfull = len & ~int64_t(VW - 1);
+  vf f;
+  for (int64_t i = 0; i < nfull; i += VW) {
     storev<kF32>(dst, i, tf_vec<TF, FAC>(loadv<DT>(src, off + i), h, f));
     if (FAC) storev<kF32>(fac, i, f);
   }
   if (len > nfull) {
-    const v8f z = tf_vec<TF, FAC>(load_tail<DT>(src, off + nfull, len - nfull, 0.f), h, f);
+    const vf z = tf_vec<TF, FAC>(load_tail<DT>(src, off + nfull, len - nfull, 0.f), h, f);
     store_tail<kF32>(dst, nfull, len - nfull, z);
     if (FAC) store_tail<kF32>(fac, nfull, len - nfull, f);
   }
@@ -322,7 +344,7 @@ struct Stats {
 
 struct Acc {
   float m = -FLT_MAX;  // finite start: no (-inf) - (-inf) on the first rescale
-  v8f s0 = {}, s1 = {}, a0 = {}, a1 = {};
+  vf s0 = {}, s1 = {}, a0 = {}, a1 = {};
 };
 
 // One chunk (contiguous, L1-resident): max sweep, rescale if the max grew, exp sweep.
@@ -335,21 +357,21 @@ inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out,
                         float* e_out = nullptr, float* ed_out = nullptr) {
   static_assert(!WRITE || DT == kF32, "the written e buffers are float32 like the input");
   Acc acc = acc_out;  // a local copy: stores through p cannot alias it, so it stays in registers
-  const int64_t nfull = len & ~int64_t(7);
-  const v8f tail = load_tail<DT>(p, off + nfull, len - nfull, -INFINITY);
-  v8f mx0 = splat(-FLT_MAX), mx1 = mx0;
+  const int64_t nfull = len & ~int64_t(VW - 1);
+  const vf tail = load_tail<DT>(p, off + nfull, len - nfull, -INFINITY);
+  vf mx0 = splat(-FLT_MAX), mx1 = mx0;
   int64_t i = 0;
-  for (; i + 16 <= nfull; i += 16) {
-    v8f z0, z1;
+  for (; i + 2 * VW <= nfull; i += 2 * VW) {
+    vf z0, z1;
     load16<DT>(p, off + i, z0, z1);
     mx0 = vmax(mx0, z0);
     mx1 = vmax(mx1, z1);
   }
-  for (; i < nfull; i += 8) mx0 = vmax(mx0, loadv<DT>(p, off + i));
+  for (; i < nfull; i += VW) mx0 = vmax(mx0, loadv<DT>(p, off + i));
   const float cm = hmax(vmax(vmax(mx0, mx1), tail));
   if (cm > acc.m) {
     const float d = fmax1(acc.m - cm, kDMin);
-    const v8f c = splat(expf(d)), dv = splat(d);
+    const vf c = splat(expf(d)), dv = splat(d);
     if (ENT) {
       acc.a0 = c * (acc.a0 + acc.s0 * dv);
       acc.a1 = c * (acc.a1 + acc.s1 * dv);
@@ -358,14 +380,14 @@ inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out,
     acc.s1 *= c;
     acc.m = cm;
   }
-  const v8f mm = splat(acc.m), dmin = splat(kDMin);
+  const vf mm = splat(acc.m), dmin = splat(kDMin);
   i = 0;
-  for (; i + 16 <= nfull; i += 16) {
-    v8f z0, z1;
+  for (; i + 2 * VW <= nfull; i += 2 * VW) {
+    vf z0, z1;
     load16<DT>(p, off + i, z0, z1);
-    const v8f d0 = clamp_lo(z0 - mm, dmin);
-    const v8f d1 = clamp_lo(z1 - mm, dmin);
-    const v8f e0 = kexp(d0), e1 = kexp(d1);
+    const vf d0 = clamp_lo(z0 - mm, dmin);
+    const vf d1 = clamp_lo(z1 - mm, dmin);
+    const vf e0 = kexp(d0), e1 = kexp(d1);
     acc.s0 += e0;
     acc.s1 += e1;
     if (ENT) {
@@ -374,16 +396,16 @@ inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out,
     }
     if (WRITE) {
       storev<kF32>(e_out, off + i, e0);
-      storev<kF32>(e_out, off + i + 8, e1);
+      storev<kF32>(e_out, off + i + VW, e1);
       if (ENT) {
         storev<kF32>(ed_out, off + i, e0 * d0);
-        storev<kF32>(ed_out, off + i + 8, e1 * d1);
+        storev<kF32>(ed_out, off + i + VW, e1 * d1);
       }
     }
   }
-  for (; i < nfull; i += 8) {
-    const v8f d0 = clamp_lo(loadv<DT>(p, off + i) - mm, dmin);
-    const v8f e0 = kexp(d0);
+  for (; i < nfull; i += VW) {
+    const vf d0 = clamp_lo(loadv<DT>(p, off + i) - mm, dmin);
+    const vf e0 = kexp(d0);
     acc.s0 += e0;
     if (ENT) acc.a0 += e0 * d0;
     if (WRITE) {
@@ -392,8 +414,8 @@ inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out,
     }
   }
   if (len > nfull) {
-    const v8f d1 = clamp_lo(tail - mm, dmin);  // -inf padding: e = 0, e * d = 0
-    const v8f e1 = kexp(d1);
+    const vf d1 = clamp_lo(tail - mm, dmin);  // -inf padding: e = 0, e * d = 0
+    const vf e1 = kexp(d1);
     acc.s1 += e1;
     if (ENT) acc.a1 += e1 * d1;
     if (WRITE) {
@@ -554,9 +576,9 @@ struct RowGrad {
 };
 
 template <int IDT, int ODT, bool ENT>
-inline v8f grad_vec(v8f z, const RowGrad& g) {
-  const v8f d = clamp_lo(z - splat(g.lse), splat(kDMin));  // log p, clamped: p = 0 below
-  const v8f p = kexp(d);
+CPO_HOT vf grad_vec(vf z, const RowGrad& g) {
+  const vf d = clamp_lo(z - splat(g.lse), splat(kDMin));  // log p, clamped: p = 0 below
+  const vf p = kexp(d);
   if (ENT) return -p * (splat(g.G) + splat(g.E) * (d + splat(g.H)));
   return -p * splat(g.G);
 }
@@ -564,18 +586,18 @@ inline v8f grad_vec(v8f z, const RowGrad& g) {
 // Gradient of one contiguous chunk, every element read before its own slot is written.
 template <int IDT, int ODT, bool ENT>
 inline void chunk_grad(const void* in, void* out, int64_t off, int64_t len, const RowGrad& g) {
-  const int64_t nfull = len & ~int64_t(7);
+  const int64_t nfull = len & ~int64_t(VW - 1);
   int64_t i = 0;
-  for (; i + 16 <= nfull; i += 16) {
-    v8f z0, z1;
+  for (; i + 2 * VW <= nfull; i += 2 * VW) {
+    vf z0, z1;
     load16<IDT>(in, off + i, z0, z1);
     static_assert(IDT == ODT, "load16/store16 orders must match");
     store16<ODT>(out, off + i, grad_vec<IDT, ODT, ENT>(z0, g), grad_vec<IDT, ODT, ENT>(z1, g));
   }
-  for (; i < nfull; i += 8)
+  for (; i < nfull; i += VW)
     storev<ODT>(out, off + i, grad_vec<IDT, ODT, ENT>(loadv<IDT>(in, off + i), g));
   if (len > nfull) {
-    const v8f z = load_tail<IDT>(in, off + nfull, len - nfull, 0.f);
+    const vf z = load_tail<IDT>(in, off + nfull, len - nfull, 0.f);
     store_tail<ODT>(out, off + nfull, len - nfull, grad_vec<IDT, ODT, ENT>(z, g));
   }
 }
@@ -585,13 +607,13 @@ inline void chunk_grad(const void* in, void* out, int64_t off, int64_t len, cons
 template <int DT, int TF>
 inline void store_scaled(void* out, int64_t c0, int64_t len, int64_t sv, const float* dz,
                          const float* fac, const HeadTf& h) {
-  const int64_t nfull = len & ~int64_t(7);
+  const int64_t nfull = len & ~int64_t(VW - 1);
   if (sv == 1) {
     auto f = [&](int64_t i) { return TF == kTfCap ? loadv<kF32>(fac, i) : splat(h.g); };
-    for (int64_t i = 0; i < nfull; i += 8) storev<DT>(out, c0 + i, loadv<kF32>(dz, i) * f(i));
+    for (int64_t i = 0; i < nfull; i += VW) storev<DT>(out, c0 + i, loadv<kF32>(dz, i) * f(i));
     if (len > nfull) {
       const int64_t cnt = len - nfull;
-      const v8f fv = TF == kTfCap ? load_tail<kF32>(fac, nfull, cnt, 0.f) : splat(h.g);
+      const vf fv = TF == kTfCap ? load_tail<kF32>(fac, nfull, cnt, 0.f) : splat(h.g);
       store_tail<DT>(out, c0 + nfull, cnt, load_tail<kF32>(dz, nfull, cnt, 0.f) * fv);
     }
     return;
@@ -677,13 +699,13 @@ void backward(const BwdArgs& A) {
 
 // kernel = true: the kernels' variant (inputs clamped to [kDMin, 0] first).
 void exp_f32(const float* x, float* y, int64_t n, bool kernel) {
-  const int64_t nfull = n & ~int64_t(7);
-  auto f = [kernel](v8f v) {
+  const int64_t nfull = n & ~int64_t(VW - 1);
+  auto f = [kernel](vf v) {
     if (!kernel) return vexp(v);
     v = clamp_lo(v, splat(kDMin));
     return kexp(v > splat(0.f) ? splat(0.f) : v);
   };
-  for (int64_t i = 0; i < nfull; i += 8) storev<kF32>(y, i, f(loadv<kF32>(x, i)));
+  for (int64_t i = 0; i < nfull; i += VW) storev<kF32>(y, i, f(loadv<kF32>(x, i)));
   if (n > nfull)
     store_tail<kF32>(y, nfull, n - nfull, f(load_tail<kF32>(x, nfull, n - nfull, 0.f)));
 }

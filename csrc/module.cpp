@@ -5,6 +5,7 @@
 // and contiguity. Per-row arrays (labels, lse, entropy, gradients, running statistics)
 // are passed as the address of row 0 plus a row_offset in rows, never a byte offset.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <sys/mman.h>
 
@@ -13,6 +14,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "common.h"
 
@@ -21,33 +23,47 @@ using namespace cpo;
 
 namespace {
 
-const Kernels* pick_best() {
+// The builds this CPU can run, best first. __builtin_cpu_supports also checks that the OS
+// saves the wider registers (XGETBV), so a listed build never faults.
+std::vector<const Kernels*> usable() {
+  std::vector<const Kernels*> out;
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &kernels_avx2;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    out.push_back(&kernels_avx512);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out.push_back(&kernels_avx2);
 #endif
-  return &kernels_generic;
+  out.push_back(&kernels_generic);
+  return out;
+}
+
+// "best" or a build's name; an unknown name or one this CPU cannot run is an error.
+const Kernels* find_isa(const std::string& name, const char* origin) {
+  const std::vector<const Kernels*> ks = usable();
+  if (name == "best") return ks.front();
+  std::string names;
+  for (const Kernels* k : ks) {
+    if (name == k->name) return k;
+    names += std::string(names.empty() ? "" : ", ") + "'" + k->name + "'";
+  }
+  throw std::invalid_argument(std::string(origin) + ": '" + name +
+                              "' is not a kernel build this CPU can run; use 'best' or one of " +
+                              names);
 }
 
 const Kernels* g_kernels = nullptr;
 
 const Kernels& K() {
   if (!g_kernels) {
+    // CPO_FAST_CPU_ISA = best | avx512 | avx2 | generic forces a build (tests, comparisons).
     const char* env = std::getenv("CPO_FAST_CPU_ISA");
-    g_kernels = (env && std::strcmp(env, "generic") == 0) ? &kernels_generic : pick_best();
+    g_kernels = find_isa(env && *env ? env : "best", "CPO_FAST_CPU_ISA");
   }
   return *g_kernels;
 }
 
-void set_isa(const std::string& name) {
-  if (name == "generic") {
-    g_kernels = &kernels_generic;
-  } else if (name == "best") {
-    g_kernels = pick_best();
-  } else {
-    throw std::invalid_argument("set_isa: name must be 'generic' or 'best', got '" + name + "'");
-  }
-}
+void set_isa(const std::string& name) { g_kernels = find_isa(name, "set_isa(name)"); }
 
 void check_dtype(DType dt) {
   if (dt != kF32 && dt != kBF16 && dt != kF16)
@@ -128,7 +144,16 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("isa", [] { return std::string(K().name); }, "Name of the kernel build in use.");
   m.def("set_isa", &set_isa, py::arg("name"),
-        "'generic' forces the baseline build, 'best' the fastest the CPU supports.");
+        "Force a kernel build: 'best' (the fastest this CPU supports), 'avx512', 'avx2' or "
+        "'generic'; one the CPU cannot run raises ValueError.");
+  m.def(
+      "isas",
+      [] {
+        std::vector<std::string> names;
+        for (const Kernels* k : usable()) names.push_back(k->name);
+        return names;
+      },
+      "The kernel builds this CPU can run, best first.");
 
   m.def(
       "token_logprobs_forward",

@@ -4,7 +4,7 @@ Both ops, forward values and gradients, on hypothesis-drawn shapes: odd V, V not
 multiple of the 8-wide vectors nor of the 1024-element chunks, N = 1, ignored and
 all-ignored rows, non-contiguous rows (``logits[:, :-1, :]``) and a non-unit vocabulary
 stride, fp32 / bf16 / fp16, logits of magnitude 1e4, -inf entries off the label. Also:
-both ISA builds (AVX2 and generic), thread-count independence, in-place backward, and the
+every ISA build this CPU runs (AVX-512, AVX2, generic), thread-count independence, in-place backward, and the
 vectorized exp's error in ulp over a dense sweep of its input range.
 """
 
@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -37,9 +40,14 @@ STORE_TOL = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}
 EPS32 = 2.0**-23
 
 
-@pytest.fixture(params=["best", "generic"])
+ISAS = ["avx512", "avx2", "generic"]
+
+
+@pytest.fixture(params=ISAS)
 def isa(request):
-    """Run a test on the runtime-selected build (AVX2 here) and on the portable one."""
+    """Run a test on each kernel build (skipped where this CPU cannot run it)."""
+    if request.param not in _C.isas():
+        pytest.skip(f"this CPU cannot run the {request.param} build")
     _C.set_isa(request.param)
     yield request.param
     _C.set_isa("best")
@@ -225,12 +233,25 @@ def test_isa_builds_agree():
     x = torch.randn(9, 2049) * 4
     labels = torch.randint(0, 2049, (9,))
     res = {}
-    for name in ("best", "generic"):
+    for name in _C.isas():
         _C.set_isa(name)
         res[name] = cpo_fast.token_logprobs(x, labels, with_entropy=True, backend="cpu")
     _C.set_isa("best")
-    for a, b in zip(res["best"], res["generic"], strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
+    assert len(res) >= 1 and _C.isa() == _C.isas()[0]
+    for name in _C.isas()[1:]:
+        for a, b in zip(res[_C.isas()[0]], res[name], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
+
+
+def test_isa_can_be_forced_by_name_and_environment():
+    with pytest.raises(ValueError, match="not a kernel build this CPU can run"):
+        _C.set_isa("avx1024")
+    for name in _C.isas():
+        proc = subprocess.run(
+            [sys.executable, "-c", "from cpo_fast import _C; print(_C.isa())"],
+            env={**os.environ, "CPO_FAST_CPU_ISA": name}, capture_output=True, text=True,
+            check=True)
+        assert proc.stdout.strip() == name
 
 
 def test_backend_errors_are_clear():
