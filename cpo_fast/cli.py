@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from cpo_fast.pipeline.config import (
@@ -38,7 +39,9 @@ from cpo_fast.pipeline.config import (
     load_yaml,
     saved_settings,
 )
+from cpo_fast.pipeline.estimate import describe
 from cpo_fast.pipeline.layout import RunLayout
+from cpo_fast.pipeline.preflight import preflight
 from cpo_fast.pipeline.signals import TrainingInterrupted
 
 
@@ -95,11 +98,23 @@ def load_policy(prep, model_dir: str | Path):
     return _load(prep.f0_dir, model_dir, prep.device)
 
 
-def _policy(prep, cfg, model_dir: str | None):
+def _policy_dir(cfg, model_dir: str | None) -> str:
+    """The policy a generate / evaluate command reads; checked before any stage runs."""
+    if model_dir == "f0":
+        return model_dir
+    md = model_dir or str(RunLayout(cfg.output_dir).method(cfg.method) / "model")
+    if not Path(md).is_dir():
+        how = ("--model-dir" if model_dir else
+               f"--method {cfg.method} (no trained model in {md}; train it first, or pass "
+               "--model-dir DIR, or --model-dir f0 for f_0 itself)")
+        raise ValueError(f"{how}: {md} is not a model directory." if model_dir else how + ".")
+    return md
+
+
+def _policy(prep, cfg, model_dir: str):
     if model_dir == "f0":
         return prep.load_f0(), "f_0"
-    md = model_dir or str(RunLayout(cfg.output_dir).method(cfg.method) / "model")
-    return load_policy(prep, md), cfg.method
+    return load_policy(prep, model_dir), cfg.method
 
 
 def _explicit(args) -> set[str]:
@@ -119,7 +134,9 @@ def run_config(args) -> RunConfig:
     top = saved_settings(lay.config)
     method = probe.method if "method" in _explicit(args) else top.get("method", probe.method)
     base = {**top, **saved_settings(lay.method(method) / "config.json"), "method": method}
-    return config_from(args, base=base)
+    cfg = config_from(args, base=base)
+    preflight(cfg, args.command)
+    return cfg
 
 
 def cmd_demo(args) -> int:
@@ -128,7 +145,7 @@ def cmd_demo(args) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
     if args.config:
         overrides = {**load_yaml(args.config), **overrides}
-    out = overrides.pop("output_dir", "runs/demo")
+    out = overrides.pop("output_dir", _demo_dir(args))
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     run_demo(out, quick=args.quick, rows=args.rows, methods=methods,
              confounding=args.confounding, noise=args.noise, **overrides)
@@ -165,8 +182,9 @@ def cmd_train(args) -> int:
         result.update(_evaluate_pair(prep, policy, cfg))
     result["seconds"] = time.perf_counter() - t0
     update_results(mdir / "results.json", result)
-    print(f"[train] wrote {mdir}/ (model/, checkpoint/, metrics.jsonl, plots/, results.json) "
-          f"and {prep.layout.root / 'eval'}/")
+    evaluated = summary["finished"] and not args.no_eval
+    print(f"[train] wrote {mdir}/ (model/, checkpoint/, metrics.jsonl, plots/, results.json)"
+          + (f" and {prep.layout.root / 'eval'}/" if evaluated else ""))
     return 0
 
 
@@ -199,7 +217,7 @@ def _evaluate_pair(prep, policy, cfg) -> dict:
     for r in (before, after):
         op = r.get("off_policy") or {}
         print(f"[eval] {r['name']:8s} generations: {_scores(r)} ({support_note(r)}); "
-              f"off-policy {json.dumps(_brief(op))}")
+              f"off-policy {json.dumps(describe(op))}")
     return {"f0": {k: v for k, v in before.items() if k != "samples"},
             "policy": {k: v for k, v in after.items() if k != "samples"},
             "evaluated_step": cfg.steps}
@@ -211,19 +229,6 @@ def _scores(res: dict) -> str:
 
     keys = [k for k, v in res.items() if isinstance(v, dict) and {"mean", "lo", "hi"} <= set(v)]
     return ", ".join(f"{k} {format_row(res, k)}" for k in keys)
-
-
-def _brief(op: dict) -> dict:
-    """The point estimates of an off_policy_estimates dict (intervals are in the JSON)."""
-    out = {}
-    for k, v in op.items():
-        if isinstance(v, dict) and "estimate" in v:
-            out[k] = round(float(v["estimate"]), 4)
-        elif isinstance(v, int):
-            out[k] = v
-        elif isinstance(v, float):
-            out[k] = round(v, 4)
-    return out
 
 
 def cmd_precompute(args) -> int:
@@ -253,8 +258,9 @@ def cmd_generate(args) -> int:
     from cpo_fast.pipeline.prepare import predict_outcome, prepare
 
     cfg = run_config(args)
-    prep = prepare(cfg, until="outcome")
-    model, name = _policy(prep, cfg, args.model_dir)
+    model_dir = _policy_dir(cfg, args.model_dir)
+    prep = prepare(cfg, until="outcome", save_config=False)
+    model, name = _policy(prep, cfg, model_dir)
     texts, prompts = generate_texts(model, prep.tokenizer, cfg.num_samples,
                                     prompt_ids=generation_prompts(prep), seed=cfg.seed + 2024,
                                     max_new_tokens=cfg.max_new_tokens,
@@ -268,8 +274,15 @@ def cmd_generate(args) -> int:
     print(f"[generate] {len(texts)} samples from {name} -> {path} (mean ghat "
           f"{float(ghat.mean()):.4f})")
     for t in texts[:5]:
-        print("  ", t)
+        print("  ", printable(t))
     return 0
+
+
+def printable(text: str) -> str:
+    """A generation as one terminal-safe line: control and other non-printable characters
+    (escape sequences a model can emit) are shown escaped, never sent to the terminal."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
 
 
 def cmd_evaluate(args) -> int:
@@ -277,13 +290,14 @@ def cmd_evaluate(args) -> int:
     from cpo_fast.pipeline.prepare import prepare
 
     cfg = run_config(args)
-    prep = prepare(cfg, until="outcome")
-    model, name = _policy(prep, cfg, args.model_dir)
+    model_dir = _policy_dir(cfg, args.model_dir)
+    prep = prepare(cfg, until="outcome", save_config=False)
+    model, name = _policy(prep, cfg, model_dir)
     res = evaluate_model(prep, model, name=name)
     path = prep.layout.eval(name)
     write_eval(res, path)
     print(f"[evaluate] {name}: generations: {_scores(res)}; off-policy "
-          f"{json.dumps(_brief(res.get('off_policy') or {}))} -> {path}")
+          f"{json.dumps(describe(res.get('off_policy') or {}))} -> {path}")
     return 0
 
 
@@ -307,7 +321,13 @@ def _output_dir(args) -> Path | None:
             out = load_yaml(args.config).get("output_dir")
     except (OSError, ValueError):
         return None
-    return Path(out or ("runs/demo" if args.command == "demo" else FIELDS["output_dir"].default))
+    return Path(out or (_demo_dir(args) if args.command == "demo" else FIELDS["output_dir"].default))
+
+
+def _demo_dir(args) -> str:
+    """The demo's default output directory: the quick and the full demo each have their own,
+    so running one after the other reuses nothing built with the other's settings."""
+    return "runs/demo-quick" if args.quick else "runs/demo"
 
 
 def _remove_if_empty(path: Path) -> None:
@@ -335,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Exit status: 0 done; 2 bad input (one line says what to change);
     1 a file could not be written; 128 + signal number when interrupted (130 for Ctrl-C)."""
     args = _parser().parse_args(argv)
+    old_show, warnings.showwarning = warnings.showwarning, _one_line_warning
     out = _output_dir(args)
     existed = out is not None and out.exists()
     old_term = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
@@ -356,10 +377,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpo-fast {args.command}: error: {e.strerror or e}", file=sys.stderr)
         return 1
     finally:
+        warnings.showwarning = old_show
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         if out is not None and not existed:
             _remove_if_empty(out)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line naming their kind (no echoed source line: users read the CLI's
+    output, not our code)."""
+    print(f"cpo-fast: {category.__name__}: {message}", file=file or sys.stderr)
 
 
 def _main_thread() -> bool:

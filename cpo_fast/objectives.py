@@ -190,10 +190,20 @@ def _diag(log_w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _clip_eps(clip_eps: float | tuple[float, float]) -> tuple[float, float]:
+    """(eps_lo, eps_hi): the trust region is [1 - eps_lo, 1 + eps_hi], so eps_lo in (0, 1)
+    (a lower bound <= 0 clips nothing from below) and eps_hi > 0."""
     if isinstance(clip_eps, (int, float)):
-        return float(clip_eps), float(clip_eps)
-    lo, hi = clip_eps
-    return float(lo), float(hi)
+        lo = hi = float(clip_eps)
+    else:
+        try:
+            lo, hi = (float(e) for e in clip_eps)
+        except (TypeError, ValueError):
+            raise ValueError(f"clip_eps must be a number or a pair (eps_lo, eps_hi), got "
+                             f"{clip_eps!r}.") from None
+    if not (0.0 < lo < 1.0 and hi > 0.0 and math.isfinite(hi)):
+        raise ValueError(f"clip_eps must give 0 < eps_lo < 1 and eps_hi > 0 (the trust region "
+                         f"[1 - eps_lo, 1 + eps_hi]), got {clip_eps!r}; the usual value is 0.2.")
+    return lo, hi
 
 
 def _check_seq(name: str, t: Tensor, ref_name: str | None = None, ref: Tensor | None = None):

@@ -5,15 +5,32 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# pip's own progress (what it downloads, builds and installs) is shown, not silenced: a
+# fresh install takes minutes. Only "already satisfied" lines and this machine's notes about
+# absent local package folders are filtered out.
+pip_install() {
+  "$PY" -m pip install "$@" \
+    > >(grep --line-buffered -v -e '^Requirement already satisfied' \
+                                -e "^WARNING: Location '.*' is ignored") 2>&1
+  wait  # let the filter finish printing
+}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "== installing torch==2.13.0 (CPU build)"
-  "$PY" -m pip install -q "torch==2.13.0"
+  pip_install "torch==2.13.0"
 fi
 echo "== installing cpo_fast (editable, builds the C++ core) with test extras"
-"$PY" -m pip install -q -e ".[test]"
+pip_install -e ".[test]"
 "$PY" - <<'PY'
-import torch, cpo_fast
+import importlib.metadata as md
+import importlib.util
+
+import torch
+
 from cpo_fast._backend import cpu_extension_available, triton_available
-print(f"torch {torch.__version__}, cuda={torch.cuda.is_available()}, "
-      f"triton={triton_available()}, C++ core={cpu_extension_available()}")
+
+names = ("torch", "triton", "transformers", "trl", "peft", "accelerate", "kernels")
+print("== installed: " + ", ".join(f"{n} {md.version(n)}" for n in names
+                                   if importlib.util.find_spec(n) is not None))
+print(f"   cuda={torch.cuda.is_available()}, triton usable={triton_available()}, "
+      f"C++ core={cpu_extension_available()}")
 PY

@@ -119,7 +119,7 @@ def test_encode_truncate_and_refuse(tok):
     assert cut.n_truncated == 1 and len(cut.input_ids[0]) == 6
     assert cut.input_ids[0][-1] == tok.eos_token_id and cut.input_ids[0][0] == tok.bos_token_id
     assert cut.input_ids[1] == full.input_ids[1]
-    with pytest.raises(ValueError, match=rf"row 1 .*{n0} tokens > max_tokens=6"):
+    with pytest.raises(ValueError, match=rf"data row 1 .*{n0} tokens > --max-tokens=6"):
         encode(t, tok, max_tokens=6, on_too_long="error")
 
 

@@ -34,6 +34,7 @@ fallback returns the logits' dtype), and they are exact float32 log-softmax valu
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -66,12 +67,15 @@ def _version(v: str) -> tuple[int, ...]:
 
 
 def _trl_utils() -> Any:
+    if importlib.util.find_spec("trl") is None:
+        raise ImportError("cpo_fast.integrations.trl needs TRL >= 1.16, which is not installed: "
+                          "pip install 'cpo_fast[trl]' (or pip install 'trl>=1.16').")
     try:
         import trl
         import trl.trainer.utils as utils
-    except ImportError as exc:
-        raise ImportError("cpo_fast.integrations.trl needs TRL >= 1.16: "
-                          "pip install 'cpo_fast[trl]' (or pip install 'trl>=1.16').") from exc
+    except ImportError as exc:  # TRL is there but fails to import: say why, not "install it"
+        raise ImportError(f"cpo_fast.integrations.trl: TRL is installed but does not import: "
+                          f"{type(exc).__name__}: {exc}") from exc
     missing = [h for h in _HOOKS if not hasattr(utils, h)]
     if missing or _version(trl.__version__) < MIN_TRL:
         raise RuntimeError(

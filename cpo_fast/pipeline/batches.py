@@ -39,9 +39,15 @@ class TrainData:
     dm_ref: list[np.ndarray] | None = None
     dm_ghat: np.ndarray | None = None
 
-    def check(self, method: str) -> None:
+    def check(self, method: str, dm_rows: int = 0) -> None:
+        """``dm_rows``: DM rows of one effective batch; more than the DM set holds would
+        repeat rows within a batch and report an ESS over rows that do not exist."""
         if method in DM_METHODS and self.dm_enc is None:
             raise ValueError(f"method={method!r} needs a DM set (TrainData.dm_enc) and ghat.")
+        if method in DM_METHODS and dm_rows > len(self.dm_enc):
+            raise ValueError(f"--dm-batch-size: {dm_rows} DM rows per optimizer step (over "
+                             f"micro-batches and ranks) but the DM set has {len(self.dm_enc)}; "
+                             "lower --dm-batch-size or raise --dm-size.")
         if method in IPW_METHODS and self.outcomes is None:
             raise ValueError(f"method={method!r} needs outcomes.")
 

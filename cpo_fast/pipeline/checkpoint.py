@@ -79,8 +79,9 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, sched, *, run_keys: di
         try:
             save_model(model, tokenizer, tmp / "model")
         except OSError as e:
-            raise WriteError(e.errno, f"cannot write {tmp / 'model'}: {e.strerror or e}; the "
-                             "previous checkpoint is unchanged.") from e
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise WriteError(e.errno, f"{e.strerror or e}; the previous checkpoint is "
+                             "unchanged.") from e
     write_json(tmp / "state.json", meta)
     try:
         if final.exists():

@@ -59,7 +59,8 @@ class DataConfig:
 
 @dataclass
 class OutcomeTable:
-    """Validated rows, in file order. ``ids`` default to the 1-based row numbers."""
+    """Validated rows, in file order. ``rows`` are the 1-based data-row numbers in the file
+    (kept through ``subset`` so errors point at the file); ``ids`` default to them."""
 
     texts: list[str]
     outcomes: np.ndarray | None = None
@@ -67,12 +68,15 @@ class OutcomeTable:
     log_propensity: np.ndarray | None = None
     groups: list[str] | None = None
     ids: list[str] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.texts)
+        if not self.rows:
+            self.rows = list(range(1, n + 1))
         if not self.ids:
-            self.ids = [str(i + 1) for i in range(n)]
-        for name in ("outcomes", "prompts", "log_propensity", "groups", "ids"):
+            self.ids = [str(r) for r in self.rows]
+        for name in ("outcomes", "prompts", "log_propensity", "groups", "ids", "rows"):
             v = getattr(self, name)
             if v is not None and len(v) != n:
                 raise ValueError(f"OutcomeTable.{name} has {len(v)} entries but texts has {n}.")
@@ -86,7 +90,7 @@ class OutcomeTable:
         arr = lambda a: None if a is None else np.asarray(a)[idx]  # noqa: E731
         return OutcomeTable(texts=pick(self.texts), outcomes=arr(self.outcomes),
                             prompts=pick(self.prompts), log_propensity=arr(self.log_propensity),
-                            groups=pick(self.groups), ids=pick(self.ids))
+                            groups=pick(self.groups), ids=pick(self.ids), rows=pick(self.rows))
 
 
 # --------------------------------------------------------------------------- loading
@@ -108,15 +112,34 @@ def _decode(path: Path) -> str:
     return text
 
 
+def _unique_columns(path: Path, columns: Sequence[str], where: str = "the header") -> None:
+    """A repeated column name would silently keep only its last copy: refuse it."""
+    dup = sorted({c for c in columns if list(columns).count(c) > 1})
+    if dup:
+        raise ValueError(f"{path}: {where} repeats the column name(s) {dup}; rename them so "
+                         "each column has its own name.")
+
+
 def _read_csv(path: Path, text: str, delimiter: str) -> tuple[list[str], list[dict[str, Any]]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts are data, not errors
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
+        _unique_columns(path, reader.fieldnames or [])
         rows = list(reader)
     except csv.Error as e:
         raise ValueError(f"{path}: line {reader.line_num}: malformed {delimiter!r}-separated "
                          f"data ({e}).") from None
     return list(reader.fieldnames or []), rows
+
+
+_DUPLICATE_KEYS = object()  # where _pairs records the keys of an object that repeats one
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = dict(pairs)
+    if len(out) < len(pairs):
+        out[_DUPLICATE_KEYS] = [k for k, _ in pairs]
+    return out
 
 
 def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]:
@@ -127,11 +150,13 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_pairs)
         except (json.JSONDecodeError, RecursionError) as e:
             raise ValueError(f"{path}: line {lineno} is not valid JSON: {e}") from None
         if not isinstance(obj, dict):
             raise ValueError(f"{path}: line {lineno} is not a JSON object.")
+        if _DUPLICATE_KEYS in obj:
+            _unique_columns(path, obj[_DUPLICATE_KEYS], f"line {lineno}")
         rows.append(obj)
         cols.update(dict.fromkeys(obj))
     return list(cols), rows
@@ -151,11 +176,19 @@ def _read_rows(path: Path, flag: str = "--data") -> tuple[list[str], list[dict[s
         return _read_jsonl(path, _decode(path))
     import pyarrow.parquet as pq
 
+    def damaged(e: Exception) -> ValueError:  # pyarrow raises several types for a bad file
+        return ValueError(f"{path}: cannot read it as Parquet ({type(e).__name__}: {e}).")
+
+    try:
+        names = pq.ParquetFile(path).schema_arrow.names
+    except Exception as e:
+        raise damaged(e) from None
+    _unique_columns(path, names, "the schema")  # read_table's own error does not say so
     try:
         t = pq.read_table(path)
-        return list(t.column_names), t.to_pylist()
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        raise ValueError(f"{path}: cannot read it as Parquet ({type(e).__name__}: {e}).") from None
+    except Exception as e:
+        raise damaged(e) from None
+    return list(t.column_names), t.to_pylist()
 
 
 def _as_text(v: Any, row: int, col: str, path: Path) -> str:
@@ -287,8 +320,9 @@ def encode(table: OutcomeTable, tokenizer: Any, max_tokens: int = 128,
             if on_too_long == "error" or keep < 1:
                 why = ("the prompt alone leaves no room for the response"
                        if keep < 1 else "on_too_long='error'")
-                raise ValueError(f"row {i + 1} (id {table.ids[i]}): {n} tokens > max_tokens="
-                                 f"{max_tokens} ({why}); raise max_tokens or shorten it.")
+                raise ValueError(f"data row {table.rows[i]} (id {table.ids[i]}): {n} tokens > "
+                                 f"--max-tokens={max_tokens} ({why}); raise --max-tokens, "
+                                 "shorten the text, or use --on-too-long truncate.")
             r = r[:keep]
             n_trunc += 1
         ids.append([bos, *p, *r, eos])

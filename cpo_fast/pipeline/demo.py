@@ -52,8 +52,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
              methods: tuple[str, ...] = METHODS, confounding: float = 0.5, noise: float = 0.5,
              print_fn=print, **overrides: Any) -> dict[str, Any]:
     """Run the demo; return {"table": rows, "results": per model, "seconds": run time}."""
-    from cpo_fast.pipeline.persist import write_json
-    from cpo_fast.pipeline.synthetic import make_corpus, oracle, write_corpus
+    from cpo_fast.pipeline.persist import write_json, write_text
+    from cpo_fast.pipeline.preflight import preflight
+    from cpo_fast.pipeline.synthetic import corpus_csv, make_corpus, oracle
     from cpo_fast.pipeline.train import prepare
 
     t0 = time.perf_counter()
@@ -61,11 +62,13 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
     if bad:
         raise ValueError(f"--methods: {bad} not in {METHODS}.")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(out, quick=quick, **overrides)
+    preflight(cfg, "demo")
     n = rows or (QUICK_ROWS if quick else DEMO_ROWS)
     corpus = make_corpus(n, confounding=confounding, noise=noise, seed=cfg.seed)
-    write_corpus(corpus, cfg.data)
+    text = corpus_csv(corpus)
+    _check_reusable(out, cfg, text)  # before anything in ``out`` is written
+    write_text(cfg.data, text)
     cfg.save(out / "config.json")
     print_fn(f"[demo] corpus: {n} rows -> {cfg.data} (oracle mean of the corpus "
              f"{oracle(corpus.texts).mean():.3f}, outcome mean {corpus.outcomes.mean():.3f})")
@@ -95,6 +98,19 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
     print_fn(format_table(table, seconds, higher_is_better=cfg.higher_is_better))
     print_fn(f"[demo] outputs in {out}/ (results.json, eval/, plots/, <method>/metrics.jsonl)")
     return {"table": table, "results": results, "seconds": seconds}
+
+
+def _check_reusable(out: Path, cfg: RunConfig, corpus_text: str) -> None:
+    """Refuse, leaving every file as it is, an output directory whose stages were built
+    for another demo (other settings, or another corpus: --rows, --confounding, --noise)."""
+    from cpo_fast.pipeline.layout import RunLayout
+    from cpo_fast.pipeline.prepare import check_cached_settings
+
+    check_cached_settings(cfg, RunLayout(out))
+    old = Path(cfg.data)
+    if old.is_file() and old.read_text(encoding="utf-8") != corpus_text:
+        raise ValueError(f"--output-dir {out}: holds a demo built on another corpus (other "
+                         "--rows, --confounding, --noise or --seed); use another --output-dir.")
 
 
 def _train_and_evaluate(prep, cfg: RunConfig, methods, print_fn):
@@ -140,9 +156,9 @@ def _plots(out: Path, methods, results, guard: float = 0.0) -> None:
 
 def format_table(table: list[dict], seconds: float, *, higher_is_better: bool = True) -> str:
     f0 = next((r for r in table if r["model"] == "f_0"), None)
-    lines = ["", f"{'model':9s} {'oracle E[g*] of generations (95% CI)':38s} {'vs f_0':>8s}"
-                 f" {'ghat (95% CI)':>27s} {'outside':>7s} {'distinct':>8s}"]
-    lines.append("-" * len(lines[1]))
+    lines = [f"{'model':9s} {'oracle E[g*] of generations (95% CI)':38s} {'vs f_0':>8s}"
+             f" {'ghat (95% CI)':>27s} {'outside':>7s} {'distinct':>8s} {'off-policy DR':>13s}"]
+    lines.append("-" * len(lines[0]))
     for r in table:
         o, g = r["oracle"], r["ghat"]
         delta = "" if f0 is None or r is f0 else f"{o['mean'] - f0['oracle']['mean']:+.3f}"
@@ -150,10 +166,22 @@ def format_table(table: list[dict], seconds: float, *, higher_is_better: bool = 
         out = "-" if r.get("ghat_outside") is None else f"{r['ghat_outside']:.0%}"
         gs = "-" if g is None else f"{g['mean']:.3f} [{g['lo']:.3f}, {g['hi']:.3f}]"
         lines.append(f"{r['model']:9s} {o['mean']:.3f} [{o['lo']:.3f}, {o['hi']:.3f}]"
-                     f"{'':18s} {delta:>8s} {gs:>27s} {out:>7s} {r['distinct']:8.2f}")
+                     f"{'':18s} {delta:>8s} {gs:>27s} {out:>7s} {r['distinct']:8.2f}"
+                     f" {_dr_cell(r.get('off_policy') or {}):>13s}")
     lines.append(f"({'higher' if higher_is_better else 'lower'} is better; run time "
-                 f"{seconds:.0f}s; outside: share of generations outside ghat's support)")
+                 f"{seconds:.0f}s; outside: share of generations outside ghat's support; "
+                 "off-policy DR: self-normalized DR estimate of V on the held-out rows)")
     if any(r.get("collapsed") for r in table):
         lines.append("!: the importance weights collapsed during training (the ESS guard "
                      "fired): that gain is not trustworthy")
+    if any((r.get("off_policy") or {}).get("reliable") is False for r in table):
+        lines.append("unreliable: the held-out rows' importance weights collapsed (ESS below "
+                     "10% of the rows): that estimate is noise")
     return "\n".join(lines)
+
+
+def _dr_cell(op: dict) -> str:
+    est = op.get("dr_snips") or op.get("snips")
+    if est is None:
+        return "-"
+    return "unreliable" if op.get("reliable") is False else f"{est['estimate']:.3f}"

@@ -27,6 +27,11 @@ import warnings
 import numpy as np
 
 _CHUNK = 256
+# The weighted estimates (ipw, snips, dr, dr_snips) rest on the held-out rows' importance
+# weights; when those concentrate on a few rows the estimates are noise however tight their
+# bootstrap looks. Below this ESS (as a share of n, and at least MIN_ESS rows) they are marked.
+RELIABLE_ESS_SHARE, MIN_ESS = 0.1, 10.0
+WEIGHTED = ("ipw", "snips", "dr", "dr_snips")
 
 
 def _indices(rng: np.random.Generator, n: int, n_boot: int):
@@ -103,10 +108,10 @@ def off_policy_estimates(
 ) -> dict:
     """Off-policy estimates of V with bootstrap intervals (see the module docstring).
 
-    Returns ``{"n", "ess", "max_weight_share", "naive", "ipw", "snips"}`` and, when the
+    Returns ``{"n", "ess", "max_weight_share", "reliable", "naive", "ipw", "snips"}`` and, when the
     outcome model is given, ``"dm"`` (needs ``ghat_policy_mean``), ``"dr"`` and
     ``"dr_snips"`` (need both ``ghat`` and ``ghat_policy_mean``); each estimate is a dict
-    ``{"estimate", "lo", "hi"}``.
+    ``{"estimate", "lo", "hi"}``, the weighted ones with ``"reliable"`` (see :func:`reliable`).
     """
     _check(n_boot, alpha)
     lw, yy, gh, dm_vals = _validated(log_w, y, ghat, ghat_policy_mean)
@@ -150,4 +155,31 @@ def off_policy_estimates(
                 point["dr_snips"] = ratio(resid) + dm_vals.mean()
     for k, est in point.items():
         out[k] = _entry(est, np.concatenate(boots[k]), alpha)
+    out["reliable"] = reliable(out["ess"], n)
+    for k in WEIGHTED:
+        if k in out:
+            out[k]["reliable"] = out["reliable"]
+    return out
+
+
+def reliable(ess: float, n: int) -> bool:
+    """Whether weighted estimates over ``n`` rows with this ESS are worth reading."""
+    return ess >= max(MIN_ESS if n >= MIN_ESS else 1.0, RELIABLE_ESS_SHARE * n)
+
+
+def describe(op: dict) -> dict:
+    """One line's worth of an :func:`off_policy_estimates` result: point estimates, and
+    ``"unreliable (ESS e of n)"`` in place of the weighted ones when the weights collapsed."""
+    out: dict = {}
+    bad = op.get("reliable") is False
+    for k, v in op.items():
+        if isinstance(v, dict) and "estimate" in v:
+            out[k] = (f"unreliable (ESS {op['ess']:.1f} of {op['n']})" if bad and k in WEIGHTED
+                      else round(float(v["estimate"]), 4))
+        elif isinstance(v, bool):
+            continue
+        elif isinstance(v, int):
+            out[k] = v
+        elif isinstance(v, float):
+            out[k] = round(v, 4)
     return out

@@ -45,6 +45,24 @@ def load_scorer(spec: str) -> tuple[str, Scorer]:
     return fn, f
 
 
+def run_scorer(name: str, fn: Scorer, texts: list[str]) -> np.ndarray:
+    """``fn(texts)`` as one finite float per text, or an error naming the scorer."""
+    try:
+        out = fn(list(texts))
+        if isinstance(out, (str, bytes)):
+            raise TypeError(f"returned a {type(out).__name__}")
+        v = np.asarray(out, dtype=np.float64).reshape(-1)
+    except Exception as e:  # a user's scorer can fail in any way: say whose fault it is
+        raise ValueError(f"--scorer {name!r}: {type(e).__name__}: {e}; a scorer takes a list "
+                         "of texts and returns one number per text.") from None
+    if len(v) != len(texts):
+        raise ValueError(f"--scorer {name!r}: returned {len(v)} numbers for {len(texts)} texts; "
+                         "it must return one number per text.")
+    if not np.isfinite(v).all():
+        raise ValueError(f"--scorer {name!r}: returned NaN or infinite scores.")
+    return v
+
+
 @torch.no_grad()
 def sequence_logprobs_of(model, encoded, *, pad_id: int, batch_size: int = 64,
                          backend: str | None = None, length_normalize: bool = False) -> np.ndarray:
@@ -101,7 +119,7 @@ def evaluate_model(prep, model, *, name: str, scorers: dict[str, Scorer] | None 
         sname, fn = load_scorer(cfg.scorer)
         scorers.setdefault(sname, fn)
     for sname, fn in scorers.items():
-        scores[sname] = np.asarray(fn(texts), np.float64)
+        scores[sname] = run_scorer(sname, fn, texts)
     for sname, v in scores.items():
         res[sname] = ci(v)
     res["mean_tokens"] = float(np.mean([len(prep.tokenizer.encode(t, add_special_tokens=False))

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from cpo_fast.pipeline.batches import TrainData, step_micro_batches
+from cpo_fast.pipeline.batches import DM_METHODS, TrainData, step_micro_batches
 from cpo_fast.pipeline.checkpoint import Resumed, find_checkpoint, load_checkpoint, save_checkpoint
 from cpo_fast.pipeline.config import RunConfig, pinned_values
 from cpo_fast.pipeline.guard import WeightGuard, weight_stats
@@ -67,7 +67,8 @@ def train(model, data: TrainData, cfg: RunConfig, out_dir: str | Path, *, pad_id
     # 1. setup
     out_dir, device = Path(out_dir), next(model.parameters()).device
     world = current_world() if distributed else SINGLE
-    data.check(cfg.method)
+    rows, dm_rows = effective_rows(cfg, world)
+    data.check(cfg.method, dm_rows)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters.")
@@ -79,7 +80,6 @@ def train(model, data: TrainData, cfg: RunConfig, out_dir: str | Path, *, pad_id
                     world=world)
     last, stop = state.last, min(cfg.steps, cfg.stop_after or cfg.steps)
     # the ESS guard on the outcome rows' and the DM set's weights (guard.py, docs/validity.md)
-    rows, dm_rows = effective_rows(cfg, world)
     guard = WeightGuard(cfg.ess_guard, cfg.stop_on_collapse, rows, dm_rows,
                         quiet=not world.is_main)  # rank 0 warns for all
 
@@ -134,9 +134,10 @@ def update(params, opt, sched, cfg: RunConfig) -> torch.Tensor:
 
 
 def effective_rows(cfg: RunConfig, world: World) -> tuple[int, int]:
-    """Outcome rows and DM rows of one optimizer step, over all micro-batches and ranks."""
+    """Outcome rows and DM rows of one optimizer step, over all micro-batches and ranks (no
+    DM rows for the methods without a DM set)."""
     n = world.size * cfg.grad_accum
-    return n * cfg.batch_size, n * cfg.dm_batch_size
+    return n * cfg.batch_size, n * cfg.dm_batch_size if cfg.method in DM_METHODS else 0
 
 
 def resume_keys(cfg: RunConfig, world: World) -> dict[str, Any]:
@@ -156,7 +157,9 @@ def metrics_line(step: int, res: StepResult, gnorm, lr: float, seconds: float, r
     """The metrics.jsonl line of one step: the effective batch's loss and diagnostics."""
     line = step_metrics(step, [res.loss], [res.out], grad_norm=gnorm, lr=lr, seconds=seconds,
                         tokens=res.tokens, batch_rows=rows)
-    line.update(weight_stats([res.out]), dm_batch_rows=dm_rows)
+    line.update(weight_stats([res.out]))
+    if dm_rows:
+        line["dm_batch_rows"] = dm_rows
     return line
 
 

@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -97,11 +99,29 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{path}: not valid JSON ({e}); delete it or restore it.") from None
 
 
+def as_oserror(e: Exception) -> OSError:
+    """safetensors reports I/O failures (a full disk) as ``SafetensorError`` whose text holds
+    the OS error code (``Os { code: 28, ...``): the same failure as an ``OSError``."""
+    if isinstance(e, OSError):
+        return e
+    m = re.search(r"code: (\d+)", str(e))
+    code = int(m.group(1)) if m else errno.EIO
+    return OSError(code, os.strerror(code))
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     flat = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
-    return atomic_write(path, lambda p: save_file(flat, str(p)))
+
+    def write(p: Path) -> None:
+        try:
+            save_file(flat, str(p))
+        except SafetensorError as e:
+            raise as_oserror(e) from e
+
+    return atomic_write(path, write)
 
 
 def refuse_pickle(path: str | Path) -> None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -84,13 +86,9 @@ def precompute_ref_logprobs(
     if cache_dir is not None:
         key = cache_key(model, encoded, data_key)
         path = Path(cache_dir) / f"ref_logprobs-{key}.npz"
-        if path.exists():
-            with np.load(path) as z:
-                flat, offsets = z["flat"], z["offsets"]
-            lens = np.diff(offsets)
-            expect = np.array([len(r) - 1 for r in encoded.input_ids])
-            if len(lens) == len(expect) and np.array_equal(lens, expect):
-                return [flat[offsets[i]:offsets[i + 1]] for i in range(len(lens))]
+        cached = _read_cache(path, encoded) if path.exists() else None
+        if cached is not None:
+            return cached
     dev = torch.device(device) if device is not None else _model_device(model)
     out: list[np.ndarray | None] = [None] * len(encoded)
     was_training = model.training
@@ -120,6 +118,23 @@ def precompute_ref_logprobs(
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is ordinary data
         os.replace(tmp, path)
     return res
+
+
+def _read_cache(path: Path, encoded: Encoded) -> list[np.ndarray] | None:
+    """The cached rows, or None (recompute) when the file does not fit ``encoded`` or is
+    damaged: a cache is derived data, so a bad one is replaced, not fatal."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            flat, offsets = z["flat"], z["offsets"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        warnings.warn(f"{path}: damaged reference cache ({type(e).__name__}: {e}); "
+                      "recomputing it.", UserWarning, stacklevel=3)
+        return None
+    lens = np.diff(offsets)
+    expect = np.array([len(r) - 1 for r in encoded.input_ids])
+    if len(lens) != len(expect) or not np.array_equal(lens, expect) or offsets[-1] != len(flat):
+        return None
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(lens))]
 
 
 def sequence_ref_logprob(ref: list[np.ndarray]) -> np.ndarray:

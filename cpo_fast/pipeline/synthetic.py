@@ -48,6 +48,7 @@ from the corpus alone.
 from __future__ import annotations
 
 import csv
+import io
 import re
 from pathlib import Path
 
@@ -191,17 +192,22 @@ def make_corpus(n: int = 2000, *, confounding: float = 0.5, noise: float = 0.5,
                         ids=[f"syn{i:05d}" for i in range(n)])
 
 
-def write_corpus(table: OutcomeTable, path: str | Path) -> Path:
-    """Write ``id, text, outcome, group, oracle`` to CSV (readable by ``load_table`` with
+def corpus_csv(table: OutcomeTable) -> str:
+    """``id, text, outcome, group, oracle`` as CSV text (readable by ``load_table`` with
     ``text_column="text"``, ``outcome_column="outcome"``, ``group_column="group"``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     g = oracle(table.texts)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "text", "outcome", "group", "oracle"])
-        for i in range(len(table)):
-            w.writerow([table.ids[i], table.texts[i],
-                        "" if table.outcomes is None else repr(float(table.outcomes[i])),
-                        "" if table.groups is None else table.groups[i], repr(float(g[i]))])
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["id", "text", "outcome", "group", "oracle"])
+    for i in range(len(table)):
+        w.writerow([table.ids[i], table.texts[i],
+                    "" if table.outcomes is None else repr(float(table.outcomes[i])),
+                    "" if table.groups is None else table.groups[i], repr(float(g[i]))])
+    return buf.getvalue()
+
+
+def write_corpus(table: OutcomeTable, path: str | Path) -> Path:
+    """Write :func:`corpus_csv` to ``path``, atomically."""
+    from cpo_fast.pipeline.persist import write_text
+
+    return write_text(path, corpus_csv(table))
