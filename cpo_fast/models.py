@@ -157,6 +157,19 @@ def output_weight(model: Any) -> tuple[Tensor, Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
+def _check_token_ids(model, input_ids: Tensor) -> None:
+    """Ids outside the embedding would read out of bounds (torch's bare IndexError at best)."""
+    if input_ids.is_floating_point() or input_ids.numel() == 0:
+        return
+    vocab = model.get_input_embeddings().weight.shape[0]
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"input_ids holds token id {bad}, outside the model's vocabulary "
+                         f"[0, {vocab}); tokenize with the model's own tokenizer (or resize "
+                         "its embeddings with model.resize_token_embeddings).")
+
+
 def causal_lm_token_logprobs(
     model: Any,
     input_ids: Tensor,
@@ -191,6 +204,7 @@ def causal_lm_token_logprobs(
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids "
                          f"{tuple(input_ids.shape)}; pass unshifted HF-convention labels.")
+    _check_token_ids(model, input_ids)
     if hidden is None:
         hidden = last_hidden(model, input_ids, attention_mask)
     weight, bias = output_weight(model)
@@ -203,3 +217,8 @@ def causal_lm_token_logprobs(
 
 __all__ = ["HeadTransform", "causal_lm_token_logprobs", "decoder", "head_transform",
            "last_hidden", "output_weight"]
+
+
+# Pretrained models by name (packaged, converted once and cached) or from a directory: the
+# loader lives in its own module (cpo_fast/pretrained.py); re-exported here as documented.
+from cpo_fast.pretrained import load_pretrained  # noqa: E402, F401

@@ -71,7 +71,10 @@ class RunConfig:
     num_heads: int = _f(4, "new model: attention heads", "model", pins=PREPARE)
     # --- f_0 (SFT on all the dataset's texts)
     f0_steps: int = _f(200, "SFT steps for f_0", "f0", pins=PREPARE)
-    f0_lr: float = _f(3e-3, "SFT learning rate for f_0 (full fine-tuning)", "f0", pins=PREPARE)
+    f0_lr: float | None = _f(None, "SFT learning rate for f_0 (default: 3e-3 for a new model; "
+                             "5e-4 LoRA / 3e-5 full for a --base-model)", "f0", pins=PREPARE)
+    f0_lora: bool | None = _f(None, "LoRA for f_0's SFT (default: true for a --base-model, "
+                              "false for a new model)", "f0", pins=PREPARE)
     f0_batch_size: int = _f(32, "SFT batch size for f_0", "f0", pins=PREPARE)
     # --- policy training
     method: str = _f("dr_cpo", "sft_all | sft_top | oo_rlhf | cpo | dr_cpo", "train", pins=RESUME)

@@ -2,16 +2,43 @@
 
 Prefixes are lists of token ids that already start with BOS (as the pipeline's encoder
 writes them); they are left-padded into one batch so HF ``generate`` can sample them
-together. Unconditioned generation is the special case of a one-token prefix ``[bos]``.
-Sampling is seeded: the same seed, model and prefixes give the same texts.
+together, with the KV cache. Unconditioned generation is the special case of a one-token
+prefix: the document start (:func:`cpo_fast.pipeline.tokenizer.document_start`: BOS when the
+tokenizer prepends it, else the pretraining separator ``<|endoftext|>``; never a chat
+marker such as SmolLM2's ``<|im_start|>``). Sampling is seeded: the same seed, model and
+prefixes give the same texts. Where the device computes bf16 natively (CUDA, or a CPU with
+AVX512-BF16 / AMX) the forward passes run under bf16 autocast (``bf16=True``, the default):
+sampled texts are approximate draws either way, and every log-probability the estimators
+use is recomputed from the ids in fp32 (precompute, training).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 from tqdm.auto import tqdm
+
+from cpo_fast.pipeline.tokenizer import document_start
+
+
+@cache
+def _cpu_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_native(device: torch.device | str) -> bool:
+    """Does ``device`` compute bf16 matmuls natively (so autocast to bf16 is faster)?"""
+    d = torch.device(device)
+    if d.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return d.type == "cpu" and _cpu_bf16()
 
 
 def _special_id(tokenizer, name: str) -> int:
@@ -35,6 +62,7 @@ def sample_continuations(
     device: torch.device | str | None = None,
     progress: bool = False,
     desc: str = "generate",
+    bf16: bool = True,
 ) -> list[list[int]]:
     """Sample one continuation per prefix; return the new token ids (EOS and after removed)."""
     if temperature <= 0:
@@ -45,6 +73,8 @@ def sample_continuations(
     was_training = model.training
     model.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    dev = torch.device(device)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16 and bf16_native(dev))
     out: list[list[int]] = []
     starts = range(0, len(prefixes), batch_size)
     for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
@@ -63,11 +93,12 @@ def sample_continuations(
         cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         try:
-            seqs = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                top_p=1.0, pad_token_id=pad, eos_token_id=eos, use_cache=True,
-            )
+            with autocast:
+                seqs = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                    top_p=1.0, pad_token_id=pad, eos_token_id=eos, use_cache=True,
+                )
         finally:
             torch.random.set_rng_state(state)
             if cuda_state is not None:
@@ -95,9 +126,10 @@ def generate_texts(
     """``n`` samples from ``model``: unconditioned from BOS, or one per prompt (cycled).
 
     Returns (responses, prompts used or None). ``prompt_ids`` (token ids starting with BOS)
-    take precedence over ``prompts`` (strings, encoded here with a BOS in front).
+    take precedence over ``prompts`` (strings, encoded here with the document start in
+    front, as the pipeline's encoder writes its BOS).
     """
-    bos = _special_id(tokenizer, "bos")
+    bos = int(tokenizer.convert_tokens_to_ids(document_start(tokenizer)))
     used: list[str] | None = None
     if prompt_ids is None and prompts is not None and len(prompts) > 0:
         prompt_ids = [[bos] + tokenizer.encode(p, add_special_tokens=False) for p in prompts]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from cpo_fast.pipeline.config import RunConfig
-from cpo_fast.pipeline.persist import refuse_pickle
+from cpo_fast.pipeline.persist import WriteError, as_oserror, refuse_pickle
 
 
 def lora_targets(model) -> list[str]:
@@ -30,17 +30,36 @@ def lora_targets(model) -> list[str]:
 
 
 def load_causal_lm(path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32):
+    """A causal LM from a HF directory, a packaged name (``smollm2-135m``: converted once
+    into the cache, cpo_fast/pretrained.py) or, where there is network, a hub id."""
     from transformers import AutoModelForCausalLM
 
+    from cpo_fast.pretrained import is_packaged, model_dir
+
+    if is_packaged(path):
+        path = model_dir(path)
     p = Path(path)
+    if not p.exists() and "/" in str(path) and not str(path).startswith((".", "/")):
+        return AutoModelForCausalLM.from_pretrained(  # a hub id (needs network)
+            str(path), dtype=dtype, attn_implementation="sdpa", trust_remote_code=False,
+            use_safetensors=True).to(device)
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json).")
     if not any(p.glob("*.safetensors")):
         raise ValueError(f"{path}: no *.safetensors weights (pickled .bin weights are not "
                          "loaded); re-save the model with save_pretrained(safe_serialization=True).")
-    return AutoModelForCausalLM.from_pretrained(
-        p, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False,
-        use_safetensors=True).to(device)
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            p, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False,
+            use_safetensors=True)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: cannot load the model ({type(e).__name__}: {first}); its "
+                         "files are damaged or from another model: delete the directory to "
+                         "rebuild it, or restore it.") from None
+    return model.to(device)
 
 
 def load_policy(f0_dir: str | Path, model_dir: str | Path, device: torch.device):
@@ -94,6 +113,13 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
     if missing:
         raise ValueError(f"checkpoint has parameters the model lacks (e.g. {missing[0]}): "
                          "was it written by a run with another --lora / model setting?")
+    wrong = [(n, tuple(t.shape), tuple(params[n].shape)) for n, t in state.items()
+             if t.shape != params[n].shape]
+    if wrong:
+        n, got, want = wrong[0]
+        raise ValueError(f"checkpoint parameter {n} has shape {got}, the model's is {want}: it "
+                         "was written for another model size (--hidden-size, --num-layers, "
+                         "--lora-r, ...); use the same settings or another --output-dir.")
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)
@@ -102,8 +128,14 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
 def save_model(model, tokenizer, path: str | Path) -> None:
     """save_pretrained (safetensors): the adapter for LoRA (load on f_0 with peft), else the
     full model, and the tokenizer next to it."""
+    from safetensors import SafetensorError
+
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)  # safetensors (the only format of transformers 5)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(path)  # safetensors (the only format of transformers 5)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+    except (OSError, SafetensorError) as e:  # a full disk surfaces as SafetensorError
+        err = as_oserror(e)
+        raise WriteError(err.errno, f"cannot write {path}: {err.strerror or err}.") from e

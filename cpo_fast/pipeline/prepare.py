@@ -29,6 +29,7 @@ from cpo_fast.pipeline.data import DataConfig, Encoded, OutcomeTable, encode, lo
 from cpo_fast.pipeline.layout import RunLayout
 from cpo_fast.pipeline.persist import WriteError, read_json, write_json
 from cpo_fast.pipeline.policy import load_causal_lm
+from cpo_fast.pipeline.preflight import check_outcomes, check_rows
 from cpo_fast.pipeline.runtime import is_main, main_first, pick_device, seed_everything
 
 STAGES = ("f0", "precompute", "outcome", "all")
@@ -80,12 +81,13 @@ class Prepared:
 
 def prepare(cfg: RunConfig, *, need_dm: bool | None = None, resume: bool = False,
             table: tuple[OutcomeTable, OutcomeTable | None] | None = None,
-            until: str = "all") -> Prepared:
+            until: str = "all", save_config: bool = True) -> Prepared:
     """Build or reload the shared stages under ``cfg.output_dir``, up to ``until``.
 
     ``need_dm``: build the DM set (default: when ``cfg.method`` uses it). ``table``: an
     already loaded (train, eval) split instead of ``cfg.data``. ``resume``: continue an
-    interrupted f_0 SFT from its checkpoint.
+    interrupted f_0 SFT from its checkpoint. ``save_config=False``: leave the run's
+    config.json as it is (commands that only read a run).
     """
     if until not in STAGES:
         raise ValueError(f"until={until!r} is not one of {STAGES}.")
@@ -101,12 +103,13 @@ def prepare(cfg: RunConfig, *, need_dm: bool | None = None, resume: bool = False
     # reload what it wrote; only rank 0 writes files.
     with main_first("the shared stages (f_0, reference cache, ghat, DM set)"):
         return _stages(cfg, lay, device, table, resume=resume, until=until,
-                       need_dm=cfg.method in DM_METHODS if need_dm is None else need_dm)
+                       need_dm=cfg.method in DM_METHODS if need_dm is None else need_dm,
+                       save_config=save_config)
 
 
 def _stages(cfg: RunConfig, lay: RunLayout, device, table, *, resume: bool, until: str,
-            need_dm: bool) -> Prepared:
-    prep = prepare_data(cfg, lay, device, table, resume=resume)
+            need_dm: bool, save_config: bool) -> Prepared:
+    prep = prepare_data(cfg, lay, device, table, resume=resume, save_config=save_config)
     if table is None:
         check_cached_settings(cfg, lay, record=True)
     f0 = prep.load_f0()
@@ -126,18 +129,22 @@ def _stages(cfg: RunConfig, lay: RunLayout, device, table, *, resume: bool, unti
     return prep
 
 
-def prepare_data(cfg: RunConfig, lay: RunLayout, device, table, *, resume: bool) -> Prepared:
+def prepare_data(cfg: RunConfig, lay: RunLayout, device, table, *, resume: bool,
+                 save_config: bool = True) -> Prepared:
     """Stages data, tokenizer and f0. The output directory is created (and the settings
     saved in it) only once the data is known good: bad input leaves nothing behind."""
     train_t, eval_t = table if table is not None else load_split(cfg)
-    if len(train_t) < 2:
-        raise ValueError(f"only {len(train_t)} training rows; need at least 2.")
+    check_rows(cfg, len(train_t))
+    check_outcomes(cfg, train_t.outcomes)
     try:
         lay.root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise WriteError(e.errno, f"--output-dir {str(lay.root)!r}: cannot create it "
                          f"({e.strerror}); choose a writable directory.") from None
-    cfg.save(lay.config)
+    # the settings, and which of the paper's two options f_0 is, stated next to them;
+    # generate / evaluate only read a run's settings: they never rewrite them
+    if save_config and is_main():
+        write_json(lay.config, {**cfg.to_dict(), "f0": f0_record(cfg)})
     texts = list(train_t.texts) + (list(train_t.prompts) if train_t.prompts else [])
     tok = get_tokenizer(cfg, texts, lay)
     train_enc = encode(train_t, tok, cfg.max_tokens, cfg.on_too_long)
@@ -146,10 +153,43 @@ def prepare_data(cfg: RunConfig, lay: RunLayout, device, table, *, resume: bool)
         print(f"note: {train_enc.n_truncated} of {len(train_enc)} training rows were cut to "
               f"--max-tokens={cfg.max_tokens}.")
     prep = Prepared(cfg, device, lay.root, tok, train_t, eval_t, train_enc, eval_enc, [], None,
-                    Path(cfg.f0_model) if cfg.f0_model else lay.f0 / "model")
+                    Path(model_source(cfg.f0_model)) if cfg.f0_model else lay.f0 / "model")
     if not cfg.f0_model:
         fit_f0(prep, resume=resume)
     return prep
+
+
+def model_source(name: str | None) -> str | None:
+    """A packaged model name (``smollm2-135m``) -> its converted directory (made on first
+    use, cpo_fast/pretrained.py); anything else as it is."""
+    from cpo_fast.pretrained import is_packaged, model_dir
+
+    return str(model_dir(name)) if is_packaged(name) else name
+
+
+def f0_record(cfg: RunConfig) -> dict[str, Any]:
+    """Which of the paper's two options f_0 is, with the settings that made it: the
+    pretrained model itself (``--f0-model``), or SFT on the training texts of a pretrained
+    (``--base-model``) or new model."""
+    if cfg.f0_model:
+        return {"option": "pretrained", "model": cfg.f0_model,
+                "note": "f_0 is the given model itself (no SFT)"}
+    lora, lr = f0_training(cfg)
+    return {"option": "sft", "base": cfg.base_model or f"new {cfg.arch} model",
+            "lora": lora, "lr": lr, "steps": cfg.f0_steps, "batch_size": cfg.f0_batch_size,
+            "note": "f_0 is SFT of the base model on the training texts"}
+
+
+def f0_training(cfg: RunConfig) -> tuple[bool, float]:
+    """(LoRA?, learning rate) of f_0's SFT. Unset, they follow the starting point: a new
+    model is trained fully at 3e-3; a pretrained one gets LoRA at 5e-4 (full fine-tuning
+    of a pretrained model: 3e-5), rates that adapt it without erasing what it knows."""
+    lora = cfg.f0_lora if cfg.f0_lora is not None else bool(cfg.base_model)
+    if cfg.f0_lr is not None:
+        return lora, float(cfg.f0_lr)
+    if not cfg.base_model:
+        return lora, 3e-3
+    return lora, 5e-4 if lora else 3e-5
 
 
 def check_cached_settings(cfg: RunConfig, lay: RunLayout, *, record: bool = False) -> None:
@@ -193,13 +233,16 @@ def load_split(cfg: RunConfig) -> tuple[OutcomeTable, OutcomeTable | None]:
 def get_tokenizer(cfg: RunConfig, texts: list[str], lay: RunLayout):
     from transformers import AutoTokenizer
 
-    for src in (cfg.tokenizer, cfg.f0_model, cfg.base_model, lay.tokenizer):
+    from cpo_fast.pipeline.tokenizer import for_documents, train_tokenizer
+
+    for src in (cfg.tokenizer, model_source(cfg.f0_model), model_source(cfg.base_model),
+                lay.tokenizer):
         if src and (Path(src) / "tokenizer_config.json").is_file():
             tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+            # BOS/EOS at document boundaries (SmolLM2's BOS is a chat marker); no chat template
+            for_documents(tok)
             break
     else:
-        from cpo_fast.pipeline.tokenizer import train_tokenizer
-
         tok = train_tokenizer(texts, cfg.vocab_size, model_max_length=cfg.max_tokens)
         tok.save_pretrained(lay.tokenizer)
     tok.model_max_length = int(1e9)  # encode() truncates; silence HF's length warning
@@ -220,6 +263,7 @@ def fit_f0(prep: Prepared, *, resume: bool) -> Path:
     cfg, tok, lay = prep.cfg, prep.tokenizer, prep.layout
     if (lay.f0 / "model" / "config.json").is_file():
         return lay.f0 / "model"
+    lora, lr = f0_training(cfg)
     if cfg.base_model:
         base = load_causal_lm(cfg.base_model, prep.device)
     else:
@@ -230,14 +274,28 @@ def fit_f0(prep: Prepared, *, resume: bool) -> Path:
                            max_positions=max(cfg.max_tokens, cfg.max_new_tokens + 8) + 8,
                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                            eos_token_id=tok.eos_token_id, seed=cfg.seed, device=prep.device)
-    sft_cfg = dataclasses.replace(cfg, method="sft_all", lora=False, lr=cfg.f0_lr,
+    sft_cfg = dataclasses.replace(cfg, method="sft_all", lora=lora, lr=lr,
                                   steps=cfg.f0_steps, batch_size=cfg.f0_batch_size, grad_accum=1,
                                   entropy_coef=0.0, kl_coef=0.0, stop_after=None,
                                   warmup_steps=min(cfg.warmup_steps, cfg.f0_steps // 10))
     zeros = [np.zeros(len(r) - 1, np.float32) for r in prep.train_enc.input_ids]
     data = TrainData(enc=prep.train_enc, rows=np.arange(len(prep.train_enc)), ref=zeros)
+    if lora:
+        from cpo_fast.pipeline.policy import make_policy
+
+        base = make_policy(base, sft_cfg)  # LoRA adapters on f_0's base (a copy)
     train(base, data, sft_cfg, lay.f0, pad_id=tok.pad_token_id, resume=resume, desc="f_0 SFT",
           tokenizer=tok, distributed=False)  # rank 0 alone (prepare's main_first)
+    if lora:  # f_0 is a plain model: the adapters merged into the base weights
+        import shutil
+
+        from cpo_fast.pipeline.policy import save_model
+
+        tmp, dest = lay.f0 / "model.merged", lay.f0 / "model"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(base.merge_and_unload(), tok, tmp)
+        shutil.rmtree(dest, ignore_errors=True)  # the adapter the loop saved
+        tmp.rename(dest)  # config.json appears with the complete model only
     return lay.f0 / "model"
 
 

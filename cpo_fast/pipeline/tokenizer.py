@@ -64,3 +64,56 @@ def train_tokenizer(
         unk_token="<unk>", padding_side="right", model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )
+
+
+# Pretraining document separators, in the order they are looked for: GPT-2, SmolLM2, Qwen2,
+# Pythia, ... write "<|endoftext|>" between documents; Llama 3 "<|begin_of_text|>".
+DOCUMENT_TOKENS = ("<|endoftext|>", "<|begin_of_text|>", "</s>")
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Does the tokenizer itself prepend its BOS token (so the model saw it at every
+    document start in pretraining, as Llama's and Gemma's do)?"""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def document_start(tokenizer) -> str:
+    """The token that starts a document for this tokenizer's model: its BOS when the
+    tokenizer prepends it itself, else the pretraining separator (``<|endoftext|>``, ...),
+    else EOS. A BOS that the tokenizer never prepends is a chat marker (SmolLM2-Instruct's
+    BOS is ``<|im_start|>``): unconditioned text must not start from it."""
+    if _adds_bos(tokenizer):
+        return tokenizer.bos_token
+    vocab = tokenizer.get_vocab()
+    for t in DOCUMENT_TOKENS:
+        if t in vocab:
+            return t
+    if tokenizer.eos_token is not None:
+        return tokenizer.eos_token
+    if tokenizer.bos_token is not None:
+        return tokenizer.bos_token
+    raise ValueError("the tokenizer has no BOS, EOS or <|endoftext|> token: nothing marks a "
+                     "document start; set bos_token in its tokenizer_config.json.")
+
+
+def for_documents(tokenizer):
+    """Point the tokenizer's BOS and EOS at document boundaries (in place; returned).
+
+    The pipeline writes every text as ``BOS + text + EOS`` and samples unconditioned text
+    from ``[BOS]``, so BOS must be what precedes a document in the model's pretraining, and
+    EOS what ends one. For a tokenizer that prepends its own BOS nothing changes. Otherwise
+    (SmolLM2, GPT-2, Qwen2) both become the separator (``<|endoftext|>``), as in
+    pretraining, and a chat-turn EOS (``<|im_end|>``) is not used. Chat templates are never
+    applied here. Returns the tokenizer."""
+    start = document_start(tokenizer)
+    if start != tokenizer.bos_token:
+        tokenizer.bos_token = start
+        if start in DOCUMENT_TOKENS[:1] or tokenizer.eos_token is None:
+            tokenizer.eos_token = start
+    if tokenizer.pad_token_id is None:  # HF models often ship without a pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
