@@ -355,7 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Exit status: 0 done; 2 bad input (one line says what to change);
     1 a file could not be written; 128 + signal number when interrupted (130 for Ctrl-C)."""
     args = _parser().parse_args(argv)
-    old_show, warnings.showwarning = warnings.showwarning, _one_line_warning
+    with warnings.catch_warnings():  # restores the caller's warning settings afterwards
+        warnings.showwarning = _one_line_warning
+        # our dependencies' deprecation notices about each other: nothing a user can act on
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\b")
+        return _run(args)
+
+
+def _run(args) -> int:
     out = _output_dir(args)
     existed = out is not None and out.exists()
     old_term = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
@@ -377,7 +384,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpo-fast {args.command}: error: {e.strerror or e}", file=sys.stderr)
         return 1
     finally:
-        warnings.showwarning = old_show
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         if out is not None and not existed:

@@ -44,15 +44,16 @@ def train_tokenizer(
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
+        # show_progress=False: the trainer's bar prints blank lines when not on a terminal
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                      special_tokens=SPECIAL_TOKENS,
+                                      special_tokens=SPECIAL_TOKENS, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     elif kind == "wordlevel":
         tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
         tok.normalizer = normalizers.Lowercase()
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                            special_tokens=SPECIAL_TOKENS)
+                                            special_tokens=SPECIAL_TOKENS, show_progress=False)
     else:
         raise ValueError(f"kind must be 'bpe' or 'wordlevel', got {kind!r}.")
     tok.train_from_iterator(texts, trainer=trainer)
