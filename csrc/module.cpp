@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "buffer_pool.h"
 #include "common.h"
 
 namespace py = pybind11;
@@ -131,6 +132,18 @@ void advise_hugepages(const View3& o) {
   (void)o;
 #endif
 }
+
+// A pooled region exposed through the buffer protocol (torch.frombuffer wraps it without a
+// copy and keeps this object alive as long as any view of it): when the last view dies, the
+// region goes back to the pool instead of to the system.
+struct PoolBuffer {
+  Region r;
+  size_t nbytes;
+  explicit PoolBuffer(size_t n) : r(pool_acquire(n)), nbytes(n) {}
+  PoolBuffer(const PoolBuffer&) = delete;
+  PoolBuffer& operator=(const PoolBuffer&) = delete;
+  ~PoolBuffer() { pool_release(r); }
+};
 
 }  // namespace
 
@@ -265,6 +278,38 @@ PYBIND11_MODULE(_C, m) {
       py::arg("ed"), py::arg("ld_ed"), py::arg("row_offset") = 0, py::arg("nthreads") = 1,
       "block_forward, and the fp32 block is overwritten with e = exp(z - m_new) (ed gets "
       "e (z - m_new) with entropy); alpha = exp(m_old - m_new), dm = m_old - m_new per row.");
+
+  py::class_<PoolBuffer>(m, "PoolBuffer", py::buffer_protocol(),
+                         "nbytes writable bytes from the gradient-buffer pool (buffer_pool.h); "
+                         "wrap with torch.frombuffer. Contents are undefined (reused memory).")
+      .def(py::init([](int64_t nbytes) {
+             if (nbytes < 1) throw std::invalid_argument("PoolBuffer: nbytes must be >= 1");
+             return new PoolBuffer(size_t(nbytes));
+           }),
+           py::arg("nbytes"))
+      .def_property_readonly("address", [](const PoolBuffer& b) {
+        return reinterpret_cast<uintptr_t>(b.r.ptr);
+      })
+      .def_buffer([](PoolBuffer& b) {
+        return py::buffer_info(b.r.ptr, 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {py::ssize_t(b.nbytes)}, {py::ssize_t(1)}, false);
+      });
+  m.def("pool_set_limit", [](int64_t n) { pool_set_limit(size_t(n < 0 ? 0 : n)); },
+        py::arg("regions"), "Keep at most this many released regions mapped (0: none).");
+  m.def("pool_trim", [] { return pool_trim(); },
+        "Unmap every cached region; returns the bytes given back.");
+  m.def(
+      "pool_stats",
+      [] {
+        const PoolStats s = pool_stats();
+        py::dict d;
+        d["cached_regions"] = s.cached_regions;
+        d["cached_bytes"] = s.cached_bytes;
+        d["hits"] = s.hits;
+        d["misses"] = s.misses;
+        return d;
+      },
+      "Pool counters: cached_regions, cached_bytes, hits, misses.");
 
   m.def(
       "exp_f32",

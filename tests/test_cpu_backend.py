@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cpo_fast
+import cpo_fast.cpu
 from cpo_fast import reference
 from cpo_fast._backend import cpu_extension_available
 from cpo_fast.constants import IGNORE_INDEX
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.skipif(not cpu_extension_available(), reason="cpo_fast.
 
 if cpu_extension_available():
     from cpo_fast import _C
+    from cpo_fast.cpu import _common as cpu_common
     from cpo_fast.cpu import linear_token_logprobs as cpu_linear
     from cpo_fast.cpu import token_logprobs as cpu_tok
 
@@ -252,6 +254,55 @@ def test_isa_can_be_forced_by_name_and_environment():
             env={**os.environ, "CPO_FAST_CPU_ISA": name}, capture_output=True, text=True,
             check=True)
         assert proc.stdout.strip() == name
+
+
+# ---- gradient-buffer pool -----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pooled_gradient_buffer_is_reused_and_fully_overwritten(monkeypatch, dtype):
+    # Large enough for the pool (>= 4 MiB); rows ignored in the second step only, so a stale
+    # gradient from the first step left in the reused buffer would show there.
+    monkeypatch.setenv("CPO_FAST_CPU_GRAD_POOL", "2")
+    cpo_fast.cpu.release_buffers()
+    N, V = 96, 24_001  # >= 4 MiB in bfloat16 too
+    torch.manual_seed(0)
+    x = (torch.randn(N, V) * 3).to(dtype)
+    addrs = []
+    for ignore in (0, 7):
+        labels = torch.randint(0, V, (N,))
+        labels[:ignore] = IGNORE_INDEX
+        G = torch.randn(N)
+        leaf = x.detach().requires_grad_(True)
+        (cpo_fast.token_logprobs(leaf, labels, backend="cpu") * G).sum().backward()
+        got = leaf.grad
+        addrs.append(got.data_ptr())
+        assert got.data_ptr() % (1 << 21) == 0, "pooled buffers are 2 MiB aligned"
+        want = reference.token_logprobs_grad(x.double(), labels, G.double(), None)
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=2 * STORE_TOL[dtype])
+        assert (got[:ignore] == 0).all()
+        del leaf, got
+    assert addrs[0] == addrs[1], "the second step should reuse the first step's buffer"
+    assert _C.pool_stats()["cached_regions"] >= 1
+    assert cpo_fast.cpu.release_buffers() > 0 and _C.pool_stats()["cached_regions"] == 0
+
+
+def test_pool_limit_from_environment(monkeypatch):
+    cpo_fast.cpu.release_buffers()
+    monkeypatch.setenv("CPO_FAST_CPU_GRAD_POOL", "0")
+    t = cpu_common.empty_grad((1024, 2048), torch.float32)  # 8 MiB: pooled size
+    assert t.shape == (1024, 2048) and t.dtype == torch.float32 and t.is_contiguous()
+    del t
+    assert _C.pool_stats()["cached_regions"] == 0, "0 turns reuse off"
+    small = cpu_common.empty_grad((4, 5), torch.bfloat16)  # small: plain torch.empty
+    assert small.shape == (4, 5) and small.dtype == torch.bfloat16
+    monkeypatch.setenv("CPO_FAST_CPU_GRAD_POOL", "many")
+    with pytest.raises(ValueError, match="CPO_FAST_CPU_GRAD_POOL"):
+        cpu_common.empty_grad((1024, 2048), torch.float32)
+    monkeypatch.setenv("CPO_FAST_CPU_GRAD_POOL", "-1")
+    with pytest.raises(ValueError, match="CPO_FAST_CPU_GRAD_POOL"):
+        cpu_common.empty_grad((1024, 2048), torch.float32)
+    with pytest.raises(ValueError, match="nbytes"):
+        _C.PoolBuffer(nbytes=0)
 
 
 def test_backend_errors_are_clear():

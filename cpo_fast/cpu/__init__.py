@@ -16,4 +16,22 @@ max ``m`` and, relative to it, ``s = sum_v e^(z_v - m)`` and ``a = sum_v e^(z_v 
     dL/dz_v = G ([v == y] - p_v) - E p_v (log p_v + H),     p_v = e^(z_v - lse)
 
 with ``p_v log p_v = 0`` at ``z_v = -inf``.
+
+Large gradient buffers come from a reuse pool in ``_C`` (``_common.empty_grad``;
+``CPO_FAST_CPU_GRAD_POOL`` regions kept, default 2; :func:`release_buffers` unmaps them).
 """
+
+
+
+def release_buffers() -> int:
+    """Unmap the gradient buffers kept for reuse; returns the bytes freed (0 without _C)."""
+    from cpo_fast._backend import cpu_extension_available
+
+    if not cpu_extension_available():
+        return 0
+    from cpo_fast.cpu._common import release_buffers as release
+
+    return release()
+
+
+__all__ = ["release_buffers"]

@@ -3,6 +3,9 @@ float32 logits block."""
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -100,3 +103,49 @@ def zero_rows_(z: Tensor, rows: Tensor) -> None:
     idx = rows.nonzero().squeeze(1)
     if idx.numel():
         z.index_fill_(0, idx, 0.0)
+
+
+# ---- gradient buffers (csrc/buffer_pool.h) ------------------------------------------------
+
+POOL_ENV = "CPO_FAST_CPU_GRAD_POOL"
+POOL_MIN_BYTES = 4 << 20  # below this a fresh malloc costs little; use torch.empty
+POOL_DEFAULT_REGIONS = 2
+
+
+def pool_limit() -> int:
+    """Released gradient buffers kept mapped for reuse: ``CPO_FAST_CPU_GRAD_POOL`` (an int,
+    read at call time; 0 turns reuse off), default 2."""
+    raw = os.environ.get(POOL_ENV, "").strip()
+    if not raw:
+        return POOL_DEFAULT_REGIONS
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"{POOL_ENV} must be a non-negative integer (regions kept for reuse; "
+                         f"0 disables reuse), got {raw!r}.") from None
+    if n < 0:
+        raise ValueError(f"{POOL_ENV} must be >= 0, got {n}.")
+    return n
+
+
+def empty_grad(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """An uninitialized contiguous CPU tensor for a large gradient the kernels overwrite.
+
+    Buffers of 4 MiB and more come from ``_C``'s pool: 2 MiB-aligned, huge-page advised, and
+    returned to the pool (still mapped, pages present) when the last view of the tensor dies,
+    so the next step's gradient of a similar size reuses them without page faults. The pool
+    keeps at most :func:`pool_limit` released buffers (``cpo_fast.cpu.release_buffers()``
+    unmaps them). Smaller buffers are a plain ``torch.empty``.
+    """
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
+    if nbytes < POOL_MIN_BYTES:
+        return torch.empty(tuple(shape), dtype=dtype)
+    _C.pool_set_limit(pool_limit())
+    buf = _C.PoolBuffer(nbytes=nbytes)
+    return torch.frombuffer(buf, dtype=dtype, count=numel).view(tuple(shape))
+
+
+def release_buffers() -> int:
+    """Unmap every gradient buffer the pool keeps for reuse; returns the bytes freed."""
+    return int(_C.pool_trim())

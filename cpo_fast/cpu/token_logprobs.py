@@ -129,5 +129,13 @@ def token_logprobs_backward(
     )
 
 
-__all__ = ["Config", "default_config", "override_config", "token_logprobs_backward",
-           "token_logprobs_forward"]
+def new_grad_buffer(logits: Tensor) -> Tensor:
+    """An uninitialized gradient buffer of ``logits``' shape and dtype for
+    :func:`token_logprobs_backward` (optional backend hook, cpo_fast/_backend.py): from the
+    reuse pool when large (see :func:`cpo_fast.cpu._common.empty_grad`), so steady-state
+    training steps do not fault in a fresh N x V buffer every time."""
+    return c.empty_grad(logits.shape, logits.dtype)
+
+
+__all__ = ["Config", "default_config", "new_grad_buffer", "override_config",
+           "token_logprobs_backward", "token_logprobs_forward"]

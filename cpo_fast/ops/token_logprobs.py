@@ -105,7 +105,10 @@ def _bwd_op(
     grad_entropy: Tensor | None, ignore_index: int, backend: str, temperature: float = 1.0,
     softcap: float | None = None, logit_scale: float = 1.0,
 ) -> Tensor:
-    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    # A backend may supply the buffer (the CPU one reuses large buffers: no page faults).
+    new = getattr(_impl(backend), "new_grad_buffer", None)
+    out = new(logits) if new is not None else torch.empty(
+        logits.shape, dtype=logits.dtype, device=logits.device)
     _run_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, backend, out,
              temperature, softcap, logit_scale)
     return out
