@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     d.add_argument("--confounding", type=float, default=0.5, help="selection strength in [0, 1)")
     d.add_argument("--noise", type=float, default=0.5, help="outcome noise scale")
+    d.add_argument("--model", default=None,
+                   help="a pretrained model to start from: smollm2-135m (packaged, offline) or "
+                        "a HF model directory; judged by VADER too (default: a new small model)")
     add_config_flags(d)
 
     for name, help_ in (("train", "f_0, cache, ghat, DM set, then train the policy"),
@@ -148,7 +151,7 @@ def cmd_demo(args) -> int:
     out = overrides.pop("output_dir", _demo_dir(args))
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     run_demo(out, quick=args.quick, rows=args.rows, methods=methods,
-             confounding=args.confounding, noise=args.noise, **overrides)
+             confounding=args.confounding, noise=args.noise, model=args.model, **overrides)
     return 0
 
 

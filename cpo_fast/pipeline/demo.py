@@ -8,6 +8,13 @@
 5. each model (and f_0) generates texts, the oracle scores them: the true V(theta) of each
    model, with bootstrap 95% intervals, printed as a table (plus ghat's view and the
    off-policy estimates on held-out rows in ``results.json``) and plotted.
+
+``--model smollm2-135m`` (or any HF model directory) runs the same five methods on a real
+pretrained model instead: f_0 is its LoRA SFT on the corpus (the model's own tokenizer,
+texts written between ``<|endoftext|>`` tokens), with settings sized for a 2-core CPU
+(:data:`MODEL_DEFAULTS`), and VADER (Hutto & Gilbert 2014's human-rated lexicon, from the
+``vaderSentiment`` package) judges every model's generations next to the oracle: an
+independent judge that neither ghat nor the oracle was built from.
 """
 
 from __future__ import annotations
@@ -33,15 +40,27 @@ DEMO_DEFAULTS: dict[str, Any] = dict(
 )
 QUICK: dict[str, Any] = dict(f0_steps=200, steps=50, num_samples=256, dm_size=512)
 DEMO_ROWS, QUICK_ROWS = 4000, 2000
+# --model: a 135M-parameter model on a 2-core CPU (benchmarks/results/smollm2-stages.md):
+# small batches, LoRA everywhere, learning rates for a pretrained model, bf16 generation.
+MODEL_DEFAULTS: dict[str, Any] = dict(
+    max_tokens=32, f0_steps=40, f0_batch_size=16, f0_lr=None, f0_lora=None, steps=30,
+    batch_size=8, dm_batch_size=8, lr=5e-4, warmup_steps=3, dm_size=96, num_samples=96,
+    max_new_tokens=24, batch_size_eval=64, outcome_features="f0", threads=None,
+    lora_r=8, lora_alpha=16.0)
+MODEL_QUICK: dict[str, Any] = dict(f0_steps=15, steps=8, num_samples=32, dm_size=32)
+MODEL_ROWS, MODEL_QUICK_ROWS = 600, 240
 NAMES = {"sft_all": "SFT-all", "sft_top": "SFT-top", "oo_rlhf": "OO-RLHF", "cpo": "CPO",
          "dr_cpo": "DR-CPO"}
 
 
-def demo_config(out_dir: str | Path, *, quick: bool = False, **overrides: Any) -> RunConfig:
+def demo_config(out_dir: str | Path, *, quick: bool = False, model: str | None = None,
+                **overrides: Any) -> RunConfig:
     if overrides.get("data"):
         raise ValueError("demo: --data is not used (the demo writes its own corpus.csv under "
                          "--output-dir); use `cpo-fast train --data ...` for your data.")
     values = {**DEMO_DEFAULTS, **(QUICK if quick else {})}
+    if model:  # a pretrained model: f_0 = its LoRA SFT on the corpus
+        values.update(MODEL_DEFAULTS, **(MODEL_QUICK if quick else {}), base_model=model)
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["output_dir"] = str(out_dir)
     values["data"] = str(Path(out_dir) / "corpus.csv")
@@ -50,7 +69,7 @@ def demo_config(out_dir: str | Path, *, quick: bool = False, **overrides: Any) -
 
 def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: int | None = None,
              methods: tuple[str, ...] = METHODS, confounding: float = 0.5, noise: float = 0.5,
-             print_fn=print, **overrides: Any) -> dict[str, Any]:
+             model: str | None = None, print_fn=print, **overrides: Any) -> dict[str, Any]:
     """Run the demo; return {"table": rows, "results": per model, "seconds": run time}."""
     from cpo_fast.pipeline.persist import write_json, write_text
     from cpo_fast.pipeline.preflight import preflight
@@ -62,9 +81,12 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
     if bad:
         raise ValueError(f"--methods: {bad} not in {METHODS}.")
     out = Path(out_dir)
-    cfg = demo_config(out, quick=quick, **overrides)
+    cfg = demo_config(out, quick=quick, model=model, **overrides)
     preflight(cfg, "demo")
-    n = rows or (QUICK_ROWS if quick else DEMO_ROWS)
+    if model:
+        n = rows or (MODEL_QUICK_ROWS if quick else MODEL_ROWS)
+    else:
+        n = rows or (QUICK_ROWS if quick else DEMO_ROWS)
     corpus = make_corpus(n, confounding=confounding, noise=noise, seed=cfg.seed)
     text = corpus_csv(corpus)
     _check_reusable(out, cfg, text)  # before anything in ``out`` is written
@@ -76,7 +98,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
     prep = prepare(cfg, need_dm=any(m in ("dr_cpo", "oo_rlhf") for m in methods))
     print_fn(f"[demo] f_0 ready ({time.perf_counter() - t0:.0f}s); ghat out-of-fold R^2 = "
              f"{prep.outcome_fit.r2:.3f}")
-    results, times = _train_and_evaluate(prep, cfg, methods, print_fn)
+    results, times = _train_and_evaluate(prep, cfg, methods, print_fn, judge=bool(model))
     seconds = time.perf_counter() - t0
     _plots(out, methods, results, guard=cfg.ess_guard)
 
@@ -87,6 +109,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
         table.append({"model": name, "oracle": r.get("oracle"), "ghat": r.get("ghat"),
                       "distinct": r["distinct_fraction"], "off_policy": op,
                       "ghat_outside": (r.get("ghat_support") or {}).get("ood_share"),
+                      "judge": r.get("vader"),
                       "collapsed": bool(tr.get("weights_collapsed")),
                       "min_ess_share": tr.get("min_ess_share"),
                       "min_dm_ess_share": tr.get("min_dm_ess_share")})
@@ -113,13 +136,25 @@ def _check_reusable(out: Path, cfg: RunConfig, corpus_text: str) -> None:
                          "--rows, --confounding, --noise or --seed); use another --output-dir.")
 
 
-def _train_and_evaluate(prep, cfg: RunConfig, methods, print_fn):
+def vader(texts: list[str]) -> list[float]:
+    """VADER's compound sentiment in [-1, 1] of each text (an independent judge)."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    sia = SentimentIntensityAnalyzer()
+    return [sia.polarity_scores(t)["compound"] for t in texts]
+
+
+def _train_and_evaluate(prep, cfg: RunConfig, methods, print_fn, judge: bool = False):
     """f_0, then each method trained from it; every model's generations scored (eval/)."""
+    import importlib.util
+
     from cpo_fast.pipeline.evaluate import evaluate_model, format_row, write_eval
     from cpo_fast.pipeline.synthetic import oracle
     from cpo_fast.pipeline.train import train_policy
 
     lay, scorers = prep.layout, {"oracle": oracle}
+    if judge and importlib.util.find_spec("vaderSentiment") is not None:
+        scorers["vader"] = vader
     results: dict[str, dict] = {}
     times: dict[str, float] = {}
     res = evaluate_model(prep, prep.load_f0(), name="f_0", scorers=scorers)
@@ -156,8 +191,10 @@ def _plots(out: Path, methods, results, guard: float = 0.0) -> None:
 
 def format_table(table: list[dict], seconds: float, *, higher_is_better: bool = True) -> str:
     f0 = next((r for r in table if r["model"] == "f_0"), None)
+    judged = any(r.get("judge") for r in table)
     lines = [f"{'model':9s} {'oracle E[g*] of generations (95% CI)':38s} {'vs f_0':>8s}"
-             f" {'ghat (95% CI)':>27s} {'outside':>7s} {'distinct':>8s} {'off-policy DR':>13s}"]
+             f" {'ghat (95% CI)':>27s} {'outside':>7s} {'distinct':>8s} {'off-policy DR':>13s}"
+             + (f" {'VADER judge (95% CI)':>28s}" if judged else "")]
     lines.append("-" * len(lines[0]))
     for r in table:
         o, g = r["oracle"], r["ghat"]
@@ -167,7 +204,7 @@ def format_table(table: list[dict], seconds: float, *, higher_is_better: bool = 
         gs = "-" if g is None else f"{g['mean']:.3f} [{g['lo']:.3f}, {g['hi']:.3f}]"
         lines.append(f"{r['model']:9s} {o['mean']:.3f} [{o['lo']:.3f}, {o['hi']:.3f}]"
                      f"{'':18s} {delta:>8s} {gs:>27s} {out:>7s} {r['distinct']:8.2f}"
-                     f" {_dr_cell(r.get('off_policy') or {}):>13s}")
+                     f" {_dr_cell(r.get('off_policy') or {}):>13s}" + _judge_cell(r, judged))
     lines.append(f"({'higher' if higher_is_better else 'lower'} is better; run time "
                  f"{seconds:.0f}s; outside: share of generations outside ghat's support; "
                  "off-policy DR: self-normalized DR estimate of V on the held-out rows)")
@@ -178,6 +215,14 @@ def format_table(table: list[dict], seconds: float, *, higher_is_better: bool = 
         lines.append("unreliable: the held-out rows' importance weights collapsed (ESS below "
                      "10% of the rows): that estimate is noise")
     return "\n".join(lines)
+
+
+def _judge_cell(r: dict, judged: bool) -> str:
+    j = r.get("judge")
+    if not judged:
+        return ""
+    cell = "-" if not j else f"{j['mean']:+.3f} [{j['lo']:+.3f}, {j['hi']:+.3f}]"
+    return f" {cell:>28s}"
 
 
 def _dr_cell(op: dict) -> str:

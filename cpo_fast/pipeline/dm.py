@@ -42,7 +42,8 @@ class DMSet:
 
 def f0_completions(f0, tokenizer, train_table: OutcomeTable, train_enc: Encoded, *, size: int,
                    prefix_fraction: float, max_tokens: int, seed: int, temperature: float = 1.0,
-                   batch_size: int = 64, device=None, progress: bool = False) -> DMSet:
+                   batch_size: int = 64, device=None, progress: bool = False,
+                   bf16: bool = True) -> DMSet:
     """Sample f_0's completions of truncated training texts (see the module docstring)."""
     n = len(train_enc)
     rng = np.random.default_rng(seed + 7919)
@@ -60,7 +61,7 @@ def f0_completions(f0, tokenizer, train_table: OutcomeTable, train_enc: Encoded,
     new = sample_continuations(f0, tokenizer, prefixes, max_new_tokens=room,
                                temperature=temperature, seed=seed + 104729,
                                batch_size=batch_size, device=device, progress=progress,
-                               desc="DM: f_0 completions")
+                               desc="DM: f_0 completions", bf16=bf16)
     eos = int(tokenizer.eos_token_id)
     input_ids, starts, texts, prompts = [], [], [], []
     for i, p, r in zip(rows, prefixes, new, strict=True):

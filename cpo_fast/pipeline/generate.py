@@ -7,7 +7,8 @@ prefix: the document start (:func:`cpo_fast.pipeline.tokenizer.document_start`: 
 tokenizer prepends it, else the pretraining separator ``<|endoftext|>``; never a chat
 marker such as SmolLM2's ``<|im_start|>``). Sampling is seeded: the same seed, model and
 prefixes give the same texts. Where the device computes bf16 natively (CUDA, or a CPU with
-AVX512-BF16 / AMX) the forward passes run under bf16 autocast (``bf16=True``, the default):
+AVX512-BF16 / AMX, for models of 20M parameters and more: :func:`bf16_pays`) the forward
+passes run under bf16 autocast (``bf16=True``, the default):
 sampled texts are approximate draws either way, and every log-probability the estimators
 use is recomputed from the ids in fp32 (precompute, training).
 """
@@ -39,6 +40,20 @@ def bf16_native(device: torch.device | str) -> bool:
     if d.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return d.type == "cpu" and _cpu_bf16()
+
+
+# On the CPU bf16 pays only where matmuls dominate: SmolLM2-135M's passes ran 1.5-2x faster
+# (benchmarks/results/smollm2-stages.md); a model of the embedded demo's size (0.1M
+# parameters) gains nothing and would only see its numbers change.
+CPU_BF16_MIN_PARAMS = 20_000_000
+
+
+def bf16_pays(model, device: torch.device | str) -> bool:
+    """Run no-grad passes of ``model`` on ``device`` under bf16 autocast?"""
+    d = torch.device(device)
+    if not bf16_native(d):
+        return False
+    return d.type == "cuda" or sum(p.numel() for p in model.parameters()) >= CPU_BF16_MIN_PARAMS
 
 
 def _special_id(tokenizer, name: str) -> int:
@@ -74,7 +89,7 @@ def sample_continuations(
     model.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     dev = torch.device(device)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16 and bf16_native(dev))
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16 and bf16_pays(model, dev))
     out: list[list[int]] = []
     starts = range(0, len(prefixes), batch_size)
     for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
