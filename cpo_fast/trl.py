@@ -1,0 +1,425 @@
+"""DR-CPO as a TRL-style trainer: ``DRCPOTrainer`` and ``DRCPOConfig`` (docs/trl.md).
+
+    from cpo_fast.trl import DRCPOConfig, DRCPOTrainer
+
+    args = DRCPOConfig(output_dir="out", method="dr_cpo", max_steps=100, report_to="tensorboard")
+    trainer = DRCPOTrainer(model=model, args=args, train_dataset=ds,   # columns: text, outcome
+                           processing_class=tokenizer, peft_config=LoraConfig(...))
+    trainer.train(); trainer.evaluate(); trainer.save_model()
+
+Names: TRL's ``CPOTrainer`` is *Contrastive* Preference Optimization, another method; these
+are *Causal* Preference Optimization and its doubly robust form (Lin et al., UAI 2024).
+
+The trainer is a ``transformers.Trainer`` (optimizer, schedule, clipping, checkpoints,
+callbacks, ``report_to`` are Trainer's), and everything DR-CPO-specific is the library code
+the ``cpo-fast`` CLI runs, called in the CLI's order (pipeline/prepare.py): f_0 (the given
+model, or its SFT on the dataset's texts when ``f0_steps > 0``: prepare.fit_f0), f_0's
+reference log-probs computed once and cached (precompute.py), ghat cross-fitted
+(outcome.py), the DM set (dm.py); then each optimizer step takes the CLI's micro-batches of
+that step (batches.step_micro_batches: a function of the seed and the step, so a resumed
+run sees the same data) and accumulates the exact gradient of the effective batch
+(step.effective_gradient: all micro-batches on all ranks), with the fused head. The stages
+are written under ``stages_dir`` in a folder keyed by the model, the data and the settings
+they depend on, so a second run (or ``resume_from_checkpoint``) reloads them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainingArguments
+
+from cpo_fast.hf import LogsDiagnostics
+from cpo_fast.objectives import WEIGHTINGS
+from cpo_fast.pipeline.config import METHODS, RunConfig, pinned_values
+from cpo_fast.pipeline.data import OutcomeTable, _as_float, _as_text, encode
+
+_STAGE_FIELDS = ("method", "weighting", "length_normalize", "entropy_coef", "kl_coef",
+                 "max_log_weight", "truncation", "clip_eps", "top_quantile", "log_weight_cap",
+                 "higher_is_better", "dm_source", "dm_path", "dm_size", "dm_prefix_fraction",
+                 "outcome_model", "outcome_folds", "outcome_features", "ess_guard",
+                 "stop_on_collapse", "num_samples", "max_new_tokens", "bootstrap", "backend")
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DRCPOConfig(TrainingArguments):
+    """``TrainingArguments`` plus the CPO / DR-CPO settings. Field names, meanings and
+    defaults are the CLI's (``cpo-fast train --help``); the optimizer defaults are set to
+    the CLI's too (AdamW betas (0.9, 0.95), cosine decay to 10% of the peak)."""
+
+    method: str = _f("dr_cpo", "sft_all | sft_top | oo_rlhf | cpo | dr_cpo")
+    weighting: str = _f("self_normalized", "raw | self_normalized | clipped | truncated")
+    dataset_text_field: str = _f("text", "column with the texts (with prompt_column: the responses)")
+    outcome_column: str = _f("outcome", "column with the outcome y (numbers)")
+    prompt_column: str | None = _f(None, "optional prompt column (only responses are scored); a "
+                                   "dataset with 'prompt' and 'completion' columns is read as such")
+    log_propensity_column: str | None = _f(None, "optional known log P^R(x) column")
+    max_length: int = _f(64, "max tokens per row (BOS + prompt + response + EOS)")
+    on_too_long: str = _f("truncate", "truncate | error")
+    eval_fraction: float = _f(0.0, "rows of train_dataset held out for evaluate() when no "
+                              "eval_dataset is given (seeded split, as the CLI's)")
+    higher_is_better: bool = _f(True, "false when lower outcomes are better")
+    f0_steps: int = _f(0, "0: the given model is f_0; > 0: f_0 = this many SFT steps of it on "
+                       "the dataset's texts")
+    f0_learning_rate: float | None = _f(None, "SFT learning rate of f_0 (default: the CLI's)")
+    f0_lora: bool | None = _f(None, "SFT of f_0 with LoRA adapters, merged after (default: the CLI's)")
+    f0_batch_size: int = _f(32, "SFT batch size of f_0")
+    length_normalize: bool = _f(False, "mean instead of sum of token log-probs")
+    entropy_coef: float = _f(0.0, "entropy bonus coefficient")
+    kl_coef: float = _f(0.0, "KL-to-f_0 penalty coefficient (k3, from the cache)")
+    max_log_weight: float = _f(50.0, "clamp on log weights (raw/clipped/truncated)")
+    truncation: float = _f(10.0, "tau for weighting=truncated")
+    clip_eps: float = _f(0.2, "eps for weighting=clipped")
+    top_quantile: float = _f(0.75, "sft_top trains on rows above this outcome quantile")
+    log_weight_cap: float = _f(0.0, "cap each row's log weight to the batch median +- this (0: off)")
+    dm_batch_size: int | None = _f(None, "DM rows per micro-batch (default: per_device_train_batch_size)")
+    dm_source: str = _f("f0_completions", "f0_completions | dataset | file")
+    dm_path: str | None = _f(None, "unlabeled texts file for dm_source=file")
+    dm_size: int = _f(512, "DM texts (f0_completions: how many to sample)")
+    dm_prefix_fraction: float = _f(0.3, "f0_completions: kept fraction of each text's tokens")
+    outcome_model: str = _f("ridge", "ridge | mlp")
+    outcome_folds: int = _f(5, "cross-fitting folds of ghat")
+    outcome_features: str = _f("f0", "f0 | tokens | both")
+    ess_guard: float = _f(0.1, "warn when an ESS share of its batch falls below this (0: off)")
+    stop_on_collapse: bool = _f(False, "stop training when the ESS guard fires")
+    num_samples: int = _f(64, "evaluate(): texts generated from the policy (ghat's DM term)")
+    max_new_tokens: int = _f(48, "evaluate(): max new tokens per generated text")
+    bootstrap: int = _f(1000, "evaluate(): bootstrap resamples of the 95% intervals")
+    backend: str | None = _f(None, "fused-op backend (default: best available)")
+    stages_dir: str | None = _f(None, "where f_0, the reference cache, ghat and the DM set are "
+                                "kept (default: <output_dir>/stages)")
+    # Trainer settings whose defaults are the CLI's
+    learning_rate: float = _f(1e-3, "peak learning rate (AdamW)")
+    adam_beta2: float = _f(0.95, "AdamW beta2 (the CLI's)")
+    optim: str = _f("adamw_torch", "optimizer (the CLI's: torch AdamW)")
+    lr_scheduler_type: str = _f("cosine_with_min_lr", "cosine decay to min_lr_rate (the CLI's)")
+    lr_scheduler_kwargs: dict | str | None = _f({"min_lr_rate": 0.1}, "scheduler arguments")
+    logging_steps: float = _f(10, "log every N steps")
+    seed: int = _f(0, "seed of the data order, the held-out split, the adapters' init (the CLI's)")
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("method", METHODS), ("weighting", WEIGHTINGS),
+                              ("on_too_long", ("truncate", "error"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DRCPOConfig.{name}={getattr(self, name)!r} is not one of {allowed}.")
+        if self.f0_steps < 0 or not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError("DRCPOConfig: f0_steps must be >= 0 and eval_fraction in [0, 1), got "
+                             f"{self.f0_steps} and {self.eval_fraction}.")
+        super().__post_init__()
+
+    def run_config(self, stages: Path, peft_config: Any = None) -> RunConfig:
+        """The CLI's RunConfig of these settings (what the pipeline functions read); a LoRA
+        ``peft_config`` also gives the rank, alpha and dropout of f_0's LoRA SFT."""
+        from cpo_fast.pipeline.config import FIELDS
+
+        same = {k: getattr(self, k) for k in _STAGE_FIELDS}
+        if "f0_lora" in FIELDS:
+            same["f0_lora"] = self.f0_lora
+        for k, name in (("lora_r", "r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout")):
+            if isinstance(getattr(peft_config, name, None), (int, float)):
+                same[k] = getattr(peft_config, name)
+        return RunConfig(
+            text_column=self.dataset_text_field, outcome_column=self.outcome_column,
+            prompt_column=self.prompt_column, log_propensity_column=self.log_propensity_column,
+            max_tokens=self.max_length, on_too_long=self.on_too_long,
+            eval_fraction=self.eval_fraction, f0_steps=self.f0_steps, f0_lr=self.f0_learning_rate,
+            f0_batch_size=self.f0_batch_size, steps=max(1, self.max_steps),
+            batch_size=self.per_device_train_batch_size, grad_accum=self.gradient_accumulation_steps,
+            dm_batch_size=self.dm_batch_size or self.per_device_train_batch_size,
+            lr=self.learning_rate, weight_decay=self.weight_decay,
+            warmup_steps=int(self.warmup_steps) if self.warmup_steps >= 1 else 0,
+            grad_clip=self.max_grad_norm, lora=peft_config is not None, bf16=bool(self.bf16), save_every=0,
+            output_dir=str(stages), seed=self.seed, device=self.device.type,
+            batch_size_eval=self.per_device_eval_batch_size, progress=not self.disable_tqdm,
+            **same).validate()
+
+
+# ------------------------------------------------------------------ data and stages
+
+def dataset_table(ds: Any, args: DRCPOConfig, name: str = "train_dataset") -> OutcomeTable:
+    """A ``datasets.Dataset`` as the pipeline's validated OutcomeTable; errors name the
+    argument, the row and the column (as the CLI's do for a file)."""
+    cols = list(getattr(ds, "column_names", None) or [])
+    if not cols or len(ds) == 0:
+        raise ValueError(f"{name}: expected a non-empty datasets.Dataset with a text and an "
+                         f"outcome column, got {type(ds).__name__}.")
+    text, prompt = args.dataset_text_field, args.prompt_column
+    if text not in cols and prompt is None and {"prompt", "completion"} <= set(cols):
+        text, prompt = "completion", "prompt"  # TRL's prompt-completion format
+    for what, col in (("dataset_text_field", text), ("outcome_column", args.outcome_column),
+                      ("prompt_column", prompt), ("log_propensity_column", args.log_propensity_column)):
+        if col is not None and col not in cols:
+            raise ValueError(f"{name}: no column {col!r} (DRCPOConfig.{what}); its columns are "
+                             f"{cols}. Rename the column or set DRCPOConfig({what}=...).")
+
+    def numbers(col: str) -> np.ndarray:
+        out = []
+        for r, v in enumerate(ds[col], 1):
+            if v is None or (isinstance(v, str) and not v.strip()):
+                raise ValueError(f"{name}: row {r}, column {col!r}: missing value; outcomes "
+                                 "must be numbers.")
+            out.append(_as_float(v, r, col, name))
+        return np.asarray(out, np.float64)
+
+    texts = [_as_text(v, r, text, name) for r, v in enumerate(ds[text], 1)]
+    empty = next((r for r, t in enumerate(texts, 1) if not t.strip()), None)
+    if empty is not None:
+        raise ValueError(f"{name}: row {empty}, column {text!r}: empty text.")
+    lp = args.log_propensity_column
+    return OutcomeTable(texts=texts, outcomes=numbers(args.outcome_column),
+                        prompts=None if prompt is None else
+                        [_as_text(v, r, prompt, name) for r, v in enumerate(ds[prompt], 1)],
+                        log_propensity=None if lp is None else numbers(lp))
+
+
+def split_held_out(table: OutcomeTable, fraction: float, seed: int):
+    """(train, held-out) rows: the CLI's seeded split (prepare.load_split, without max_rows)."""
+    rng = np.random.default_rng(seed)
+    n_eval = int(round(fraction * len(table)))
+    if n_eval == 0:
+        return table, None
+    perm = rng.permutation(len(table))
+    return table.subset(np.sort(perm[n_eval:])), table.subset(np.sort(perm[:n_eval]))
+
+
+def _stage_key(f0_fp: str, encs: list, cfg: RunConfig) -> str:
+    from cpo_fast.pipeline.precompute import data_fingerprint
+
+    keys = {k: v for k, v in pinned_values(cfg, "prepare").items()
+            if k not in ("data", "base_model", "f0_model", "tokenizer")}
+    keys.update(dm=[cfg.dm_source, cfg.dm_size, cfg.dm_prefix_fraction, cfg.dm_path],
+                outcome=[cfg.outcome_model, cfg.outcome_folds, cfg.outcome_features])
+    h = hashlib.blake2b(digest_size=10)
+    for part in (f0_fp, *(data_fingerprint(e) for e in encs if e is not None), json.dumps(keys, sort_keys=True)):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()
+
+
+def build_stages(model: Any, tokenizer: Any, train_t: OutcomeTable, eval_t: OutcomeTable | None,
+                 cfg: RunConfig, stages: Path):
+    """prepare._stages on a given model and dataset: f_0, the reference cache, ghat, the DM
+    set (rank 0 builds, the other ranks reload what it wrote)."""
+    from cpo_fast.pipeline.batches import DM_METHODS
+    from cpo_fast.pipeline.modeling import model_fingerprint
+    from cpo_fast.pipeline.policy import load_causal_lm, save_model
+    from cpo_fast.pipeline.prepare import Prepared, build_dm, fit_f0, fit_outcome, ref_logprobs
+    from cpo_fast.pipeline.runtime import is_main, main_first, pick_device, seed_everything
+
+    if len(train_t) < 2:
+        raise ValueError(f"train_dataset: {len(train_t)} rows after the held-out split; need >= 2.")
+    if tokenizer is None:
+        raise ValueError("DRCPOTrainer needs processing_class= (the model's tokenizer).")
+    from cpo_fast.pipeline.tokenizer import for_documents
+
+    for_documents(tokenizer)  # as prepare.get_tokenizer: BOS/EOS at document boundaries, a pad
+    tokenizer.model_max_length = int(1e9)  # encode() truncates to max_length itself
+    for name in ("bos", "eos"):
+        if getattr(tokenizer, f"{name}_token_id") is None:
+            raise ValueError(f"processing_class has no {name} token; set tokenizer.{name}_token.")
+    device = pick_device(cfg)
+    seed_everything(cfg.seed)
+    path = Path(model) if isinstance(model, (str, Path)) else None
+    if path is not None:
+        model = load_causal_lm(path, device)
+    elif hasattr(model, "peft_config"):
+        raise ValueError("model= is already a peft model; pass the base model and peft_config=.")
+    model = model.to(device).eval().requires_grad_(False)
+    with main_first("the DR-CPO stages (f_0, reference cache, ghat, DM set)"):
+        train_enc = encode(train_t, tokenizer, cfg.max_tokens, cfg.on_too_long)
+        eval_enc = None if eval_t is None else encode(eval_t, tokenizer, cfg.max_tokens, cfg.on_too_long)
+        root = stages / _stage_key(model_fingerprint(model), [train_enc, eval_enc], cfg)
+        cfg.output_dir = str(root)
+        prep = Prepared(cfg, device, root, tokenizer, train_t, eval_t, train_enc, eval_enc, [], None,
+                        root / "f0" / "model")
+        if cfg.f0_steps:  # f_0 = SFT of the given model (the CLI's --base-model)
+            base = path or root / "base"
+            if path is None and is_main() and not (base / "config.json").is_file():
+                save_model(model, tokenizer, base)
+            cfg.base_model = str(base)
+            fit_f0(prep, resume=False)
+        else:  # the given model is f_0 (the CLI's --f0-model); on disk for evaluate()
+            prep.f0, prep.f0_dir = model, path or prep.f0_dir
+            if path is None and is_main() and not (prep.f0_dir / "config.json").is_file():
+                save_model(model, tokenizer, prep.f0_dir)
+        prep.load_f0().eval()
+        prep.train_ref = ref_logprobs(prep, train_enc, "train")
+        if eval_enc is not None:
+            prep.eval_ref = ref_logprobs(prep, eval_enc, "eval")
+        fit_outcome(prep)
+        if cfg.method in DM_METHODS:
+            build_dm(prep)
+    return prep
+
+
+def make_trainable(f0: Any, peft_config: Any, seed: int) -> Any:
+    """The policy starts at f_0 (policy.make_policy): peft adapters, initialized under the
+    CLI's seed (seed + 1, without moving the run's RNG), or a full copy without peft_config."""
+    model = copy.deepcopy(f0)
+    if peft_config is None:
+        return model.requires_grad_(True)
+    from peft import get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        return get_peft_model(model, peft_config)
+
+
+# ------------------------------------------------------------------ the trainer
+
+class DRCPOTrainer(LogsDiagnostics, Trainer):
+    """``transformers.Trainer`` running the CLI's CPO / DR-CPO stages and step (module doc)."""
+
+    def __init__(self, model: Any, args: DRCPOConfig | None = None, train_dataset: Any = None,
+                 eval_dataset: Any = None, processing_class: Any = None, peft_config: Any = None,
+                 **kwargs: Any):
+        from cpo_fast.pipeline.train import train_data
+
+        args = args if args is not None else DRCPOConfig(output_dir="drcpo-output")
+        if not isinstance(args, DRCPOConfig):
+            raise TypeError(f"args must be a DRCPOConfig, got {type(args).__name__}.")
+        if train_dataset is None:
+            raise ValueError("DRCPOTrainer needs train_dataset= (a text and an outcome column).")
+        train_t = dataset_table(train_dataset, args, "train_dataset")
+        eval_t = None if eval_dataset is None else dataset_table(eval_dataset, args, "eval_dataset")
+        if eval_t is None and args.eval_fraction:
+            train_t, eval_t = split_held_out(train_t, args.eval_fraction, args.seed)
+        self.cfg = args.run_config(Path(args.stages_dir or Path(args.output_dir) / "stages"),
+                                   peft_config)
+        self._prep = build_stages(model, processing_class, train_t, eval_t, self.cfg,
+                                  Path(self.cfg.output_dir))
+        policy = make_trainable(self._prep.f0, peft_config, self.cfg.seed)
+        self._prep.f0 = None  # no reference model in memory while training (the cache stands in)
+        self._data = train_data(self._prep, self.cfg.method)
+        self._guard = None
+        super().__init__(model=policy, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+
+    @property
+    def prepared(self):
+        """The pipeline's Prepared stages (tokenizer, encodings, reference cache, ghat, DM set)."""
+        return self._prep
+
+    def get_train_dataloader(self):
+        """Placeholders, one per micro-batch: the rows of step t are the CLI's (seed, t) slice,
+        built in get_batch_samples, so skipping batches on resume needs no data."""
+        from torch.utils.data import DataLoader
+
+        from cpo_fast.pipeline.guard import WeightGuard
+        from cpo_fast.pipeline.loop import effective_rows
+        from cpo_fast.pipeline.runtime import current_world
+
+        world = current_world()
+        rows, dm_rows = effective_rows(self.cfg, world)
+        self._guard = WeightGuard(self.cfg.ess_guard, self.cfg.stop_on_collapse, rows, dm_rows,
+                                  quiet=not world.is_main)
+        per_epoch = max(1, -(-len(self._data.rows) // rows))  # steps that see every row once
+        return DataLoader(list(range(per_epoch * self.cfg.grad_accum)), batch_size=None)
+
+    def get_resumed_dataloader(self, dataloader, num_batches):
+        return dataloader  # placeholders: the data of a step depends on the step alone
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        from cpo_fast.pipeline.batches import step_micro_batches
+        from cpo_fast.pipeline.runtime import current_world
+
+        if not [s for _, s in zip(range(num_batches), epoch_iterator, strict=False)]:
+            return [], None
+        self._micro = step_micro_batches(self._data, self.state.global_step, cfg=self.cfg,
+                                         world=current_world(), pad_id=self._prep.pad_id,
+                                         device=self.args.device)
+        return [{"input_ids": b["input_ids"], "cpo_slot": m} for m, (b, _) in enumerate(self._micro)], None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The first micro-batch of a step accumulates the whole effective batch's exact
+        gradient (step.effective_gradient, averaged over the ranks as the CLI does); the
+        others add nothing. Returns the step's loss once, so Trainer logs the CLI's loss."""
+        from cpo_fast.pipeline.loop import effective_rows, metrics_line
+        from cpo_fast.pipeline.runtime import average_gradients, current_world
+        from cpo_fast.pipeline.step import effective_gradient
+
+        if inputs["cpo_slot"]:
+            return torch.zeros((), device=self.args.device)
+        t0, world, dev = time.perf_counter(), current_world(), self.args.device
+        self.model.train()
+        autocast = dict(device_type=dev.type, dtype=torch.bfloat16,
+                        enabled=self.cfg.bf16 and dev.type == "cuda")
+        step = self.state.global_step + 1
+        res = effective_gradient(self.model, self._micro, self.cfg, world, autocast, step)
+        average_gradients([p for p in self.model.parameters() if p.requires_grad], world)
+        line = metrics_line(step, res, 0.0, 0.0, time.perf_counter() - t0, *effective_rows(self.cfg, world))
+        if self._guard.update(step, line, dm_only=self.cfg.method == "oo_rlhf"):
+            self.control.should_training_stop = True
+        fit = self._prep.outcome_fit
+        self._cpo_record({**{k: line.get(k) for k in ("ess", "max_weight_share", "clip_fraction", "dm_ess",
+                                                      "dm_max_weight_share", "value", "tokens_per_s")},
+                          "ess_guard_fired": float(self._guard.collapsed_at is not None),
+                          **{f"ess_guard_min_{k}_share": v for k, v in self._guard.min_share.items()},
+                          "ghat_oof_r2": None if fit is None else fit.r2})
+        return torch.tensor(res.loss, device=dev)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """The CLI's evaluation (pipeline/evaluate.py) of the policy: off-policy estimates of
+        V on the held-out rows (naive, IPW, SNIPS, DM, DR with 95% bootstrap intervals, ESS)
+        and ghat's mean over ``num_samples`` generations; logged and returned."""
+        from cpo_fast.pipeline.evaluate import evaluate_model
+
+        prep = self._prep if eval_dataset is None else self._held_out(eval_dataset)
+        if prep.eval_enc is None:
+            raise ValueError("evaluate(): no held-out rows; pass eval_dataset= (to DRCPOTrainer or "
+                             "evaluate()) or set DRCPOConfig(eval_fraction=...).")
+        try:
+            res = evaluate_model(prep, self.model, name="policy", off_policy=True)
+        finally:
+            prep.f0 = None  # ghat's features loaded f_0: free it again
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in flat_metrics(res).items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _held_out(self, ds: Any):
+        from cpo_fast.pipeline.prepare import ref_logprobs, texts_features
+
+        table = dataset_table(ds, self.args, "eval_dataset")
+        prep = dataclasses.replace(self._prep, eval_table=table, eval_enc=encode(
+            table, self._prep.tokenizer, self.cfg.max_tokens, "truncate"))
+        prep.eval_ref = ref_logprobs(prep, prep.eval_enc, "eval")
+        prep.ghat_eval = prep.outcome_fit.predict(texts_features(prep, prep.eval_enc))
+        return prep
+
+
+def flat_metrics(res: dict[str, Any]) -> dict[str, float]:
+    """evaluate_model's result as flat numbers: ``dr``, ``dr_lo``, ``dr_hi``, ``ess``, ``ghat``, ..."""
+    out: dict[str, float] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, dict) and ("estimate" in v or "mean" in v):
+                out[name] = float(v.get("estimate", v.get("mean")))
+                out.update({f"{name}_{b}": float(v[b]) for b in ("lo", "hi") if b in v})
+            elif isinstance(v, dict):
+                walk(v, "" if k == "off_policy" else f"{name}_")
+            elif isinstance(v, (bool, int, float, np.floating, np.integer)):
+                out[name] = float(v)
+
+    walk({k: v for k, v in res.items() if k != "samples"}, "")
+    return out
+
+
+__all__ = ["DRCPOConfig", "DRCPOTrainer", "build_stages", "dataset_table", "flat_metrics",
+           "make_trainable", "split_held_out"]
