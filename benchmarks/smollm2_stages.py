@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     enc = encode(table, tok, cfg.max_tokens, "truncate")
     sub = type(enc)(enc.input_ids[:args.rows], enc.score_start[:args.rows])
     ntok = sum(len(r) for r in sub.input_ids)
-    rows: list[tuple[str, str, float, float, str]] = []  # stage, dtype, seconds, tok/s, note
+    rows: list[tuple] = []  # stage, dtype, seconds, tok/s, note, load, tokens
 
     def add(stage, dt, secs, tokens, note=""):
-        rows.append((stage, dt, secs, tokens / secs, note))
+        rows.append((stage, dt, secs, tokens / secs, note, os.getloadavg()[0], tokens))
         print(f"{stage:24s} {dt:5s} {secs:8.1f}s {tokens / secs:9.0f} tok/s  {note}  "
               f"(peak RSS {rss_gb():.2f} GB, load {os.getloadavg()[0]:.2f})", flush=True)
 
@@ -161,11 +161,46 @@ def main(argv: list[str] | None = None) -> int:
         add("training step (DR-CPO)", dt, secs / args.steps, toks / args.steps,
             f"LoRA r=8, {args.batch} + {args.batch} rows")
         del policy, opt
-    write(args.out, rows, load, t_load, args)
+    write(args.out, rows, load, t_load, args, per_row=ntok / len(sub))
     return 0
 
 
-def write(path: str, rows, load, t_load: float, args) -> None:
+def extrapolate(rows, args, per_row: float) -> list[str]:
+    """Seconds of a 2,000-row, 100-step DR-CPO run with evaluation, from the measured rates:
+    as `cpo-fast train` runs it (fp32 precompute and training, bf16 generation and ghat
+    features), 8 + 8 rows per step, dm_size 512, 256 samples of 48 tokens per model."""
+    def rate(stage, dt):
+        return next(r[3] for r in rows if r[0] == stage and r[1] == dt)
+
+    def per(stage, dt, unit):
+        r = next(r for r in rows if r[0] == stage and r[1] == dt)
+        return r[6] / unit
+
+    step = next(r[2] for r in rows if r[0].startswith("training") and r[1] == "fp32")
+    dm_new = per("DM generation", "bf16", args.dm)  # new tokens per completion
+    gen_new = per("eval generation", "bf16", args.samples)
+    n, dm, samples = 2000, 512, 256
+    parts = {
+        "precompute (train + eval + DM rows)": (n * per_row + dm * (per_row + dm_new))
+        / rate("precompute", "fp32"),
+        "ghat features (rows, DM set, generations)": (n * per_row + dm * (per_row + dm_new)
+                                                      + 2 * samples * gen_new)
+        / rate("ghat features", "bf16"),
+        "DM set generation (512 completions)": dm * dm_new / rate("DM generation", "bf16"),
+        "training (100 steps, 8 + 8 rows)": 100 * step,
+        "evaluation generation (f_0 + policy, 256 each)": 2 * samples * gen_new
+        / rate("eval generation", "bf16"),
+    }
+    out = ["", "Extrapolated to a 2,000-row, 100-step DR-CPO run with evaluation (the rates "
+           "above, this load; model loading and ridge fits not counted):", "",
+           "| stage | seconds |", "|---|---:|"]
+    out += [f"| {k} | {v:.0f} |" for k, v in parts.items()]
+    out.append(f"| **total** | **{sum(parts.values()):.0f}** ({sum(parts.values()) / 60:.1f} "
+               "min) |")
+    return out
+
+
+def write(path: str, rows, load, t_load: float, args, per_row: float) -> None:
     lines = ["# Pipeline stages on SmolLM2-135M, 2-core CPU", "",
              f"`benchmarks/smollm2_stages.py --rows {args.rows} --dm {args.dm} --samples "
              f"{args.samples} --steps {args.steps} --batch {args.batch}`; torch "
@@ -174,8 +209,11 @@ def write(path: str, rows, load, t_load: float, args) -> None:
              f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}. Model load {t_load:.1f} s "
              "(from the converted cache). Peak RSS of the whole script "
              f"{rss_gb():.2f} GB.", "",
-             "| stage | dtype | seconds | tokens/s | what |", "|---|---|---:|---:|---|"]
-    lines += [f"| {s} | {d} | {t:.1f} | {r:.0f} | {n} |" for s, d, t, r, n in rows]
+             "| stage | dtype | seconds | tokens/s | what | load |",
+             "|---|---|---:|---:|---|---:|"]
+    lines += [f"| {s} | {d} | {t:.1f} | {r:.0f} | {n} | {ld:.1f} |"
+              for s, d, t, r, n, ld, _ in rows]
+    lines += extrapolate(rows, args, per_row)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")

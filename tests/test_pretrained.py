@@ -222,3 +222,18 @@ def test_tiny_train_on_smollm2(smollm2, tmp_path, option, capsys):
     samples = (out / "eval" / "dr_cpo.samples.jsonl").read_text().splitlines()
     assert len(samples) == 4
     assert (out / "dr_cpo" / "model" / "adapter_model.safetensors").is_file()
+
+
+@needs_model
+def test_pipeline_lora_never_trains_the_tied_head(smollm2):
+    from cpo_fast.pipeline.config import RunConfig
+    from cpo_fast.pipeline.policy import make_policy
+
+    model, _ = smollm2
+    policy = make_policy(model, RunConfig(lora=True))
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    base = policy.get_base_model()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    assert not base.lm_head.weight.requires_grad
+    assert base is not model  # the policy is a copy: f_0 stays as it was
