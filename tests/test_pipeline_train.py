@@ -244,7 +244,8 @@ def test_pins_are_declared_on_the_config_fields():
     assert set(pinned("prepare")) == {
         "data", "text_column", "prompt_column", "max_rows", "eval_fraction", "seed",
         "max_tokens", "on_too_long", "tokenizer", "vocab_size", "base_model", "f0_model", "arch",
-        "hidden_size", "num_layers", "num_heads", "f0_steps", "f0_lr", "f0_batch_size"}
+        "hidden_size", "num_layers", "num_heads", "f0_steps", "f0_lr", "f0_batch_size",
+        "f0_lora"}  # LoRA or full SFT of f_0 (a pretrained base): it decides the cached f_0
     assert set(pinned("resume")) == {
         "method", "weighting", "steps", "batch_size", "grad_accum", "lr", "weight_decay",
         "warmup_steps", "grad_clip", "lora", "lora_r", "lora_alpha", "lora_dropout",

@@ -168,7 +168,46 @@ class RunConfig:
         if not 0.0 < self.dm_prefix_fraction < 1.0:
             raise ValueError("--dm-prefix-fraction must be in (0, 1), got "
                              f"{self.dm_prefix_fraction}.")
+        self._check_ranges()
         return self
+
+    # (field, lowest allowed, whether the lowest itself is allowed): every number whose
+    # wrong sign would otherwise surface minutes later, deep in torch or numpy.
+    _RANGES = (("lr", 0.0, False), ("f0_lr", 0.0, False), ("weight_decay", 0.0, True),
+               ("grad_clip", 0.0, True), ("clip_eps", 0.0, False), ("truncation", 0.0, False),
+               ("max_log_weight", 0.0, False), ("temperature", 0.0, False),
+               ("log_weight_cap", 0.0, True), ("entropy_coef", 0.0, True),
+               ("kl_coef", 0.0, True), ("lora_r", 1, True), ("lora_alpha", 0.0, False),
+               ("warmup_steps", 0, True), ("save_every", 0, True), ("log_every", 1, True),
+               ("f0_steps", 0, True), ("f0_batch_size", 1, True), ("dm_size", 1, True),
+               ("batch_size_eval", 1, True), ("bootstrap", 1, True), ("top_k", 0, True),
+               ("outcome_folds", 2, True), ("vocab_size", 8, True), ("hidden_size", 1, True),
+               ("num_layers", 1, True), ("num_heads", 1, True), ("ess_guard", 0.0, True))
+
+    def _check_ranges(self) -> None:
+        import math
+
+        for name, low, inclusive in self._RANGES:
+            v = getattr(self, name)
+            if v is None:  # unset: chosen later (f0_lr: by the starting point)
+                continue
+            ok = math.isfinite(v) and (v >= low if inclusive else v > low)
+            if not ok:
+                rel = ">=" if inclusive else ">"
+                raise ValueError(f"{flag(name)} must be {rel} {low}, got {v}.")
+        if self.clip_eps >= 1.0:
+            raise ValueError(f"--clip-eps must be < 1 (the trust region is [1 - eps, 1 + eps]), "
+                             f"got {self.clip_eps}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}.")
+        if not 0.0 < self.top_quantile < 1.0:
+            raise ValueError(f"--top-quantile must be in (0, 1), got {self.top_quantile}.")
+        if self.ess_guard >= 1.0:
+            raise ValueError(f"--ess-guard is a share of the batch in [0, 1), got {self.ess_guard}.")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}.")
+        if self.max_rows is not None and self.max_rows < 2:
+            raise ValueError(f"--max-rows must be >= 2, got {self.max_rows}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -234,7 +273,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--config {str(path)!r}: no such file.")
-    raw = yaml.safe_load(p.read_text()) or {}
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        why = getattr(e, "problem", None) or type(e).__name__
+        raise ValueError(f"--config {str(path)!r}: not valid YAML{at}: {why}.") from None
     if not isinstance(raw, dict):
         raise ValueError(f"--config {str(path)!r}: expected a mapping of keys to values.")
     return _flatten(raw, str(path))
