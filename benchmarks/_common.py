@@ -46,7 +46,8 @@ MiB = 1 << 20
 # ---- environment ---------------------------------------------------------------------------
 
 def device_name(device: str) -> str:
-    """'NVIDIA H100 80GB HBM3' on CUDA; 'AMD EPYC (2 cores)' (cpuinfo model, core count) on CPU."""
+    """'NVIDIA H100 80GB HBM3' on CUDA; 'AMD EPYC (2 cores, avx512)' (cpuinfo model, core
+    count, AVX-512 when the CPU has it) on CPU."""
     if device == "cuda":
         return torch.cuda.get_device_name(0)
     model = platform.processor() or "cpu"
@@ -57,7 +58,18 @@ def device_name(device: str) -> str:
                 break
     except OSError:
         pass
-    return f"{model} ({os.cpu_count()} cores)"
+    # The vector ISA tells machines apart that /proc/cpuinfo names alike ("AMD EPYC" was a
+    # 2-core AVX2 VM before it was an AVX-512 one): the CPU kernels pick their build from it.
+    return f"{model} ({os.cpu_count()} cores{', avx512' if _has_avx512() else ''})"
+
+
+def _has_avx512() -> bool:
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                      if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512f " in f" {flags.split(':', 1)[-1]} " and " avx512bw " in f" {flags} "
 
 
 def slug(name: str) -> str:

@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--quick", action="store_true", help="one small shape")
+    ap.add_argument("--shapes", nargs="+", metavar="NxV", default=None,
+                    help="shapes to run instead of the defaults, e.g. 4096x32000 16384x128256")
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--only", nargs="*", default=None, help="variants to run")
     ap.add_argument("--no-write", action="store_true")
@@ -83,6 +85,11 @@ def main() -> None:
     device = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     shapes = [(256, 4096)] if args.quick else (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
+    if args.shapes:
+        try:
+            shapes = [(int(n), int(v)) for n, v in (s.lower().split("x") for s in args.shapes)]
+        except ValueError:
+            ap.error(f"--shapes takes NxV pairs such as 4096x32000, got {args.shapes}")
     iters = args.iters or (10 if device == "cuda" else 3)
     env = _common.environment(device)
     floors = _common.copy_bandwidth(device, (1 << 30) if device == "cuda" else (256 << 20))
