@@ -205,7 +205,8 @@ def _stage_key(f0_fp: str, encs: list, cfg: RunConfig) -> str:
     keys.update(dm=[cfg.dm_source, cfg.dm_size, cfg.dm_prefix_fraction, cfg.dm_path],
                 outcome=[cfg.outcome_model, cfg.outcome_folds, cfg.outcome_features])
     h = hashlib.blake2b(digest_size=10)
-    for part in (f0_fp, *(data_fingerprint(e) for e in encs if e is not None), json.dumps(keys, sort_keys=True)):
+    parts = [f0_fp, *(data_fingerprint(e) for e in encs if e is not None), json.dumps(keys, sort_keys=True)]
+    for part in parts:
         h.update(part.encode() + b"\0")
     return h.hexdigest()
 

@@ -146,14 +146,12 @@ def test_metrics_reach_tensorboard_and_evaluate(corpus, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     d, ds = corpus
-    trainer = _trainer(d, ds, tmp_path / "tb", report_to=["tensorboard"],
-                       logging_dir=str(tmp_path / "tb" / "logs"))
+    trainer = _trainer(d, ds, tmp_path / "tb", report_to=["tensorboard"])  # <output_dir>/runs/
     trainer.train()
     metrics = trainer.evaluate()
     for k in ("eval_dr", "eval_dr_lo", "eval_snips", "eval_ipw", "eval_ess", "eval_dm"):
         assert k in metrics, k
-    trainer.args.report_to = []  # the writer is closed at train end
-    files = list((tmp_path / "tb" / "logs").rglob("events.out.tfevents*"))
+    files = list((tmp_path / "tb").rglob("events.out.tfevents*"))
     assert files
     tags = set()
     for f in files:
@@ -206,7 +204,7 @@ def _ddp_worker(rank: int, world: int, port: int, payload, q) -> None:
     trainer = _trainer(d, ds, out, per_device_train_batch_size=2, gradient_accumulation_steps=2)
     assert trainer.args.world_size == world
     trainer.train()
-    q.put((rank, _trained(trainer.model)))
+    q.put((rank, {k: v.numpy() for k, v in _trained(trainer.model).items()}))  # no shared memory
 
 
 def test_two_ranks_with_accumulation_equal_one_process(corpus, tmp_path):
@@ -219,6 +217,6 @@ def test_two_ranks_with_accumulation_equal_one_process(corpus, tmp_path):
     one.train()
     got = spawn_ranks(_ddp_worker, 2, (d, ds, tmp_path / "ddp"))
     for rank in (0, 1):
-        diff = _max_diff(_trained(one.model), got[rank])
+        diff = _max_diff(_trained(one.model), {k: torch.from_numpy(v) for k, v in got[rank].items()})
         print(f"DRCPOTrainer 2 ranks x GA 2, rank {rank}: max |2 ranks - 1 process| {diff:.3g}")
         assert diff < TOL
