@@ -39,10 +39,16 @@ def load_causal_lm(path: str | Path, device: torch.device, dtype: torch.dtype = 
     if is_packaged(path):
         path = model_dir(path)
     p = Path(path)
-    if not p.exists() and "/" in str(path) and not str(path).startswith((".", "/")):
-        return AutoModelForCausalLM.from_pretrained(  # a hub id (needs network)
-            str(path), dtype=dtype, attn_implementation="sdpa", trust_remote_code=False,
-            use_safetensors=True).to(device)
+    if not p.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
+        try:  # a hub id (needs network)
+            return AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, attn_implementation="sdpa", trust_remote_code=False,
+                use_safetensors=True).to(device)
+        except OSError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise FileNotFoundError(
+                f"{path}: no such directory, and not loadable as a hub id ({first}); give a "
+                "HF model directory or a packaged name (smollm2-135m).") from None
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json).")
     if not any(p.glob("*.safetensors")):

@@ -167,6 +167,12 @@ def model_source(name: str | None) -> str | None:
     return str(model_dir(name)) if is_packaged(name) else name
 
 
+def _hub_id(name: str | Path) -> bool:
+    """``org/model``, not a local path: the model (and its tokenizer) come from the hub."""
+    s = str(name)
+    return not Path(s).exists() and s.count("/") == 1 and not s.startswith((".", "/", "~"))
+
+
 def f0_record(cfg: RunConfig) -> dict[str, Any]:
     """Which of the paper's two options f_0 is, with the settings that made it: the
     pretrained model itself (``--f0-model``), or SFT on the training texts of a pretrained
@@ -237,8 +243,14 @@ def get_tokenizer(cfg: RunConfig, texts: list[str], lay: RunLayout):
 
     for src in (cfg.tokenizer, model_source(cfg.f0_model), model_source(cfg.base_model),
                 lay.tokenizer):
-        if src and (Path(src) / "tokenizer_config.json").is_file():
-            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+        if src and ((Path(src) / "tokenizer_config.json").is_file() or _hub_id(src)):
+            try:
+                tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+            except OSError as e:  # a hub id without network, or a mistyped directory
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise FileNotFoundError(
+                    f"{src}: no such directory, and not loadable as a hub id ({first}); give "
+                    "a HF model directory or a packaged name (smollm2-135m).") from None
             # BOS/EOS at document boundaries (SmolLM2's BOS is a chat marker); no chat template
             for_documents(tok)
             break
