@@ -196,6 +196,20 @@ def test_dataset_errors_name_the_column(corpus, tmp_path):
         _trainer(d, ds, tmp_path, "dpo")
 
 
+def test_prompt_completion_columns(corpus):
+    """TRL's prompt-completion format: the completion is the scored response."""
+    from cpo_fast.trl import DRCPOConfig, dataset_table
+
+    ds = datasets.Dataset.from_dict({"prompt": ["Say:", "Tell:"], "completion": ["a b", "c"],
+                                     "outcome": [1, 2.5]})
+    t = dataset_table(ds, DRCPOConfig(output_dir="unused", use_cpu=True))
+    assert t.texts == ["a b", "c"] and t.prompts == ["Say:", "Tell:"]
+    assert t.outcomes.tolist() == [1.0, 2.5]
+    with pytest.raises(ValueError, match=r"row 2, column 'outcome': missing value"):
+        dataset_table(ds.map(lambda r, i: {"outcome": None if i else 1.0}, with_indices=True),
+                      DRCPOConfig(output_dir="unused", use_cpu=True))
+
+
 def _ddp_worker(rank: int, world: int, port: int, payload, q) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
@@ -207,6 +221,7 @@ def _ddp_worker(rank: int, world: int, port: int, payload, q) -> None:
     q.put((rank, {k: v.numpy() for k, v in _trained(trainer.model).items()}))  # no shared memory
 
 
+@pytest.mark.slow  # two spawned processes: about 25 s on 2 cores
 def test_two_ranks_with_accumulation_equal_one_process(corpus, tmp_path):
     """2 gloo ranks x per_device 2 x accumulation 2 == one process with per_device 8."""
     from _dist import spawn_ranks
