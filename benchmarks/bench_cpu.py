@@ -42,8 +42,9 @@ sys.path.insert(0, str(HERE))
 import _common  # noqa: E402
 
 FULL = {"N": 2048, "V": 32000, "logits_v": [32000, 128256], "d": 1024,
-        "sweep_v": [16000, 32000, 64000]}
-QUICK = {"N": 256, "V": 4000, "logits_v": [4000], "d": 256, "sweep_v": [2000, 4000, 8000]}
+        "sweep_v": [16000, 32000, 64000], "known": {"N": 1024, "d": 512, "V": 32000}}
+QUICK = {"N": 256, "V": 4000, "logits_v": [4000], "d": 256, "sweep_v": [2000, 4000, 8000],
+         "known": {"N": 128, "d": 64, "V": 2000}}
 LOGITS_VARIANTS = ("ours", "ours-noreuse", "ours-inplace", "ours-thp", "eager", "eager-thp",
                    "compile")
 # Environment of a variant's child process (the user-settable knobs being measured).
@@ -105,6 +106,10 @@ def _linear_step(case: dict):
     def eager(h, w, y):
         return torch.log_softmax((h @ w.T).float(), dim=-1).gather(-1, y[:, None]).squeeze(-1)
 
+    if case["variant"] == "ours-known":  # coefficients known up front: grads in one pass
+        from cpo_fast.cpu.linear_known_coef import linear_token_logprobs_with_grads
+
+        return lambda: linear_token_logprobs_with_grads(h0, w0, labels, g)[2:]
     fn = ((lambda h, w, y: cpo_fast.linear_token_logprobs(h, w, y, backend="cpu"))
           if case["variant"] == "ours" else eager)
 
@@ -152,7 +157,7 @@ def cases(args: argparse.Namespace, shape: dict) -> list[dict]:
     """Every case of the run, in run order (the copy first: it sets the floor)."""
     N, V, d = shape["N"], shape["V"], shape["d"]
     out: list[dict] = [{"case": "copy", "variant": "copy", "bytes": 512 << 20}]
-    for lv in shape["logits_v"]:
+    for lv in [] if args.skip_logits else shape["logits_v"]:
         for dtype in ("float32", "bfloat16"):
             for m in LOGITS_VARIANTS:
                 if m == "compile" and (args.no_compile or lv != shape["logits_v"][0]):
@@ -160,6 +165,12 @@ def cases(args: argparse.Namespace, shape: dict) -> list[dict]:
                 out.append({"case": "logits", "variant": m, "dtype": dtype, "N": N, "V": lv,
                             "reps": args.reps, "warmup": 2 if m == "compile" else 1})
     if args.logits_only:
+        return out
+    kn = shape["known"]
+    for m in ("ours-known", "ours", "eager"):
+        out.append({"case": "linear_known", "variant": m, "dtype": "float32", **kn,
+                    "reps": args.linear_reps, "warmup": 1, "train_weight": True})
+    if args.known_only:
         return out
     for case, train_w in (("linear", True), ("linear_frozen", False)):
         for m in ("ours", "eager"):
@@ -181,6 +192,9 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--logits-only", action="store_true",
                     help="only the copy floor and the logits-path cases")
+    ap.add_argument("--skip-logits", action="store_true", help="leave the logits cases out")
+    ap.add_argument("--known-only", action="store_true",
+                    help="stop after the known-coefficient fused-linear cases")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
     ap.add_argument("--render", metavar="JSON", help="re-render the report of a results JSON")
     args = ap.parse_args()
@@ -283,7 +297,21 @@ def render(record: dict) -> str:
             ["dtype", "variant", "warm fwd+bwd ms [p20, p80]", "cold ms", "speedup vs eager",
              "peak extra MiB", "mem vs eager", "bandwidth floor ms", "fraction of floor"],
             table, "llrrrrrrr"), ""]
-    if not any(r["case"].startswith("linear") for r in rows):
+    known = [r for r in rows if r["case"] == "linear_known"]
+    if known:
+        kn = known[0]
+        table = [[r["variant"], _common.fmt_ms(r, 0), "-" if r.get("cold_ms") is None
+                  else f"{r['cold_ms']:.0f}", _x(summ.get(_key(r), {}).get("speedup_vs_eager")),
+                  _common.fmt_mib(r.get("peak_extra_bytes")),
+                  _f(summ.get(_key(r), {}).get("mem_vs_eager"))] for r in known]
+        lines += [f"## Fused linear, trained head, coefficients known (N={kn['N']}, d={kn['d']}, "
+                  f"V={kn['V']}, float32)", "", _common.fmt_table(
+                      ["variant", "fwd+bwd ms [p20, p80]", "cold ms", "speedup vs eager",
+                       "peak extra MiB", "mem vs eager"], table, "lrrrrr"), "",
+                  "ours-known = cpo_fast.cpu.linear_known_coef.linear_token_logprobs_with_grads "
+                  "(6NdV, gradients formed in the forward pass); ours = the recompute op "
+                  "(8NdV); eager = (h @ W.T).float().log_softmax(-1).gather(...) (6NdV).", ""]
+    if not any(r["case"] in ("linear", "linear_frozen") for r in rows):
         return "\n".join(lines) + "\n"
     lines.pop()
     for case, title, flops in (
