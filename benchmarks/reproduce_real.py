@@ -180,6 +180,14 @@ def two_level_bootstrap(cells: list[tuple[np.ndarray, np.ndarray | None]], *, n_
     return point, float(lo), float(hi)
 
 
+def _dm_only(r: dict[str, Any]) -> dict[str, Any]:
+    """OO-RLHF weights only the DM rows: the guard reports their ESS as ``ess``."""
+    if r.get("method") == "oo_rlhf" and r.get("min_dm_ess_share") is None:
+        r = {**r, "min_dm_ess_share": r.get("min_ess_share"), "min_ess_share": None,
+             "final_dm_ess": r.get("final_ess"), "final_ess": None}
+    return r
+
+
 def _mean(xs) -> float | None:
     xs = [x for x in xs if x is not None]
     return float(np.mean(xs)) if xs else None
@@ -188,6 +196,7 @@ def _mean(xs) -> float | None:
 def summarize(recs: list[dict[str, Any]], judges: list[str]) -> list[dict[str, Any]]:
     """One row per (dataset, level, method): each judge's score and gain over f_0 (paired
     by seed), with the diagnostics averaged over seeds."""
+    recs = [_dm_only(r) for r in recs]
     f0 = {(r["dataset"], r["level"], r["seed"]): r for r in recs if r["method"] == "f_0"}
     keys = sorted({(r["dataset"], r["level"]) for r in recs})
     rows = []
@@ -255,14 +264,17 @@ def _num(v, f=".2f") -> str:
 
 def markdown(rows, judges: list[str], agree: dict, meta: dict, judge_agreement: dict | None) -> str:
     jn = {"vader": "VADER", "textblob": "TextBlob", "minilm": "MiniLM-ridge"}
-    lines = ["# The paper's experiment on a real model: SmolLM2-135M, genre-confounded EmoBank", "",
+    lines = [f"# The paper's experiment on a real model: {meta['model']}, genre-confounded EmoBank",
+             "",
              f"Base model: {meta['model']}; f_0 = the base model fitted to the corpus texts "
              "(LoRA SFT, merged); each method trains LoRA adapters from f_0. Outcome: EmoBank "
              "valence (1-5). Judges (never ghat): "
              + ", ".join(jn.get(j, j) for j in judges)
              + ". Gain = a judge's mean over a model's generations minus f_0's, paired by seed; "
              "95% interval from a two-level bootstrap (seeds, then samples). `*`: the interval "
-             "excludes 0.", ""]
+             "excludes 0. ESS min / DM ESS min: the smallest 5-step mean ESS of the outcome rows / DM "
+             "rows during training, as a share of the batch (mean over seeds); guard fired: "
+             "seeds whose ESS fell below the guard's 10%.", ""]
     if judge_agreement:
         lines += ["What each judge is worth (Pearson r with human ratings on held-out rows, 95% "
                   "interval; benchmarks/results/real-judges.md):", ""]
@@ -276,7 +288,7 @@ def markdown(rows, judges: list[str], agree: dict, meta: dict, judge_agreement: 
         seeds = max(len(r["seeds"]) for r in rs)
         lines += [f"## {ds}, confounding {lv:g} ({seeds} seed{'s' * (seeds > 1)})", "",
                   "| method | " + " | ".join(f"{jn.get(j, j)} gain" for j in judges)
-                  + " | ESS min | DM ESS min | collapsed | ghat outside | distinct-1/2 | mean tokens |",
+                  + " | ESS min | DM ESS min | guard fired | ghat outside | distinct-1/2 | mean tokens |",
                   "|---|" + "---|" * (len(judges) + 6)]
         for r in rs:
             gains = [(_ci(r[f"{j}_score"]) + " (score)") if r["method"] == "f_0"
