@@ -52,6 +52,7 @@ def corpus(tmp_path_factory):
     rows = load_table(DataConfig(path=str(d / "corpus.csv")))
     ds = datasets.Dataset.from_dict({"text": rows.texts, "outcome": rows.outcomes.tolist()})
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: 2 OpenMP threads on a loaded 2-core box are 10x slower
     yield d, ds
     torch.set_num_threads(threads)
 
@@ -163,6 +164,21 @@ def test_metrics_reach_tensorboard_and_evaluate(corpus, tmp_path):
         assert tag in tags, (tag, sorted(tags))
     r2 = [h["ghat_oof_r2"] for h in trainer.state.log_history if "ghat_oof_r2" in h]
     assert r2 and r2[0] == pytest.approx(trainer.prepared.outcome_fit.r2)
+
+
+def test_ess_guard_state_is_logged_and_can_stop(corpus, tmp_path):
+    """The CLI's ESS guard runs on the trainer's steps: its state is logged, and with
+    stop_on_collapse it ends training at the step it fires (threshold 0.99)."""
+    from cpo_fast.pipeline.guard import WeightCollapseWarning
+
+    d, ds = corpus
+    trainer = _trainer(d, ds, tmp_path, ess_guard=0.99, stop_on_collapse=True, max_steps=4)
+    with pytest.warns(WeightCollapseWarning):
+        trainer.train()
+    lines = [h for h in trainer.state.log_history if "ess_guard_fired" in h]
+    fired = [h["step"] for h in lines if h["ess_guard_fired"]]
+    assert fired and trainer.state.global_step == fired[0] < 4  # stopped where it fired
+    assert min(v for k, v in lines[-1].items() if k.startswith("ess_guard_min_")) < 0.99
 
 
 def test_save_model_and_resume(corpus, tmp_path):
