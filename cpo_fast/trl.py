@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from cpo_fast.hf import LogsDiagnostics
 from cpo_fast.objectives import WEIGHTINGS
@@ -138,6 +138,19 @@ class DRCPOConfig(TrainingArguments):
 
 # ------------------------------------------------------------------ the trainer
 
+class _GuardStop(TrainerCallback):
+    """Ends training after the step at which the ESS guard fired (stop_on_collapse), as the
+    CLI's loop does: that step's update is applied and logged first."""
+
+    def __init__(self, trainer: DRCPOTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer._cpo_stop:
+            control.should_training_stop = True
+        return control
+
+
 class DRCPOTrainer(LogsDiagnostics, Trainer):
     """``transformers.Trainer`` running the CLI's CPO / DR-CPO stages and step (module doc)."""
 
@@ -163,8 +176,10 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
         self._prep.f0 = None  # no reference model in memory while training (the cache stands in)
         self._data = train_data(self._prep, self.cfg.method)
         self._guard = None
+        self._cpo_stop = False
         super().__init__(model=policy, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        self.add_callback(_GuardStop(self))
 
     @property
     def prepared(self):
@@ -219,8 +234,8 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
         res = effective_gradient(self.model, self._micro, self.cfg, world, autocast, step)
         average_gradients([p for p in self.model.parameters() if p.requires_grad], world)
         line = metrics_line(step, res, 0.0, 0.0, time.perf_counter() - t0, *effective_rows(self.cfg, world))
-        if self._guard.update(step, line, dm_only=self.cfg.method == "oo_rlhf"):
-            self.control.should_training_stop = True
+        # stop_on_collapse: the loop stops once this step is applied and logged (_GuardStop)
+        self._cpo_stop = self._guard.update(step, line, dm_only=self.cfg.method == "oo_rlhf")
         fit = self._prep.outcome_fit
         self._cpo_record({**{k: line.get(k) for k in ("ess", "max_weight_share", "clip_fraction", "dm_ess",
                                                       "dm_max_weight_share", "value", "tokens_per_s")},
