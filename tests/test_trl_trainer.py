@@ -72,7 +72,8 @@ def _lora(model):
                       task_type="CAUSAL_LM")
 
 
-def _trainer(d: Path, ds, out: Path, method: str = "dr_cpo", *, lora: bool = True, **kw):
+def _trainer(d: Path, ds, out: Path, method: str = "dr_cpo", *, lora: bool = True, model=None,
+             **kw):
     from transformers import AutoTokenizer
 
     from cpo_fast.trl import DRCPOConfig, DRCPOTrainer
@@ -84,10 +85,10 @@ def _trainer(d: Path, ds, out: Path, method: str = "dr_cpo", *, lora: bool = Tru
                     per_device_eval_batch_size=32, num_samples=8, bootstrap=50,
                     f0_learning_rate=3e-3, **SHARED)
     settings.update(kw)
-    model = _model(d)
+    model = _model(d) if model is None else model
     return DRCPOTrainer(model=model, args=DRCPOConfig(**settings), train_dataset=ds,
                         processing_class=AutoTokenizer.from_pretrained(d / "tok"),
-                        peft_config=_lora(model) if lora else None)
+                        peft_config=_lora(_model(d)) if lora else None)
 
 
 def _trained(model) -> dict[str, torch.Tensor]:
@@ -152,6 +153,8 @@ def test_metrics_reach_tensorboard_and_evaluate(corpus, tmp_path):
     metrics = trainer.evaluate()
     for k in ("eval_dr", "eval_dr_lo", "eval_snips", "eval_ipw", "eval_ess", "eval_dm"):
         assert k in metrics, k
+    other = trainer.evaluate(eval_dataset=ds.select(range(10)), metric_key_prefix="other")
+    assert other["other_n"] == 10 and "other_dr" in other
     files = list((tmp_path / "tb").rglob("events.out.tfevents*"))
     assert files
     tags = set()
@@ -194,7 +197,8 @@ def test_save_model_and_resume(corpus, tmp_path):
     assert _max_diff(_trained(full.model), _trained(resumed.model)) < 1e-6
     resumed.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    plain = _trainer(d, ds, tmp_path / "c", "cpo", lora=False, max_steps=1)
+    plain = _trainer(d, ds, tmp_path / "c", "cpo", lora=False, max_steps=1,
+                     model=str(d / "model"))  # a model directory works as model=
     plain.train()
     plain.save_model(str(tmp_path / "full"))
     assert (tmp_path / "full" / "model.safetensors").is_file()
