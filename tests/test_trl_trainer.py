@@ -136,6 +136,26 @@ def test_trainer_equals_the_cli(corpus, cli_prep, tmp_path, method):
     assert moved > 100 * TOL  # the steps did move the parameters
 
 
+def test_given_model_as_f0_equals_the_cli(corpus, tmp_path):
+    """f0_steps=0: the model object is f_0 (the CLI's --f0-model on the same weights)."""
+    from cpo_fast.pipeline.train import prepare, train_policy
+
+    d, ds = corpus
+    cfg = RunConfig(data=str(d / "corpus.csv"), output_dir=str(tmp_path / "cli"),
+                    tokenizer=str(d / "tok"), f0_model=str(d / "model"), max_tokens=40, steps=K,
+                    batch_size=4, grad_accum=2, dm_batch_size=4, lr=1e-2, warmup_steps=0,
+                    lora_r=4, lora_alpha=16.0, progress=False, batch_size_eval=32, save_every=0,
+                    bf16=False, **{**SHARED, "f0_steps": 0}).validate()
+    policy, _ = train_policy(prepare(cfg), cfg)
+    given = _model(d)
+    trainer = _trainer(d, ds, tmp_path / "trl", model=given, f0_steps=0)
+    trainer.train()
+    assert not any(p.requires_grad for p in given.parameters())  # f_0 stays as it was given
+    diff = _max_diff(_trained(policy), _trained(trainer.model))
+    print(f"f_0 given: max |trainer - CLI| = {diff:.3g}")
+    assert diff < TOL
+
+
 def make_fresh(trainer):
     from cpo_fast.trl import make_trainable
 
