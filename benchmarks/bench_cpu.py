@@ -9,7 +9,8 @@ Cases:
   logits path, N=2048, V=32000 and V=128256, fp32 and bf16: cpo_fast.token_logprobs
       (backend="cpu") vs eager  logits.float().log_softmax(-1).gather(-1, y)  and its
       torch.compile (V=32000 only). Variants: ours (gradient buffer from the reuse pool, the
-      default), ours-noreuse (CPO_FAST_CPU_GRAD_POOL=0: a fresh mapping every step),
+      default), ours-kernel (the C++ kernels alone, no autograd or allocation),
+      ours-noreuse (CPO_FAST_CPU_GRAD_POOL=0: a fresh mapping every step),
       ours-inplace (gradient over the logits), ours-thp and eager-thp (THP_MEM_ALLOC_ENABLE=1,
       PyTorch's huge-page allocator). Each row has the cold time (the first fwd+bwd of a
       fresh process) beside the warm median.
@@ -45,8 +46,8 @@ FULL = {"N": 2048, "V": 32000, "logits_v": [32000, 128256], "d": 1024,
         "sweep_v": [16000, 32000, 64000], "known": {"N": 1024, "d": 512, "V": 32000}}
 QUICK = {"N": 256, "V": 4000, "logits_v": [4000], "d": 256, "sweep_v": [2000, 4000, 8000],
          "known": {"N": 128, "d": 64, "V": 2000}}
-LOGITS_VARIANTS = ("ours", "ours-noreuse", "ours-inplace", "ours-thp", "eager", "eager-thp",
-                   "compile")
+LOGITS_VARIANTS = ("ours", "ours-kernel", "ours-noreuse", "ours-inplace", "ours-thp", "eager",
+                   "eager-thp", "compile")
 # Environment of a variant's child process (the user-settable knobs being measured).
 VARIANT_ENV = {"ours-noreuse": {"CPO_FAST_CPU_GRAD_POOL": "0"},
                "ours-thp": {"THP_MEM_ALLOC_ENABLE": "1"},
@@ -67,6 +68,19 @@ def _logits_step(case: dict):
     def eager(x, y):
         return torch.log_softmax(x.float(), dim=-1).gather(-1, y[:, None]).squeeze(-1)
 
+    if case["variant"] == "ours-kernel":
+        # The C++ forward and backward alone, into an output buffer whose pages are present:
+        # what the kernels cost without autograd, checks or allocation.
+        from cpo_fast.cpu import token_logprobs as cpu_tok
+
+        x3, out3 = x0.view(1, N, V), torch.zeros_like(x0).view(1, N, V)
+
+        def step():
+            lp, _, lse = cpu_tok.token_logprobs_forward(x3, labels, -100, False)
+            cpu_tok.token_logprobs_backward(x3, labels, lse, None, g, None, -100, out3)
+            return lp
+
+        return step
     if case["variant"] == "ours-inplace":
         # The gradient is written over the logits buffer, as when the logits are an lm_head
         # output nothing else reads; torch.autograd.grad hands that buffer back as is (.grad
@@ -193,6 +207,8 @@ def main() -> None:
     ap.add_argument("--logits-only", action="store_true",
                     help="only the copy floor and the logits-path cases")
     ap.add_argument("--skip-logits", action="store_true", help="leave the logits cases out")
+    ap.add_argument("--logits-v", type=int, nargs="+", default=None,
+                    help="vocabulary sizes of the logits cases (default: 32000 128256)")
     ap.add_argument("--known-only", action="store_true",
                     help="stop after the known-coefficient fused-linear cases")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
@@ -206,6 +222,8 @@ def main() -> None:
         return
 
     shape = QUICK if args.quick else FULL
+    if args.logits_v:
+        shape = {**shape, "logits_v": args.logits_v}
     env = _common.environment("cpu")
     rows = []
     for case in cases(args, shape):
@@ -275,7 +293,8 @@ def render(record: dict) -> str:
              f"- bandwidth floor: torch copy of {fl['copy_bytes'] >> 20} MiB, read + write, "
              f"fastest of {fl['copy_timing']['iters']}: {fl['copy_bandwidth_gbs']:.1f} GB/s",
              "- ours = cpo_fast.token_logprobs(backend='cpu') (gradient buffer from the reuse "
-             "pool); ours-noreuse = CPO_FAST_CPU_GRAD_POOL=0 (a fresh mapping each step); "
+             "pool); ours-kernel = the C++ forward + backward alone into a present buffer; "
+             "ours-noreuse = CPO_FAST_CPU_GRAD_POOL=0 (a fresh mapping each step); "
              "ours-inplace = inplace_backward=True (gradient written over the logits); "
              "-thp = THP_MEM_ALLOC_ENABLE=1 (PyTorch's huge-page allocator); eager / compile = "
              "logits.float().log_softmax(-1).gather(-1, y) and its torch.compile",
