@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     agr = None
     agr_path = out_dir / "real-judges.json"
     if not a.no_agreement and a.model != "scratch":
-        if agr_path.is_file() and not a.collect:
+        if agr_path.is_file():
             agr = json.loads(agr_path.read_text())
         elif not a.collect:
             agr = judge_agreement(judges, rows=a.agreement_rows)
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     agree = estimate_agreement(recs, list(judges))
     meta = {"model": a.model, "rows": jobs[0]["rows"], "levels": levels, "seeds": seeds,
             "config": config, "remedy": jobs[0]["remedy"], "wall_s (this invocation)": round(wall),
-            "cells": len(recs), "loadavg_start": load0,
+            "cells": len(recs), "collected only": a.collect, "loadavg_start": load0,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}
     md = markdown(rows, list(judges), agree, meta, agr)
     (out_dir / f"{tag}.md").write_text(md)
