@@ -171,20 +171,20 @@ def cases(args: argparse.Namespace, shape: dict) -> list[dict]:
     """Every case of the run, in run order (the copy first: it sets the floor)."""
     N, V, d = shape["N"], shape["V"], shape["d"]
     out: list[dict] = [{"case": "copy", "variant": "copy", "bytes": 512 << 20}]
-    for lv in [] if args.skip_logits else shape["logits_v"]:
+    for lv in [] if getattr(args, "skip_logits", False) else shape.get("logits_v", [V]):
         for dtype in ("float32", "bfloat16"):
             for m in LOGITS_VARIANTS:
-                if m == "compile" and (args.no_compile or lv != shape["logits_v"][0]):
+                if m == "compile" and (args.no_compile or lv != shape.get("logits_v", [V])[0]):
                     continue
                 out.append({"case": "logits", "variant": m, "dtype": dtype, "N": N, "V": lv,
                             "reps": args.reps, "warmup": 2 if m == "compile" else 1})
-    if args.logits_only:
+    if getattr(args, "logits_only", False):
         return out
-    kn = shape["known"]
+    kn = shape.get("known", {"N": N, "d": d, "V": V})
     for m in ("ours-known", "ours", "eager"):
         out.append({"case": "linear_known", "variant": m, "dtype": "float32", **kn,
                     "reps": args.linear_reps, "warmup": 1, "train_weight": True})
-    if args.known_only:
+    if getattr(args, "known_only", False):
         return out
     for case, train_w in (("linear", True), ("linear_frozen", False)):
         for m in ("ours", "eager"):
@@ -254,10 +254,12 @@ def _find(rows: list[dict], case: str, variant: str, **kw) -> dict:
     return {"status": "not run"}
 
 
-def _key(r: dict) -> str:
-    """Summary key; logits rows carry V (two vocabulary sizes), the others keep the old key."""
+def _key(r: dict, rows: list[dict]) -> str:
+    """Summary key ``case/dtype/variant``; logits rows add ``/V=...`` when the run has more
+    than one logits vocabulary size."""
     base = f"{r['case']}/{r['dtype']}/{r['variant']}"
-    return base + f"/V={r['V']}" if r["case"] == "logits" else base
+    multi = len({x.get("V") for x in rows if x["case"] == "logits"}) > 1
+    return base + f"/V={r['V']}" if r["case"] == "logits" and multi else base
 
 
 def _bytes_per_elem(dtype: str) -> int:
@@ -274,7 +276,7 @@ def summarize(record: dict) -> dict:
         eager = _find(rows, r["case"], "eager", dtype=r["dtype"], V=r["V"])
         if "median_ms" not in eager:
             continue
-        key = _key(r)
+        key = _key(r, rows)
         s = {"speedup_vs_eager": eager["median_ms"] / r["median_ms"],
              "mem_vs_eager": (r["peak_extra_bytes"] or 0) / max(eager["peak_extra_bytes"] or 1, 1)}
         if r["case"] == "logits":
@@ -304,7 +306,7 @@ def render(record: dict) -> str:
     for lv in st.get("logits_v", [V]):
         table = []
         for r in (r for r in rows if r["case"] == "logits" and r.get("V") == lv):
-            s = summ.get(_key(r), {})
+            s = summ.get(_key(r, rows), {})
             cold = r.get("cold_ms")
             table.append([r["dtype"], r["variant"], _common.fmt_ms(r),
                           "-" if cold is None else f"{cold:.0f}",
@@ -320,9 +322,9 @@ def render(record: dict) -> str:
     if known:
         kn = known[0]
         table = [[r["variant"], _common.fmt_ms(r, 0), "-" if r.get("cold_ms") is None
-                  else f"{r['cold_ms']:.0f}", _x(summ.get(_key(r), {}).get("speedup_vs_eager")),
+                  else f"{r['cold_ms']:.0f}", _x(summ.get(_key(r, rows), {}).get("speedup_vs_eager")),
                   _common.fmt_mib(r.get("peak_extra_bytes")),
-                  _f(summ.get(_key(r), {}).get("mem_vs_eager"))] for r in known]
+                  _f(summ.get(_key(r, rows), {}).get("mem_vs_eager"))] for r in known]
         lines += [f"## Fused linear, trained head, coefficients known (N={kn['N']}, d={kn['d']}, "
                   f"V={kn['V']}, float32)", "", _common.fmt_table(
                       ["variant", "fwd+bwd ms [p20, p80]", "cold ms", "speedup vs eager",
@@ -362,10 +364,10 @@ def render(record: dict) -> str:
 
 def _targets(summ: dict, sweep: list[list], sweep_v: list[int]) -> list[str]:
     met = lambda ok: "met" if ok else "NOT met"
-    fp = next((v for k, v in summ.items() if k.startswith("logits/float32/ours/")),
-              summ.get("logits/float32/ours", {}))
+    fp = summ.get("logits/float32/ours") or next(
+        (v for k, v in summ.items() if k.startswith("logits/float32/ours/")), {})
     sp, mr = fp.get("speedup_vs_eager", float("nan")), fp.get("mem_vs_eager", float("nan"))
-    floor = [f"{k.split('/')[1]} {k.split('/')[3]}: {v['fraction_of_floor']:.0%}"
+    floor = [f"{' '.join(k.split('/')[1::2])}: {v['fraction_of_floor']:.0%}"
              for k, v in summ.items()
              if k.startswith("logits/") and k.split("/")[2] == "ours" and "fraction_of_floor" in v]
     lin = summ.get("linear/float32/ours", {}).get("speedup_vs_eager", float("nan"))
