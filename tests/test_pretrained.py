@@ -237,3 +237,23 @@ def test_pipeline_lora_never_trains_the_tied_head(smollm2):
     assert base.lm_head.weight is base.model.embed_tokens.weight
     assert not base.lm_head.weight.requires_grad
     assert base is not model  # the policy is a copy: f_0 stays as it was
+
+
+@needs_model
+def test_tiny_demo_on_smollm2(smollm2, tmp_path, capsys):
+    """`cpo-fast demo --model smollm2-135m` end to end (tiny), with the VADER judge column."""
+    from cpo_fast.cli import main
+
+    out = tmp_path / "demo"
+    rc = main(["demo", "--model", "smollm2-135m", "--quick", "--rows", "40", "--output-dir",
+               str(out), "--methods", "dr_cpo", "--f0-steps", "1", "--steps", "1",
+               "--num-samples", "4", "--dm-size", "4", "--dm-batch-size", "4",
+               "--batch-size", "4", "--max-new-tokens", "4", "--bootstrap", "20",
+               "--outcome-folds", "2", "--progress", "false"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "VADER judge" in text and "\nDR-CPO " in text
+    res = json.loads((out / "results.json").read_text())
+    assert res["model"] == "smollm2-135m"
+    assert all(r["judge"] is not None for r in res["table"])
+    assert json.loads((out / "config.json").read_text())["f0"]["option"] == "sft"
