@@ -43,10 +43,9 @@ def _our_cases(torch) -> list[tuple[str, dict, Callable[[], None]]]:
     ``tf=`` in a tag is the head transform the launcher gets: none without it (HAS_TRANSFORM
     off: the untransformed build, tags as in earlier reports), ``tf=scale`` temperature and
     logit_scale only (HAS_TRANSFORM on), ``tf=1`` a softcap as well (HAS_SOFTCAP on)."""
+    from cpo_fast._backend import HeadTransform
     from cpo_fast.kernels import linear_token_logprobs as LK
     from cpo_fast.kernels import token_logprobs as TK
-
-    from cpo_fast._backend import HeadTransform
 
     # tag suffix -> transform; no suffix without one, so those tags match earlier reports
     tfs = {"": None, " tf=scale": HeadTransform(0.7, None, 1.3),

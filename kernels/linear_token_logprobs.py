@@ -78,10 +78,10 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from cpo_fast.kernels._head import _head_apply, _head_apply_grad
 from torch import Tensor
 
 from cpo_fast._backend import HeadTransform, active, override_fields, triton_interpreting
+from cpo_fast.kernels._head import _head_apply, _head_apply_grad
 
 # Initial running max: finite, so (m_old - m_new) * s never forms -inf * 0. A constexpr:
 # the GPU compiler rejects plain module-level floats inside @triton.jit functions.

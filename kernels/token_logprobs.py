@@ -30,9 +30,9 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from cpo_fast.kernels._head import _head_apply, _head_apply_grad
 
 from cpo_fast._backend import HeadTransform, active, override_fields
+from cpo_fast.kernels._head import _head_apply, _head_apply_grad
 
 
 @triton.jit

@@ -19,12 +19,12 @@ if not torch.cuda.is_available() and not triton_interpreting():
                 allow_module_level=True)
 pytest.importorskip("triton")
 
-from cpo_fast.kernels import linear_token_logprobs as K  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import cpo_fast  # noqa: E402
 from cpo_fast import reference  # noqa: E402
+from cpo_fast.kernels import linear_token_logprobs as K  # noqa: E402
 
 INTERPRET = triton_interpreting()
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
