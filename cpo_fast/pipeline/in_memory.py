@@ -56,12 +56,9 @@ def dataset_table(ds: Any, args: Any, name: str = "train_dataset") -> OutcomeTab
 
 def split_held_out(table: OutcomeTable, fraction: float, seed: int):
     """(train, held-out) rows: the CLI's seeded split (prepare.load_split, without max_rows)."""
-    rng = np.random.default_rng(seed)
-    n_eval = int(round(fraction * len(table)))
-    if n_eval == 0:
-        return table, None
-    perm = rng.permutation(len(table))
-    return table.subset(np.sort(perm[n_eval:])), table.subset(np.sort(perm[:n_eval]))
+    from cpo_fast.pipeline.prepare import split_held_out as split
+
+    return split(table, fraction, np.random.default_rng(seed))
 
 
 def _stage_key(f0_fp: str, encs: list, cfg: RunConfig) -> str:

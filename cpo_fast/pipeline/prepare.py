@@ -229,7 +229,13 @@ def load_split(cfg: RunConfig) -> tuple[OutcomeTable, OutcomeTable | None]:
     rng = np.random.default_rng(cfg.seed)
     if cfg.max_rows and len(table) > cfg.max_rows:
         table = table.subset(np.sort(rng.choice(len(table), cfg.max_rows, replace=False)))
-    n_eval = int(round(cfg.eval_fraction * len(table)))
+    return split_held_out(table, cfg.eval_fraction, rng)
+
+
+def split_held_out(table: OutcomeTable, fraction: float,
+                   rng: np.random.Generator) -> tuple[OutcomeTable, OutcomeTable | None]:
+    """(training rows, held-out rows): a ``fraction`` of the rows drawn with ``rng``."""
+    n_eval = int(round(fraction * len(table)))
     if n_eval == 0:
         return table, None
     perm = rng.permutation(len(table))
