@@ -106,12 +106,12 @@ def _policy_dir(cfg, model_dir: str | None) -> str:
     if model_dir == "f0":
         return model_dir
     md = model_dir or str(RunLayout(cfg.output_dir).method(cfg.method) / "model")
-    if not Path(md).is_dir():
-        how = ("--model-dir" if model_dir else
-               f"--method {cfg.method} (no trained model in {md}; train it first, or pass "
-               "--model-dir DIR, or --model-dir f0 for f_0 itself)")
-        raise ValueError(f"{how}: {md} is not a model directory." if model_dir else how + ".")
-    return md
+    if Path(md).is_dir():
+        return md
+    if model_dir:
+        raise ValueError(f"--model-dir: {md} is not a model directory.")
+    raise ValueError(f"--method {cfg.method} (no trained model in {md}; train it first, or pass "
+                     "--model-dir DIR, or --model-dir f0 for f_0 itself).")
 
 
 def _policy(prep, cfg, model_dir: str):

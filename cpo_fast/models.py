@@ -43,6 +43,7 @@ import dataclasses
 import math
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from cpo_fast.constants import IGNORE_INDEX
@@ -162,7 +163,7 @@ def _check_token_ids(model, input_ids: Tensor) -> None:
     if input_ids.is_floating_point() or input_ids.numel() == 0:
         return
     vocab = model.get_input_embeddings().weight.shape[0]
-    lo, hi = int(input_ids.min()), int(input_ids.max())
+    lo, hi = (int(v) for v in torch.aminmax(input_ids))  # one device sync, not two
     if lo < 0 or hi >= vocab:
         bad = lo if lo < 0 else hi
         raise ValueError(f"input_ids holds token id {bad}, outside the model's vocabulary "
