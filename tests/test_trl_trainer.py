@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _dist import leave_process_group, spawn_ranks
 
 pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
@@ -259,13 +260,12 @@ def _ddp_worker(rank: int, world: int, port: int, payload, q) -> None:
     assert trainer.args.world_size == world
     trainer.train()
     q.put((rank, {k: v.numpy() for k, v in _trained(trainer.model).items()}))  # no shared memory
+    leave_process_group()
 
 
 @pytest.mark.slow  # two spawned processes: about 25 s on 2 cores
 def test_two_ranks_with_accumulation_equal_one_process(corpus, tmp_path):
     """2 gloo ranks x per_device 2 x accumulation 2 == one process with per_device 8."""
-    from _dist import spawn_ranks
-
     d, ds = corpus
     one = _trainer(d, ds, tmp_path / "one", per_device_train_batch_size=8,
                    gradient_accumulation_steps=1)
