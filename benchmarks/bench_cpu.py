@@ -2,7 +2,7 @@
 
 Measures, for each case, fwd+bwd wall time (median and p20/p80 of --reps runs after
 warm-up) and peak extra memory (the process's RSS high-water mark during one fwd+bwd minus
-its RSS before; see _common.peak_extra_memory). Each case runs in its own subprocess so
+its RSS before; see cpo_fast.bench.measure.peak_extra_memory). Each case runs in its own subprocess so
 that one case's freed memory or compiled graphs do not colour the next.
 
 Cases:
@@ -38,9 +38,11 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import _common  # noqa: E402
+from cpo_fast.bench import harness
+from cpo_fast.bench.environment import environment
+from cpo_fast.bench.measure import measure, peak_extra_memory
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 FULL = {"N": 2048, "V": 32000, "logits_v": [32000, 128256], "d": 1024,
         "sweep_v": [16000, 32000, 64000], "known": {"N": 1024, "d": 512, "V": 32000}}
@@ -142,7 +144,7 @@ def child(case: dict) -> dict:
 
     torch.manual_seed(0)
     if case["case"] == "copy":
-        return {**case, "status": "ok", **_common.copy_bandwidth("cpu", case["bytes"])}
+        return {**case, "status": "ok", **harness.copy_bandwidth("cpu", case["bytes"])}
     step = (_logits_step if case["case"] == "logits" else _linear_step)(case)
     t0 = time.perf_counter()
     step()  # cold: the first call of a fresh process (first-touch faults, lazy set-up)
@@ -150,9 +152,9 @@ def child(case: dict) -> dict:
     for _ in range(case["warmup"] - 1):
         step()
     row = {**case, "status": "ok", "cold_ms": cold_ms,
-           "peak_extra_bytes": _common.peak_extra_memory(step, "cpu")}
+           "peak_extra_bytes": peak_extra_memory(step, "cpu")}
     if case["reps"]:
-        row.update(_common.measure(step, "cpu", warmup=0, iters=case["reps"]))
+        row.update(measure(step, "cpu", warmup=0, iters=case["reps"]))
     return row
 
 
@@ -218,27 +220,27 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
     if args.render:
-        _common.rerender(args.render, summarize, render, args.out)
+        harness.rerender(args.render, summarize, render, args.out)
         return
 
     shape = QUICK if args.quick else FULL
     if args.logits_v:
         shape = {**shape, "logits_v": args.logits_v}
-    env = _common.environment("cpu")
+    env = environment("cpu")
     rows = []
     for case in cases(args, shape):
         rows.append(run_case(case))
         r = rows[-1]
         print(f"{r['case']:13s} {r.get('dtype', ''):8s} {r['variant']:12s} "
-              f"{_common.fmt_ms(r) if case['case'] != 'copy' else r.get('status')}", flush=True)
+              f"{harness.fmt_ms(r) if case['case'] != 'copy' else r.get('status')}", flush=True)
     copy = rows.pop(0)
     floors = {k: copy.get(k) for k in ("copy_bandwidth_gbs", "copy_bytes", "copy_timing")}
     record = {"environment": env, "rows": rows, "floors": floors}
     summary = summarize(record)
     settings = {**shape, "reps": args.reps, "linear_reps": args.linear_reps,
                 "quick": args.quick, "compile": not args.no_compile}
-    paths = _common.write_results("cpu", env, settings=settings, floors=floors, rows=rows,
-                                  summary=summary, markdown=render, out_dir=args.out,
+    paths = harness.write_results("cpu", env, settings=settings, floors=floors, rows=rows,
+                                  summary=summary, markdown=render, out_dir=args.out or RESULTS,
                                   quick=args.quick)
     print()
     print(paths[1].read_text())
@@ -291,7 +293,7 @@ def render(record: dict) -> str:
     st, fl, rows, summ = record["settings"], record["floors"], record["rows"], record["summary"]
     N, V, d = st["N"], st["V"], st["d"]
     lines = [f"# CPU benchmark ({record['environment']['cores']} cores)", "",
-             *_common.environment_lines(record),
+             *harness.environment_lines(record),
              f"- bandwidth floor: torch copy of {fl['copy_bytes'] >> 20} MiB, read + write, "
              f"fastest of {fl['copy_timing']['iters']}: {fl['copy_bandwidth_gbs']:.1f} GB/s",
              "- ours = cpo_fast.token_logprobs(backend='cpu') (gradient buffer from the reuse "
@@ -308,25 +310,25 @@ def render(record: dict) -> str:
         for r in (r for r in rows if r["case"] == "logits" and r.get("V") == lv):
             s = summ.get(_key(r, rows), {})
             cold = r.get("cold_ms")
-            table.append([r["dtype"], r["variant"], _common.fmt_ms(r),
+            table.append([r["dtype"], r["variant"], harness.fmt_ms(r),
                           "-" if cold is None else f"{cold:.0f}",
                           _x(s.get("speedup_vs_eager")),
-                          _common.fmt_mib(r.get("peak_extra_bytes")),
+                          harness.fmt_mib(r.get("peak_extra_bytes")),
                           _f(s.get("mem_vs_eager")), _f(s.get("floor_ms"), 1),
                           _pct(s.get("fraction_of_floor"))])
-        lines += [f"## Logits path, N={N}, V={lv}", "", _common.fmt_table(
+        lines += [f"## Logits path, N={N}, V={lv}", "", harness.fmt_table(
             ["dtype", "variant", "warm fwd+bwd ms [p20, p80]", "cold ms", "speedup vs eager",
              "peak extra MiB", "mem vs eager", "bandwidth floor ms", "fraction of floor"],
             table, "llrrrrrrr"), ""]
     known = [r for r in rows if r["case"] == "linear_known"]
     if known:
         kn = known[0]
-        table = [[r["variant"], _common.fmt_ms(r, 0), "-" if r.get("cold_ms") is None
+        table = [[r["variant"], harness.fmt_ms(r, 0), "-" if r.get("cold_ms") is None
                   else f"{r['cold_ms']:.0f}", _x(summ.get(_key(r, rows), {}).get("speedup_vs_eager")),
-                  _common.fmt_mib(r.get("peak_extra_bytes")),
+                  harness.fmt_mib(r.get("peak_extra_bytes")),
                   _f(summ.get(_key(r, rows), {}).get("mem_vs_eager"))] for r in known]
         lines += [f"## Fused linear, trained head, coefficients known (N={kn['N']}, d={kn['d']}, "
-                  f"V={kn['V']}, float32)", "", _common.fmt_table(
+                  f"V={kn['V']}, float32)", "", harness.fmt_table(
                       ["variant", "fwd+bwd ms [p20, p80]", "cold ms", "speedup vs eager",
                        "peak extra MiB", "mem vs eager"], table, "lrrrrr"), "",
                   "ours-known = cpo_fast.cpu.linear_known_coef.linear_token_logprobs_with_grads "
@@ -347,17 +349,17 @@ def render(record: dict) -> str:
         for variant, name in (("ours", "ours (fused, blocks)"), ("eager", "eager mm + log_softmax")):
             r = _find(rows, case, variant)
             s = summ.get(f"{case}/float32/{variant}", {})
-            table.append([name, _common.fmt_ms(r, 0), _x(s.get("speedup_vs_eager")),
-                          _common.fmt_mib(r.get("peak_extra_bytes")), _f(s.get("mem_vs_eager"))])
+            table.append([name, harness.fmt_ms(r, 0), _x(s.get("speedup_vs_eager")),
+                          harness.fmt_mib(r.get("peak_extra_bytes")), _f(s.get("mem_vs_eager"))])
         lines += ["", f"## Fused linear, N={N}, d={d}, V={V}, float32 ({title})", "",
-                  _common.fmt_table(["variant", "fwd+bwd ms [p20, p80]", "speedup vs eager",
+                  harness.fmt_table(["variant", "fwd+bwd ms [p20, p80]", "speedup vs eager",
                                      "peak extra MiB", "mem vs eager"], table, "lrrrr"),
                   "", flops]
-    sweep = [[v, _common.fmt_mib(_find(rows, "linear_sweep", "ours", V=v).get("peak_extra_bytes")),
-              _common.fmt_mib(_find(rows, "linear_sweep", "eager", V=v).get("peak_extra_bytes"))]
+    sweep = [[v, harness.fmt_mib(_find(rows, "linear_sweep", "ours", V=v).get("peak_extra_bytes")),
+              harness.fmt_mib(_find(rows, "linear_sweep", "eager", V=v).get("peak_extra_bytes"))]
              for v in st["sweep_v"]]
     lines += ["", f"## Fused linear peak extra memory as V grows (N={N}, d=256, frozen weight)", "",
-              _common.fmt_table(["V", "ours MiB", "eager MiB"], sweep, "rrr"), "",
+              harness.fmt_table(["V", "ours MiB", "eager MiB"], sweep, "rrr"), "",
               "## Targets (docs/benchmarks.md)", "", *_targets(summ, sweep, st["sweep_v"])]
     return "\n".join(lines) + "\n"
 

@@ -5,7 +5,7 @@ One training step (forward, backward, AdamW step) of a tiny Llama- or Qwen2-conf
 vocabulary, LoRA (peft; head and embeddings frozen) or full fine-tuning (head trained). The
 loss is the negative mean log-prob of the labelled tokens (the first quarter of each row is
 a prompt, labelled -100); the paths differ only in how the per-token log-probs are computed
-(cpo_fast/bench.py PATHS):
+(cpo_fast.bench.e2e.PATHS):
 
   eager           (a) model(...).logits -> .float().log_softmax(-1).gather(-1, y)
   trl-selective   (b) model(...).logits -> trl.trainer.utils.selective_log_softmax
@@ -15,8 +15,8 @@ a prompt, labelled -100); the paths differ only in how the per-token log-probs a
                       log-prob function is compiled, not the model)
   liger, cce      (d) backbone hidden states into Liger's fused linear cross-entropy / Cut
                       Cross-Entropy (Triton, GPU only: 'n/a' rows on the CPU)
-  cpo_fast        (e) cpo_fast.causal_lm_token_logprobs(model, ids, labels) when it exists,
-                      else linear_token_logprobs(hidden[:, :-1], lm_head.weight, labels[:, 1:])
+  cpo_fast        (e) cpo_fast.causal_lm_token_logprobs(model, ids, labels): the backbone's
+                      hidden states into linear_token_logprobs (logits never built)
 
 Per (family, V, finetune, path): tokens/s (B*T tokens per step; median with p20/p80 of the
 timed steps after warm-up), the step's peak extra memory (peak RSS growth on the CPU, the
@@ -35,15 +35,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import _common  # noqa: E402
+from cpo_fast.bench import harness
+from cpo_fast.bench.e2e import PATHS
+from cpo_fast.bench.environment import environment
+from cpo_fast.bench.isolation import run_isolated
+from cpo_fast.bench.measure import MiB
 
-from cpo_fast import bench  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 # Default configurations: (family, V) with each family's own vocabularies (Llama 2: 32000,
 # Llama 3: 128256, Qwen2: 151936); --grid full runs every family with every V.
@@ -68,8 +69,8 @@ def search_max_batch(case: dict, budget: int, cap: int, timeout: float | None, *
                      model_only: bool = False) -> dict:
     """Largest batch (sequences) whose training step's peak extra memory fits ``budget``.
 
-    Every probe is a fresh process (bench.probe_case) running one step at that batch. The
-    peak grows linearly with the batch (a fixed part: weight gradients, optimizer
+    Every probe is a fresh process (cpo_fast.bench.cases.probe_case) running one step at
+    that batch. The peak grows linearly with the batch (a fixed part: weight gradients, optimizer
     temporaries; a part per sequence: activations, logits), so the probes are guided by a
     line through two measured points, ``known`` (the timed step, same sequence length) and
     a probe at batch 1, and the answer is then bracketed by probes: b fits, b + 1 does not
@@ -84,7 +85,7 @@ def search_max_batch(case: dict, budget: int, cap: int, timeout: float | None, *
         points[known[0]] = known[1]
 
     def fits(b: int) -> bool | None:
-        r = bench.run_isolated("probe_case", {**case, "batch": b, "budget_bytes": budget},
+        r = run_isolated("probe_case", {**case, "batch": b, "budget_bytes": budget},
                                timeout=timeout)
         ok = r.get("fits") if r.get("status") == "ok" else (False if r["status"] == "oom" else None)
         probes.append([b, r.get("peak_extra_bytes"), ok if ok is not None else r["status"]])
@@ -161,8 +162,8 @@ def run(args: argparse.Namespace, shape: dict, device: str) -> list[dict]:
     """Per (family, V, finetune): memory and the largest batch per path, each case and probe
     in a fresh process; then the timing of every path, interleaved in one process."""
     rows = []
-    paths = [p for p in bench.PATHS if not args.paths or p in args.paths]
-    budget = int(shape["budget_mib"] * _common.MiB)
+    paths = [p for p in PATHS if not args.paths or p in args.paths]
+    budget = int(shape["budget_mib"] * MiB)
     for family, vocab in grid(shape, args):
         for ft in FINETUNE:
             base = {"device": device, "dtype": shape["dtype"], "family": family, "vocab": vocab,
@@ -177,7 +178,7 @@ def run(args: argparse.Namespace, shape: dict, device: str) -> list[dict]:
                                                                   "30-60 s on the CPU)")
                     group.append({**case, "status": f"skipped: {why}"})
                     continue
-                row = bench.run_isolated("e2e_case", case, timeout=args.case_timeout)
+                row = run_isolated("e2e_case", case, timeout=args.case_timeout)
                 for k in TIMING_KEYS:  # the isolated step measures memory; timing comes below
                     row.pop(k, None)
                 if row["status"] == "ok" and not args.no_search:
@@ -200,7 +201,7 @@ def run(args: argparse.Namespace, shape: dict, device: str) -> list[dict]:
             if timed:
                 tcase = {**base, "paths": timed, "batch": shape["batch"], "seq": shape["seq"],
                          "warmup": shape["warmup"], "reps": shape["reps"]}
-                res = bench.run_isolated("interleaved_case", tcase,
+                res = run_isolated("interleaved_case", tcase,
                                          timeout=args.case_timeout * max(1, len(timed)))
                 for r in group:
                     if r["path"] in timed:
@@ -215,7 +216,7 @@ def run(args: argparse.Namespace, shape: dict, device: str) -> list[dict]:
             for r in group:
                 r["timing_s"] = timing_s
                 print(f"{family:6s} V={vocab:<7d} {ft:5s} {r['path']:15s} {r['status'][:60]:12s} "
-                      f"{_tps(r):>22s}  peak {_common.fmt_mib(r.get('peak_extra_bytes')):>7s}"
+                      f"{_tps(r):>22s}  peak {harness.fmt_mib(r.get('peak_extra_bytes')):>7s}"
                       f" MiB  max batch {_batch(r)}  ({r.get('case_s', 0):.0f} s)", flush=True)
             rows += group
     return rows
@@ -232,7 +233,7 @@ def main() -> None:
                          "family x every V (twice the time)")
     ap.add_argument("--configs", nargs="+", metavar="FAMILY:V", default=None,
                     help="run these (family, V) only, e.g. llama:32000 qwen2:151936")
-    ap.add_argument("--paths", nargs="+", choices=list(bench.PATHS), default=None,
+    ap.add_argument("--paths", nargs="+", choices=list(PATHS), default=None,
                     help="run only these paths (eager is needed for the ratios)")
     ap.add_argument("--batch", type=int, default=None, help="sequences per timed step")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (timed steps)")
@@ -252,7 +253,7 @@ def main() -> None:
     ap.add_argument("--render", metavar="JSON", help="re-render the report of a results JSON")
     args = ap.parse_args()
     if args.render:
-        _common.rerender(args.render, summarize, render, args.out)
+        harness.rerender(args.render, summarize, render, args.out)
         return
 
     import torch
@@ -264,9 +265,7 @@ def main() -> None:
     for k in ("batch", "seq", "reps", "budget_mib", "search_seq"):
         if getattr(args, k) is not None:
             shape[k] = getattr(args, k)
-    env = _common.environment(device)
-    env.update({k: _common._version(k) for k in ("transformers", "peft", "trl", "liger-kernel",
-                                                 "cut-cross-entropy")})
+    env = environment(device, versions=("liger-kernel", "cut-cross-entropy"))
     t0 = time.perf_counter()
     rows = run(args, shape, device)
     wall = time.perf_counter() - t0
@@ -279,12 +278,12 @@ def main() -> None:
     record = {"environment": env, "rows": rows, "settings": settings}
     summary = summarize(record)
     if args.no_write:
-        print(render({**record, "summary": summary, "schema": _common.SCHEMA, "benchmark": "e2e",
+        print(render({**record, "summary": summary, "schema": harness.SCHEMA, "benchmark": "e2e",
                       "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                       "floors": {}, "environment": {**env, "loadavg_after": None}}))
         return
-    paths = _common.write_results("e2e", env, settings=settings, floors={}, rows=rows,
-                                  summary=summary, markdown=render, out_dir=args.out,
+    paths = harness.write_results("e2e", env, settings=settings, floors={}, rows=rows,
+                                  summary=summary, markdown=render, out_dir=args.out or RESULTS,
                                   quick=args.quick)
     print()
     print(paths[1].read_text())
@@ -378,7 +377,7 @@ def render(record: dict) -> str:
     st, rows, summ = record["settings"], record["rows"], record["summary"]
     env = record["environment"]
     lines = [f"# End-to-end training step ({env['device']})", "",
-             *_common.environment_lines(record),
+             *harness.environment_lines(record),
              f"- transformers {env.get('transformers')}, peft {env.get('peft')}, trl "
              f"{env.get('trl')}, liger-kernel {env.get('liger-kernel')}, cut-cross-entropy "
              f"{env.get('cut-cross-entropy')}",
@@ -406,14 +405,14 @@ def render(record: dict) -> str:
     for r in rows:
         p = summ.get(_key(r), {}).get("paths", {}).get(r["path"], {})
         table.append([r["family"], r["vocab"], r["finetune"], r["path"], _tps(r),
-                      _x(p.get("speedup_vs_eager")), _common.fmt_mib(r.get("peak_extra_bytes")),
+                      _x(p.get("speedup_vs_eager")), harness.fmt_mib(r.get("peak_extra_bytes")),
                       _x(p.get("mem_vs_eager")), _batch(r),
                       ("≥ " if r.get("max_batch_capped") and r["path"] != "eager" else "")
                       + _x(p.get("batch_vs_eager"), 1)
                       if p.get("batch_vs_eager") is not None else "-",
                       f"{r['loss']:.4f}" if "loss" in r else "-"])
     lines += ["## Every path", "",
-              _common.fmt_table(head, table, "lrllrrrrrrr"), "",
+              harness.fmt_table(head, table, "lrllrrrrrrr"), "",
               _loss_note(rows), "",
               "## Targets (cpo_fast against eager (a) at the same batch, and against TRL's "
               "fused head)", ""]
@@ -428,7 +427,7 @@ def render(record: dict) -> str:
                    f"{'≥ ' if bt.get('lower_bound') else ''}{_x(bt['value'], 1)} {_met(bt)}",
                    f"{_x(t['vs_trl_fused']['speedup'])} faster, {_x(t['vs_trl_fused']['mem'], 3)} "
                    f"memory: {_met(t['vs_trl_fused'])}"])
-    lines += [_common.fmt_table(["family", "V", "finetune", f"tokens/s >= {TARGETS['speedup']}x",
+    lines += [harness.fmt_table(["family", "V", "finetune", f"tokens/s >= {TARGETS['speedup']}x",
                                  "peak memory <= 1/3", f"max batch >= {TARGETS['batch']:.0f}x",
                                  "ahead of TRL fused head (tokens/s and memory)"], tt,
                                 "lrlllll"), ""]

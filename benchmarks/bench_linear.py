@@ -24,7 +24,7 @@ the matmul rate measured in the same run (bf16 8192^3 on CUDA; fp32 1024^3 on CP
 "floor %" is floor time / median time. Memory: peak bytes allocated during fwd+bwd
 beyond the inputs, and the same minus the two gradients ("scratch"), which the design
 bounds by 1% of the bf16 N x V logits at N=16384, V=128256, d=4096.
-Timing, memory, floor and the results record come from _common (docs/benchmarks.md);
+Timing, memory, floor and the results record come from cpo_fast.bench (docs/benchmarks.md);
 results: results/<device>-linear[-quick].{json,md} (--smallest counts as quick).
 """
 
@@ -62,12 +62,14 @@ if not CUDA and "triton" not in sys.modules:
     # The Triton variant runs on CPU tensors only under the interpreter, set before import.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-from _common import fmt_mib, fmt_ms, fmt_table, measure, peak_extra_memory  # noqa: E402
-
 import cpo_fast  # noqa: E402
 from cpo_fast._backend import cpu_extension_available, triton_interpreting  # noqa: E402
+from cpo_fast.bench import harness  # noqa: E402
+from cpo_fast.bench.environment import environment  # noqa: E402
+from cpo_fast.bench.harness import fmt_mib, fmt_ms, fmt_table  # noqa: E402
+from cpo_fast.bench.measure import measure, peak_extra_memory  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 GPU_N, GPU_V, GPU_D = (4096, 16384, 65536), (32000, 128256, 151936, 262144), (2048, 4096)
 CPU_N, CPU_V, CPU_D = (64, 128), (1001, 2053), (64,)
@@ -174,8 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = args.warmup if args.warmup is not None else (0 if small else (3 if cuda else 1))
     iters = args.iters if args.iters is not None else (1 if small else (5 if cuda else 2))
 
-    env = _common.environment(device)
-    floors = _common.matmul_rate(device)
+    env = environment(device)
+    floors = harness.matmul_rate(device)
     rate = floors["matmul_gflops"] * 1e9
     print(f"# fused-linear fwd+bwd on {env['device']} ({dtype}); matmul {floors['matmul_shape']}: "
           f"{_flops(rate)}")
@@ -191,8 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
                     _print_row(rows[-1])
     settings = {"dtype": str(dtype).removeprefix("torch."), "N": list(Ns), "V": list(Vs),
                 "d": list(Ds), "warmup": warmup, "iters": iters, "quick": small}
-    jpath, mpath = _common.write_results("linear", env, settings=settings, floors=floors,
-                                         rows=rows, markdown=_markdown, out_dir=args.out,
+    jpath, mpath = harness.write_results("linear", env, settings=settings, floors=floors,
+                                         rows=rows, markdown=_markdown, out_dir=args.out or RESULTS,
                                          quick=small)
     print(f"wrote {jpath} and {mpath}")
     return {"record": json.loads(jpath.read_text()), "json": str(jpath), "markdown": str(mpath)}
@@ -242,7 +244,7 @@ def _print_row(r: dict) -> None:
 def _markdown(record: dict) -> str:
     fl = record["floors"]
     head = ("# Fused-linear path, fwd+bwd of sum_t G_t logp_t\n\n"
-            + "\n".join(_common.environment_lines(record)) + "\n"
+            + "\n".join(harness.environment_lines(record)) + "\n"
             f"- dtype {record['settings']['dtype']}; floor = 8 N d V / matmul rate "
             f"({fl['matmul_shape']}, fastest of {fl['matmul_timing']['iters']}: "
             f"{_flops(fl['matmul_gflops'] * 1e9)}); 'scratch' = peak extra memory during "

@@ -13,23 +13,24 @@ no .grad accumulation copy is counted) for:
 and reports the bandwidth floor: bytes = 2 reads + 1 write of N x V elements, over the
 device-to-device copy bandwidth (read + write) measured in the same run, and the fraction
 of that floor each variant reaches. Timing, memory, floor and the results record come from
-_common (docs/benchmarks.md); results: results/<device>-logits[-quick].{json,md}.
+cpo_fast.bench (docs/benchmarks.md); results: results/<device>-logits[-quick].{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-from _common import fmt_mib, fmt_ms, fmt_table, measure, peak_extra_memory  # noqa: E402
+import cpo_fast
+from cpo_fast.bench import harness
+from cpo_fast.bench.environment import environment
+from cpo_fast.bench.harness import fmt_mib, fmt_ms, fmt_table
+from cpo_fast.bench.measure import measure, peak_extra_memory
 
-import cpo_fast  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 GPU_SHAPES = [(n, v) for n in (4096, 16384, 65536) for v in (32000, 128256, 151936, 262144)]
 CPU_SHAPES = [(512, 32000), (2048, 32000)]
@@ -91,8 +92,8 @@ def main() -> None:
         except ValueError:
             ap.error(f"--shapes takes NxV pairs such as 4096x32000, got {args.shapes}")
     iters = args.iters or (10 if device == "cuda" else 3)
-    env = _common.environment(device)
-    floors = _common.copy_bandwidth(device, (1 << 30) if device == "cuda" else (256 << 20))
+    env = environment(device)
+    floors = harness.copy_bandwidth(device, (1 << 30) if device == "cuda" else (256 << 20))
     bw = floors["copy_bandwidth_gbs"] * 1e9
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}")
     print(f"measured copy bandwidth (read+write): {bw / 1e9:.1f} GB/s; dtype {dtype}")
@@ -121,8 +122,8 @@ def main() -> None:
         print()
         print(fmt_table(HEADERS, [_cells(r, esize) for r in rows]))
         return
-    for p in _common.write_results("logits", env, settings=settings, floors=floors, rows=rows,
-                                   markdown=render, out_dir=args.out, quick=args.quick):
+    for p in harness.write_results("logits", env, settings=settings, floors=floors, rows=rows,
+                                   markdown=render, out_dir=args.out or RESULTS, quick=args.quick):
         print("wrote", p)
 
 
@@ -142,7 +143,7 @@ def render(record: dict) -> str:
     esize = torch.finfo(getattr(torch, record["settings"]["dtype"])).bits // 8
     fl = record["floors"]
     return (f"# Logits path, {record['environment']['device']}\n\n"
-            + "\n".join(_common.environment_lines(record)) + "\n"
+            + "\n".join(harness.environment_lines(record)) + "\n"
             f"- dtype {record['settings']['dtype']}; bandwidth floor = (2 reads + 1 write of "
             f"N x V) / copy bandwidth ({fl['copy_bytes'] >> 20} MiB copy, read + write, "
             f"fastest of {fl['copy_timing']['iters']}: {fl['copy_bandwidth_gbs']:.1f} GB/s)\n\n"

@@ -30,9 +30,9 @@ import time
 import warnings
 from pathlib import Path
 
+from cpo_fast.objectives import METHODS
 from cpo_fast.pipeline.config import (
     FIELDS,
-    METHODS,
     RunConfig,
     add_config_flags,
     config_from,
@@ -85,12 +85,12 @@ def _parser() -> argparse.ArgumentParser:
         if name == "generate":
             s.add_argument("--out", default=None, help="JSONL of samples (default "
                                                        "OUTPUT_DIR/samples/NAME.jsonl)")
-    from cpo_fast.bench import __doc__ as bench_doc
-    from cpo_fast.bench import add_arguments as bench_arguments
+    from cpo_fast.bench import arguments as bench_arguments  # light: the flags only
 
     b = sub.add_parser("bench", help="op-level and end-to-end comparison on your shapes and device",
-                       description=bench_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench_arguments(b)
+                       description=bench_arguments.DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_arguments.add_arguments(b)
     return p
 
 
@@ -305,7 +305,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from cpo_fast.bench import main as bench_main
+    from cpo_fast.bench.command import main as bench_main
 
     return bench_main(args)
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from cpo_fast.bench import harness
+from cpo_fast.bench.environment import environment
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
 
@@ -17,7 +19,6 @@ def bench():
     if not BENCH.exists():
         pytest.skip("benchmarks/ not in this checkout")
     pytest.importorskip("cpo_fast._C", reason="bench_cpu.py times the C++ core")
-    sys.path.insert(0, str(BENCH.parent))
     spec = importlib.util.spec_from_file_location("bench_cpu_smoke", BENCH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -41,11 +42,11 @@ def test_bench_cpu_cases_and_report(bench, tmp_path: Path) -> None:
         if r["reps"]:
             assert r["iters"] == r["reps"] and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
     floors = {k: copy[k] for k in ("copy_bandwidth_gbs", "copy_bytes", "copy_timing")}
-    env = bench._common.environment("cpu")
+    env = environment("cpu")
     record = {"environment": env, "rows": rows, "floors": floors}
     summary = bench.summarize(record)
     assert summary["logits/float32/eager"]["speedup_vs_eager"] == pytest.approx(1.0)
-    jpath, mpath = bench._common.write_results(
+    jpath, mpath = harness.write_results(
         "cpu", env, settings={**shape, "quick": True}, floors=floors, rows=rows,
         summary=summary, markdown=bench.render, out_dir=tmp_path, quick=True)
     data = json.loads(jpath.read_text())

@@ -24,7 +24,7 @@ def _cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(not BENCH.exists(), reason="benchmarks/ not in this checkout")
 def test_bench_e2e_quick_writes_every_path(tmp_path: Path) -> None:
-    from cpo_fast.bench import PATHS
+    from cpo_fast.bench.e2e import PATHS
 
     proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=240)

@@ -26,8 +26,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_static.py"
 def _toolchain_missing() -> str | None:
     if not SCRIPT.exists():
         return "benchmarks/ not in this checkout"
-    probe = ("import sys; sys.path.insert(0, 'benchmarks'); import _aot; "
-             "p = _aot.ptxas_path(80); print(p or '')")
+    probe = "from cpo_fast.bench import aot; p = aot.ptxas_path(80); print(p or '')"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     try:
         out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True,

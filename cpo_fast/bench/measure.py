@@ -1,8 +1,5 @@
-"""Timing and peak-memory helpers shared by ``cpo-fast bench`` and benchmarks/_common.py.
-
-They live in the package so that the installed ``cpo-fast bench`` can use them;
-benchmarks/_common.py imports them from here (docs/benchmarks.md, "Timing" and "Memory").
-"""
+"""Timing and peak-memory helpers of ``cpo-fast bench`` and of every script in benchmarks/
+(docs/benchmarks.md, "Timing" and "Memory")."""
 
 from __future__ import annotations
 
@@ -13,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+MiB = 1 << 20
 
 
 def sync(device: str) -> None:

@@ -1,14 +1,16 @@
-"""The one benchmark harness: timing, peak memory, floors, environment, results files.
+"""The harness of the scripts in benchmarks/: floors, results files, report helpers.
 
-Every bench script times with :func:`measure`, measures memory with
-:func:`peak_extra_memory`, measures its floor with :func:`copy_bandwidth` or
-:func:`matmul_rate`, and writes one record with :func:`write_results`. The record and the
-file names are described in docs/benchmarks.md ("Results schema"):
+Every bench script takes its environment record with cpo_fast.bench.environment.environment,
+times with cpo_fast.bench.measure.measure, measures memory with
+cpo_fast.bench.measure.peak_extra_memory, measures its floor with :func:`copy_bandwidth` or
+:func:`matmul_rate`, and writes one record with :func:`write_results` into the folder it
+names (benchmarks/results/ by default). The record and the file names are described in
+docs/benchmarks.md ("Results schema"):
 
     results/<device-slug>-<benchmark>[-quick].json   the record (schema below)
     results/<device-slug>-<benchmark>[-quick].md     the same run as a readable report
 
-    {"schema": SCHEMA, "benchmark": "cpu" | "logits" | "linear",
+    {"schema": SCHEMA, "benchmark": "cpu" | "logits" | "linear" | "e2e",
      "timestamp": ISO 8601 UTC, "environment": {device, versions, threads, load, ...},
      "settings": {...}, "floors": {"copy_bandwidth_gbs" | "matmul_gflops": ...},
      "rows": [{... case keys, "variant", "status", "median_ms", "p20_ms", "p80_ms",
@@ -18,120 +20,18 @@ file names are described in docs/benchmarks.md ("Results schema"):
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
-import platform
 import re
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from cpo_fast._measure import (  # noqa: F401  (re-exported: the bench scripts use _common.*)
-    measure,
-    peak_extra_memory,
-    rss_bytes,
-    summarize,
-    sync,
-)
+from cpo_fast.bench.measure import MiB, measure
 
 SCHEMA = "cpo_fast-bench/1"
-RESULTS = Path(__file__).resolve().parent / "results"
-MiB = 1 << 20
-
-
-# ---- environment ---------------------------------------------------------------------------
-
-def device_name(device: str) -> str:
-    """'NVIDIA H100 80GB HBM3' on CUDA; 'AMD EPYC (2 cores, avx512)' (cpuinfo model, core
-    count, AVX-512 when the CPU has it) on CPU."""
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    # The vector ISA tells machines apart that /proc/cpuinfo names alike ("AMD EPYC" was a
-    # 2-core AVX2 VM before it was an AVX-512 one): the CPU kernels pick their build from it.
-    return f"{model} ({os.cpu_count()} cores{', avx512' if _has_avx512() else ''})"
-
-
-def _has_avx512() -> bool:
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                      if ln.startswith("flags")), "")
-    except OSError:
-        return False
-    return " avx512f " in f" {flags.split(':', 1)[-1]} " and " avx512bw " in f" {flags} "
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _git_commit() -> str | None:
-    """Short commit of the checkout the benchmark ran from, '+dirty' with local changes."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "-uno"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if rev.returncode != 0:
-        return None
-    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def _cpu_isa() -> str | None:
-    try:
-        from cpo_fast import _C
-    except ImportError:
-        return None
-    return _C.isa()
-
-
-def _thp_mode() -> str | None:
-    try:
-        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
-    except OSError:
-        return None
-
-
-def environment(device: str) -> dict:
-    """What the figures depend on, taken at the start of a run (finish it with write_results)."""
-    env = {
-        "device": device_name(device), "device_type": device, "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(), "python": platform.python_version(),
-        "torch": torch.__version__, "triton": _version("triton"),
-        "cpo_fast": _version("cpo_fast"), "commit": _git_commit(),
-        "loadavg_before": list(os.getloadavg()),
-    }
-    if device == "cuda":
-        env["cuda"] = torch.version.cuda
-    else:
-        env.update(cpu_isa=_cpu_isa(), thp=_thp_mode())
-    return env
-
-
-# ---- timing and memory ---------------------------------------------------------------------
-
-# sync, summarize, measure, peak_extra_memory: cpo_fast/_measure.py (shared with `cpo-fast bench`)
 
 
 # ---- floors --------------------------------------------------------------------------------
@@ -161,6 +61,10 @@ def matmul_rate(device: str) -> dict:
 
 # ---- results -------------------------------------------------------------------------------
 
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def results_stem(device: str, benchmark: str, *, quick: bool = False) -> str:
     """The one file-name scheme: ``<device-slug>-<benchmark>[-quick]``."""
     return f"{slug(device)}-{benchmark}" + ("-quick" if quick else "")
@@ -168,7 +72,7 @@ def results_stem(device: str, benchmark: str, *, quick: bool = False) -> str:
 
 def write_results(benchmark: str, env: dict, *, settings: dict, floors: dict, rows: list[dict],
                   markdown: str | Callable[[dict], str], summary: dict | None = None,
-                  out_dir: Path | None = None, quick: bool = False) -> tuple[Path, Path]:
+                  out_dir: Path, quick: bool = False) -> tuple[Path, Path]:
     """Finish the record (load after, timestamp) and write its .json and .md; return the paths.
 
     ``markdown`` may be a function of the finished record, so that a report is always
@@ -183,8 +87,8 @@ def write_results(benchmark: str, env: dict, *, settings: dict, floors: dict, ro
 
 
 def write_record(record: dict, markdown: str | Callable[[dict], str], *,
-                 out_dir: Path | None = None, quick: bool = False) -> tuple[Path, Path]:
-    out = Path(out_dir) if out_dir is not None else RESULTS
+                 out_dir: Path, quick: bool = False) -> tuple[Path, Path]:
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = results_stem(record["environment"]["device"], record["benchmark"], quick=quick)
     jpath, mpath = out / f"{stem}.json", out / f"{stem}.md"
