@@ -80,7 +80,7 @@ def collect(jobs: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
-    from cpo_fast.pipeline.sweep import REMEDIES, run_sweep, write_results
+    from cpo_fast.bench.sweep import REMEDIES, run_sweep, write_results
 
     a = parser().parse_args(argv)
     size = SIZES["quick" if a.quick else "default"]

@@ -1,7 +1,7 @@
 """The confounding comparison on real data: EmoBank with genre as the confounder.
 
 f_0, SFT-all, SFT-top, OO-RLHF, CPO and DR-CPO trained on a genre-confounded selection of
-EmoBank (valence as the outcome; cpo_fast/pipeline/emobank.py), judged by VADER, a
+EmoBank (valence as the outcome; cpo_fast/bench/emobank.py), judged by VADER, a
 lexicon-and-rules sentiment analyzer that was never fitted to EmoBank (``pip install
 'cpo_fast[bench]'``). Writes ``benchmarks/results/emobank.{md,json,png}``.
 

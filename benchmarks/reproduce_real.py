@@ -2,7 +2,7 @@
 
 Design (docs/validity.md, "On a real model"): EmoBank sentences with valence as the outcome,
 selected with the genre confounding of benchmarks/reproduce_emobank.py
-(cpo_fast/pipeline/emobank.py) at levels 0 and 0.8. The base model is the packaged
+(cpo_fast/bench/emobank.py) at levels 0 and 0.8. The base model is the packaged
 SmolLM2-135M (cpo_fast.pretrained); **f_0 is the base model fitted to the corpus texts**
 (LoRA SFT, merged: the paper's first definition of f_0), from which SFT-all, SFT-top,
 OO-RLHF, CPO and DR-CPO each train LoRA adapters. Every model's generations are scored by
@@ -112,8 +112,8 @@ def run_group(job: dict[str, Any], judges: dict, log=print) -> list[dict[str, An
     if todo:
         import torch
 
+        from cpo_fast.bench.emobank import confounded_emobank, write_table
         from cpo_fast.pipeline.demo import demo_config
-        from cpo_fast.pipeline.emobank import confounded_emobank, write_table
         from cpo_fast.pipeline.evaluate import evaluate_model
         from cpo_fast.pipeline.train import prepare, train_policy
 
@@ -333,7 +333,7 @@ def judge_agreement(judges: dict, *, rows: int, log=print) -> dict[str, dict[str
         out["Hutto held-out"] = {n: J.agreement(f, [texts[i] for i in test], y[test])
                                  for n, f in judges.items()}
     if EMOBANK.is_file():
-        from cpo_fast.pipeline.emobank import read_emobank
+        from cpo_fast.bench.emobank import read_emobank
 
         texts, v, _ = read_emobank(EMOBANK)
         idx = np.sort(rng.choice(len(texts), min(rows, len(texts)), replace=False))

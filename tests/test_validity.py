@@ -203,7 +203,7 @@ def test_reproduce_quick_tiny(tmp_path):
 
 
 def test_sweep_marks_collapsed_runs_and_intervals():
-    from cpo_fast.pipeline.sweep import markdown, summarize, t_interval
+    from cpo_fast.bench.sweep import markdown, summarize, t_interval
 
     m, lo, hi = t_interval([1.0, 2.0, 3.0])
     assert m == 2.0 and lo == pytest.approx(2.0 - 4.303 / np.sqrt(3)) and hi > m
@@ -220,7 +220,7 @@ def test_sweep_marks_collapsed_runs_and_intervals():
 def test_emobank_confounding_and_judge():
     import os
 
-    from cpo_fast.pipeline.emobank import confounded_emobank
+    from cpo_fast.bench.emobank import confounded_emobank
 
     path = Path(os.environ.get("EMOBANK_CSV") or ROOT.parent / "shared" / "data" / "emobank.csv")
     if not path.is_file():
@@ -233,7 +233,7 @@ def test_emobank_confounding_and_judge():
         corr.append(np.corrcoef(warm, t.outcomes)[0, 1])
     assert corr[1] > corr[0] + 0.1  # selection makes genre a stronger proxy for valence
     try:
-        from cpo_fast.pipeline.emobank import vader
+        from cpo_fast.bench.emobank import vader
 
         s = vader(["what a wonderful, happy day", "this is awful and sad"])
     except ImportError:
@@ -244,7 +244,8 @@ def test_emobank_confounding_and_judge():
 def test_log_weight_cap_bounds_the_ess_and_cuts_gradients():
     import torch
 
-    from cpo_fast.pipeline.remedy import cap_log_weights, min_ess_share
+    from cpo_fast.bench.sweep import min_ess_share
+    from cpo_fast.objectives import cap_log_weights
 
     gen = torch.Generator().manual_seed(0)
     ref = torch.randn(64, generator=gen) * 3 - 40

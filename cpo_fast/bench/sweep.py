@@ -1,6 +1,6 @@
 """Sweeps over confounding levels x seeds x methods (x remedies), judged by an independent
 scorer: the engine of ``benchmarks/reproduce.py`` (semi-synthetic, oracle g*) and
-``benchmarks/reproduce_emobank.py`` (EmoBank, VADER).
+``benchmarks/reproduce_emobank.py`` (EmoBank, VADER; cpo_fast.bench.emobank).
 
 One *cell* is one (confounding level, seed): a corpus, f_0, ghat and the DM set are built
 once, then every method (and, for the weighted methods, every remedy) is trained from f_0
@@ -34,6 +34,20 @@ REMEDIES: dict[str, dict[str, Any]] = {
     "lennorm": {"length_normalize": True},  # per-token (geometric-mean) weights
     "cap": {"log_weight_cap": 1.4},  # per-row log-weight cap: ESS >= 21.6% by construction
 }
+
+
+def min_ess_share(cap: float) -> float:
+    """The smallest ESS / n that self-normalized weights under the log-weight cap can have.
+
+    The cap (``--log-weight-cap``, cpo_fast.objectives.cap_log_weights; docs/validity.md)
+    bounds each row's log weight to the batch median +- cap, so the weights differ by at
+    most a factor r = exp(2 cap), and ESS / n >= 4 r / (1 + r)^2 (Kantorovich's inequality,
+    a two-point worst case): cap 0.7 gives ESS >= 63% of the batch, cap 1.4 (the "cap"
+    remedy above) 21.6%, above the ESS guard's 10%. The bound is on the weights actually
+    used: a capped run can still drift far from f_0, which is why the sweep measures it.
+    """
+    r = math.exp(2.0 * cap)
+    return 4.0 * r / (1.0 + r) ** 2
 NAMES = {"f_0": "f_0", "sft_all": "SFT-all", "sft_top": "SFT-top", "oo_rlhf": "OO-RLHF",
          "cpo": "CPO", "dr_cpo": "DR-CPO"}
 # t_{0.975, df} for df = 1..10 (95% two-sided intervals over a few seeds)
@@ -46,7 +60,7 @@ def _corpus(job: dict[str, Any]):
 
         return make_corpus(job["rows"], confounding=job["level"], noise=job.get("noise", 0.5),
                            seed=job["seed"])
-    from cpo_fast.pipeline.emobank import confounded_emobank
+    from cpo_fast.bench.emobank import confounded_emobank
 
     return confounded_emobank(job["data_path"], confounding=job["level"], rows=job["rows"],
                               seed=job["seed"])
@@ -57,7 +71,7 @@ def _scorers(job: dict[str, Any]):
         from cpo_fast.pipeline.synthetic import oracle
 
         return {"judge": oracle}
-    from cpo_fast.pipeline.emobank import vader
+    from cpo_fast.bench.emobank import vader
 
     return {"judge": vader}
 
@@ -90,7 +104,7 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     t0, started = time.perf_counter(), time.time()
     table = _corpus(job)
-    from cpo_fast.pipeline.emobank import write_table
+    from cpo_fast.bench.emobank import write_table
 
     write_table(table, out / "corpus.csv")
     cfg = demo_config(out, seed=job["seed"], progress=False, **job["config"])
