@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from cpo_fast.objectives import METHODS
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Default size: the demo's --quick settings (2000 rows, f_0 200 steps, 50 policy steps).
@@ -31,7 +33,6 @@ SIZES = {
                                         batch_size=32, dm_batch_size=32, bootstrap=100,
                                         vocab_size=400)),
 }
-METHODS = ("sft_all", "sft_top", "oo_rlhf", "cpo", "dr_cpo")
 
 
 def _floats(s: str) -> list[float]:

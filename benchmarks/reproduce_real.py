@@ -43,13 +43,13 @@ from typing import Any
 
 import numpy as np
 
+from cpo_fast.bench.sweep import NAMES
+from cpo_fast.objectives import METHODS as TRAINED
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 EMOBANK = ROOT.parent / "shared" / "data" / "emobank.csv"
-METHODS = ("f_0", "sft_all", "sft_top", "oo_rlhf", "cpo", "dr_cpo")
-NAMES = {"f_0": "f_0", "sft_all": "SFT-all", "sft_top": "SFT-top", "oo_rlhf": "OO-RLHF",
-         "cpo": "CPO", "dr_cpo": "DR-CPO"}
-WEIGHTED = ("oo_rlhf", "cpo", "dr_cpo")
+METHODS = ("f_0", *TRAINED)  # f_0 itself, then every training method
 # Sizes for SmolLM2-135M on the 2-core CPU (benchmarks/results/smollm2-stages.md): LoRA,
 # small batches, bf16 generation (the demo's --model settings, cpo_fast/pipeline/demo.py).
 SIZES: dict[str, dict[str, Any]] = {

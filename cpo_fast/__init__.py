@@ -6,7 +6,8 @@ Public API:
     causal_lm_token_logprobs(model, input_ids, labels)  same for a HF causal LM (head transforms read
                                                      from its config), logits never built
     dr_cpo_loss / cpo_loss / oo_rlhf_loss            importance-weighted objectives
-    assemble_loss(method, TokenBatch, dm=...)        a training step's loss, one place
+    Objective(method, ...).loss(TokenBatch, dm)      a training step's loss, one place
+    assemble_loss(method, TokenBatch, dm=...)        the same as a function
     sequence_logprobs, sft_loss, entropy_bonus, kl_penalty, top_quantile_mask, DRCPOLoss
     IGNORE_INDEX                                     label of positions with no loss (-100)
 
@@ -14,27 +15,26 @@ Public API:
 """
 
 from cpo_fast.constants import IGNORE_INDEX, WEIGHTINGS
+from cpo_fast.estimators import LossOutput, cpo_loss, dr_cpo_loss, oo_rlhf_loss
 from cpo_fast.models import causal_lm_token_logprobs, head_transform
 from cpo_fast.objectives import (
     DRCPOLoss,
-    LossOutput,
-    TokenBatch,
+    Objective,
     assemble_loss,
-    cpo_loss,
-    dr_cpo_loss,
     entropy_bonus,
     kl_penalty,
-    oo_rlhf_loss,
     sequence_logprobs,
     sft_loss,
     top_quantile_mask,
 )
 from cpo_fast.ops import linear_token_logprobs, token_logprobs
+from cpo_fast.token_batch import TokenBatch
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "IGNORE_INDEX", "WEIGHTINGS", "DRCPOLoss", "LossOutput", "TokenBatch", "assemble_loss",
+    "IGNORE_INDEX", "WEIGHTINGS", "DRCPOLoss", "LossOutput", "Objective", "TokenBatch",
+    "assemble_loss",
     "causal_lm_token_logprobs", "head_transform",
     "cpo_loss", "dr_cpo_loss", "entropy_bonus", "kl_penalty", "linear_token_logprobs",
     "oo_rlhf_loss", "sequence_logprobs", "sft_loss", "token_logprobs", "top_quantile_mask",

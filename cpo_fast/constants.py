@@ -14,6 +14,3 @@ CLIP_EPS = 0.2
 
 WEIGHTINGS = ("raw", "self_normalized", "clipped", "truncated")
 """The importance-weighting schemes of the IPW objectives."""
-
-METHODS = ("sft_all", "sft_top", "oo_rlhf", "cpo", "dr_cpo")
-"""Training methods of :func:`cpo_fast.objectives.assemble_loss` (and the pipeline)."""

@@ -34,14 +34,46 @@ the effective batch (docs/math.md derives it).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from cpo_fast.objectives import LossOutput, cap_log_weights, dr_cpo_loss
+from cpo_fast import token_batch
+from cpo_fast.distributed import (
+    SINGLE,
+    World,
+    current_world,
+    gather_rows,
+    rng_replay,
+    rng_snapshot,
+    sum_over_ranks,
+)
+from cpo_fast.estimators import LossOutput
+from cpo_fast.objectives import Objective
+from cpo_fast.token_batch import TokenBatch
+
+Micro = tuple[dict | None, dict | None]  # batch dictionaries: (outcome rows, DM rows)
+Pair = tuple[TokenBatch | None, TokenBatch | None]  # the same as TokenBatches
+
+
+def token_pair(model: Any, micro: Micro, objective: Objective, *, with_entropy: bool | None = None,
+               backend: str | None = None) -> Pair:
+    """A micro-batch's TokenBatches, each None where the method reads no such rows (or the
+    DM inputs are absent: DR-CPO then uses the outcome rows as its DM set). Entropies only
+    when ``objective.entropy_coef > 0`` unless ``with_entropy`` says otherwise."""
+    inputs, dm_inputs = micro
+    spec, want_h = objective.spec, objective.entropy_coef > 0 if with_entropy is None else with_entropy
+
+    def tokens(b: dict) -> TokenBatch:
+        return token_batch.from_inputs(model, b, with_entropy=want_h, backend=backend)
+
+    # The DM rows first: the order of the forward passes is part of bitwise resume.
+    dm = tokens(dm_inputs) if spec.dm_rows and dm_inputs is not None else None
+    return (tokens(inputs) if spec.outcome_rows else None), dm
 
 
 @dataclass
@@ -54,94 +86,32 @@ class RowCoefficients:
     world_size: int = 1
 
 
-def _world(across_ranks: bool = True) -> tuple[int, int]:
-    if across_ranks and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def row_coefficients(rows: dict[str, Tensor | None], objective: Objective,
+                     world: World | None = None) -> RowCoefficients:
+    """Coefficients c = dL/ds of ``objective``'s estimator over the effective batch.
 
-
-def gather_rows(x: Tensor, across_ranks: bool = True) -> tuple[Tensor, slice]:
-    """Concatenate a 1-D tensor over ranks in rank order (sizes may differ).
-
-    Returns the global tensor and the slice that holds this rank's rows.
+    ``rows``: this rank's per-row values of *all* its micro-batches (detached, from a no-grad
+    pass, concatenated in micro-batch order), keyed as :meth:`Objective.row_values` returns
+    them; without ``policy_logp`` (OO-RLHF) only the DM rows get coefficients. They are
+    gathered over ``world`` (default: the process group's ranks; :data:`SINGLE`: this
+    process's rows are the whole effective batch, no collective is called), the estimator
+    (log-weight cap included) is evaluated once on detached leaves and differentiated.
     """
-    rank, world = _world(across_ranks)
-    if world == 1:
-        return x, slice(0, x.shape[0])
-    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.int64)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    counts = [int(s) for s in sizes]
-    width = max(counts)
-    padded = torch.zeros(width, device=x.device, dtype=x.dtype)
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    start = sum(counts[:rank])
-    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]), slice(start, start + counts[rank])
-
-
-def _gather_opt(x: Tensor | None, across_ranks: bool) -> tuple[Tensor | None, slice | None]:
-    if x is None:
-        return None, None
-    g, part = gather_rows(x.detach(), across_ranks)
-    return g, part
-
-
-def row_coefficients(
-    policy_logp: Tensor | None,
-    ref_logp: Tensor | None,
-    outcome: Tensor | None,
-    outcome_pred: Tensor | None = None,
-    *,
-    dm_policy_logp: Tensor | None = None,
-    dm_ref_logp: Tensor | None = None,
-    dm_outcome_pred: Tensor | None = None,
-    log_weight_cap: float = 0.0,
-    across_ranks: bool = True,
-    **loss_kwargs: Any,
-) -> RowCoefficients:
-    """Coefficients c = dL/ds of :func:`~cpo_fast.objectives.dr_cpo_loss` over the effective batch.
-
-    Pass this rank's rows of *all* its micro-batches (detached values from a no-grad pass,
-    concatenated in micro-batch order); the same arguments and keywords as ``dr_cpo_loss``
-    (``distributed`` is not accepted: the effective batch is gathered here). With
-    ``policy_logp=None`` (OO-RLHF) only the DM rows get coefficients.
-    ``log_weight_cap > 0`` caps every row's log weight around the effective batch's median
-    (:func:`~cpo_fast.objectives.cap_log_weights`, as :func:`~cpo_fast.objectives.assemble_loss`
-    does on one batch). ``across_ranks=False``: this process's rows are the whole effective
-    batch even when torch.distributed is initialized (no collective is called).
-    """
-    if "distributed" in loss_kwargs:
-        raise ValueError("row_coefficients gathers the effective batch itself: drop distributed=.")
-    _, world = _world(across_ranks)
-    s, part = _gather_opt(policy_logp, across_ranks)
-    ref, _ = _gather_opt(ref_logp, across_ranks)
-    y, _ = _gather_opt(outcome, across_ranks)
-    g, _ = _gather_opt(outcome_pred, across_ranks)
-    s_dm, part_dm = _gather_opt(dm_policy_logp, across_ranks)
-    ref_dm, _ = _gather_opt(dm_ref_logp, across_ranks)
-    g_dm, _ = _gather_opt(dm_outcome_pred, across_ranks)
-    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (s, s_dm)]
-    sn = loss_kwargs.get("weighting", "self_normalized") == "self_normalized"
+    world = current_world() if world is None else world
+    whole, parts = {}, {}
+    for k, v in rows.items():
+        whole[k], parts[k] = (None, None) if v is None else gather_rows(v.detach(), world)
+    keys = [k for k in ("policy_logp", "dm_policy_logp") if whole.get(k) is not None]
+    leaves = {k: whole[k].clone().requires_grad_(True) for k in keys}
     with torch.enable_grad():
-        capped = [None if t is None else cap_log_weights(t, r, log_weight_cap, self_normalized=sn)
-                  for t, r in ((leaves[0], ref), (leaves[1], ref_dm))]
-        out = dr_cpo_loss(capped[0], ref, y, g, dm_policy_logp=capped[1], dm_ref_logp=ref_dm,
-                          dm_outcome_pred=g_dm, distributed=False, **loss_kwargs)
-        wanted = [t for t in leaves if t is not None]
-        grads = torch.autograd.grad(out.loss, wanted, allow_unused=True)
-    grads = iter(grads)
-    coef = []
-    for leaf, sl in zip(leaves, (part, part_dm), strict=True):
-        if leaf is None:
-            coef.append(None)
-            continue
-        gr = next(grads)
-        gr = torch.zeros_like(leaf) if gr is None else gr
-        coef.append(gr[sl] * world)  # DDP/FSDP average gradients over ranks
+        out = objective.rows_loss({**whole, **leaves}, distributed=False)
+        grads = torch.autograd.grad(out.loss, list(leaves.values()), allow_unused=True)
+    coef: dict[str, Tensor] = {}
+    for (k, leaf), g in zip(leaves.items(), grads, strict=True):
+        g = torch.zeros_like(leaf) if g is None else g
+        coef[k] = g[parts[k]] * world.size  # DDP/FSDP average gradients over ranks
     out.loss = out.loss.detach()
-    return RowCoefficients(coef[0], coef[1], out, world)
+    return RowCoefficients(coef.get("policy_logp"), coef.get("dm_policy_logp"), out, world.size)
 
 
 def surrogate(coef: Tensor | None, policy_logp: Tensor | None,
@@ -176,4 +146,110 @@ def split_rows(coef: Tensor | None, sizes: list[int]) -> list[Tensor | None]:
     return list(torch.split(coef, sizes))
 
 
-__all__ = ["RowCoefficients", "gather_rows", "row_coefficients", "split_rows", "surrogate"]
+@dataclass
+class Plan:
+    """Pass 1's result for this rank's micro-batches: each one's coefficients and its share
+    of the regularizers' token mean, and the effective batch's loss and diagnostics."""
+
+    output: LossOutput
+    coef: list[Tensor | None]
+    dm_coef: list[Tensor | None]
+    reg_scale: list[float]
+
+
+def _rows(tb: TokenBatch | None) -> int:
+    return 0 if tb is None else int(tb.logp.shape[0])
+
+
+def _tokens(tb: TokenBatch | None) -> int:
+    return 0 if tb is None else int(tb.mask.sum())
+
+
+def plan(pairs: Sequence[Pair], objective: Objective, world: World | None = None) -> Plan:
+    """Pass 1 (steps 1 and 2 above) from this rank's micro-batches' TokenBatches, computed
+    without gradients: their row values, gathered over ``world``, differentiated once."""
+    world = current_world() if world is None else world
+    cols: dict[str, list] = {}
+    for main, dm in pairs:
+        for k, v in objective.row_values(main, dm).items():
+            cols.setdefault(k, []).append(v)
+    cat = {k: None if v[0] is None else torch.cat(v) for k, v in cols.items()}
+    rc = row_coefficients(cat, objective, world)
+    counts = [_tokens(objective.regularized(main, dm)) for main, dm in pairs]
+    total = max(sum_over_ranks(world, [float(sum(counts))])[0], 1.0)
+    return Plan(rc.output, split_rows(rc.policy, [_rows(m) for m, _ in pairs]),
+                split_rows(rc.dm, [_rows(d) for _, d in pairs]),
+                [n * world.size / total for n in counts])
+
+
+def surrogate_loss(pair: Pair, objective: Objective, plan_: Plan, k: int) -> tuple[Tensor, float]:
+    """Pass 2 of micro-batch ``k``: the surrogate plus its share of the regularizers, and
+    that share's value (detached, for reporting)."""
+    main, dm = pair
+    seq = [None if tb is None else objective.sequence(tb, tb.logp) for tb in pair]
+    loss = surrogate(plan_.coef[k], seq[0], plan_.dm_coef[k], seq[1])
+    terms = objective.regularizer_terms(objective.regularized(main, dm))
+    if not terms:
+        return loss, 0.0
+    reg = sum(terms[1:], terms[0]) * plan_.reg_scale[k]
+    return loss + reg, float(reg.detach())
+
+
+def effective_gradient(model: Any, micro: Sequence[Micro], objective: Objective,
+                       world: World = SINGLE, *, backend: str | None = None,
+                       context: Callable[[], Any] = nullcontext,
+                       check: Callable[[Tensor, Micro], None] | None = None,
+                       ) -> tuple[float, LossOutput | None]:
+    """Accumulate into ``.grad`` the gradient of ``objective`` over the effective batch:
+    this rank's micro-batches ``micro`` (batch dictionaries) on every rank of ``world``.
+    Returns the effective batch's loss (objective + regularizers) and its diagnostics (None
+    for SFT). ``context()`` wraps each forward (e.g. autocast); ``check(loss, micro_k)``
+    sees each micro-batch's loss before its backward.
+
+        one micro-batch in all   the plain loss of that batch (it *is* the effective batch)
+        SFT (no coupling)        each micro-batch's token mean, weighted by its token share
+        CPO, DR-CPO, OO-RLHF     the two passes above
+    """
+    check = check or (lambda loss, m: None)
+    pairs = lambda m, **kw: token_pair(model, m, objective, backend=backend, **kw)  # noqa: E731
+    if world.size * len(micro) == 1:
+        with context():
+            out = objective.loss(*pairs(micro[0]), distributed=False)
+        check(out.loss, micro[0])
+        out.loss.backward()
+        return float(out.loss.detach()), (out if objective.spec.weighted else None)
+    if not objective.spec.weighted:
+        return _token_mean_gradient(micro, objective, world, pairs, context, check), None
+    device = next(model.parameters()).device
+    rng = rng_snapshot(device)
+    with torch.no_grad(), context():  # 1. the rows' scalars (no entropies needed)
+        p = plan([pairs(m, with_entropy=False) for m in micro], objective, world)
+    rng_replay(rng, device)  # pass 2 draws pass 1's dropout masks
+    reg_total = 0.0
+    for k, m in enumerate(micro):  # 3. backward, one micro-batch at a time
+        with context():
+            loss, reg = surrogate_loss(pairs(m), objective, p, k)
+        check(loss, m)
+        loss.backward()
+        reg_total += reg / world.size
+    if objective.entropy_coef or objective.kl_coef:
+        reg_total = sum_over_ranks(world, [reg_total])[0]
+    return float(p.output.loss) + reg_total, p.output
+
+
+def _token_mean_gradient(micro, objective, world, pairs, context, check) -> float:
+    """SFT: the mean token NLL (and regularizers) over all the effective batch's tokens."""
+    counts = [token_batch.counted(m[0]) for m in micro]
+    total = max(sum_over_ranks(world, [float(sum(counts))])[0], 1.0)
+    value = 0.0
+    for m, n in zip(micro, counts, strict=True):
+        with context():
+            loss = objective.loss(*pairs(m), distributed=False).loss
+        check(loss, m)
+        (loss * (n / total * world.size)).backward()
+        value += float(loss.detach()) * n / total
+    return sum_over_ranks(world, [value])[0]
+
+
+__all__ = ["Plan", "RowCoefficients", "effective_gradient", "plan", "row_coefficients",
+           "split_rows", "surrogate", "surrogate_loss", "token_pair"]

@@ -45,26 +45,18 @@ from typing import Any
 
 import torch
 
-from cpo_fast.constants import IGNORE_INDEX
-from cpo_fast.effective_batch import gather_rows, row_coefficients, split_rows, surrogate
-from cpo_fast.models import causal_lm_token_logprobs
-from cpo_fast.objectives import (
-    LossOutput,
-    TokenBatch,
-    assemble_loss,
-    entropy_bonus,
-    kl_penalty,
-    sequence_logprobs,
-)
+from cpo_fast.distributed import average_gradients, current_world, rng_replay, rng_snapshot
+from cpo_fast.effective_batch import plan, surrogate_loss, token_pair
+from cpo_fast.estimators import LossOutput
+from cpo_fast.objectives import Objective
 
 _REQUIRED = ("input_ids", "labels", "outcome")
-_COEF, _REG, _VALUE = "cpo_coef", "cpo_reg_scale", "cpo_loss_share"
-_REGULARIZERS = ("entropy_coef", "kl_coef", "regularize_on")
+_PLAN, _INDEX = "cpo_plan", "cpo_micro_batch"
 
 
-def _token_batch(model: Any, inputs: dict[str, torch.Tensor], want_entropy: bool,
-                 backend: str | None) -> TokenBatch:
-    """The batch's policy token log-probs (fused-linear op) with its rows' outcomes."""
+def _checked(inputs: dict[str, torch.Tensor]) -> tuple[dict, None]:
+    """The batch as a micro-batch of outcome rows (no DM rows: DR-CPO uses these rows as
+    its DM set), its required columns checked with the fix named."""
     missing = [k for k in _REQUIRED if k not in inputs]
     if "ref_logp" not in inputs and "ref_token_logp" not in inputs:
         missing.append("ref_logp or ref_token_logp")
@@ -73,19 +65,7 @@ def _token_batch(model: Any, inputs: dict[str, torch.Tensor], want_entropy: bool
             f"DR-CPO batch is missing {missing}; got keys {sorted(inputs)}. Add the columns to "
             "the dataset and set TrainingArguments(remove_unused_columns=False)."
         )
-    labels = inputs["labels"][:, 1:]
-    out = causal_lm_token_logprobs(_unwrap(model), inputs["input_ids"], inputs["labels"],
-                                   attention_mask=inputs.get("attention_mask"),
-                                   with_entropy=want_entropy, backend=backend)
-    logp, entropy = out if want_entropy else (out, None)
-    pred, ref_tok = inputs.get("outcome_pred"), inputs.get("ref_token_logp")
-    return TokenBatch(
-        logp, labels != IGNORE_INDEX,
-        ref_logp=None if ref_tok is None else ref_tok.to(logp.dtype), entropy=entropy,
-        outcome=inputs["outcome"].to(logp.dtype),
-        outcome_pred=None if pred is None else pred.to(logp.dtype),
-        log_propensity=inputs["ref_logp"].to(logp.dtype) if "ref_logp" in inputs else None,
-    )
+    return inputs, None
 
 
 def _unwrap(model: Any) -> Any:
@@ -94,66 +74,47 @@ def _unwrap(model: Any) -> Any:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def objective(length_normalize: bool = False, **loss_kwargs: Any) -> Objective:
+    """The mixin's objective: DR-CPO (CPO without ``outcome_pred``) with these settings."""
+    return Objective.from_kwargs("dr_cpo", length_normalize=length_normalize, **loss_kwargs)
+
+
 def drcpo_compute_loss(
     model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, *,
-    length_normalize: bool = False, backend: str | None = None, **loss_kwargs: Any,
+    backend: str | None = None, **loss_kwargs: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, LossOutput]:
     """``Trainer.compute_loss``-compatible DR-CPO loss of one batch (see the module docstring)."""
-    batch = _token_batch(model, inputs, bool(loss_kwargs.get("entropy_coef")), backend)
-    out = assemble_loss("dr_cpo", batch, length_normalize=length_normalize, **loss_kwargs)
+    obj = objective(**loss_kwargs)
+    out = obj.loss(*token_pair(_unwrap(model), _checked(inputs), obj, backend=backend))
     return (out.loss, out) if return_outputs else out.loss
 
 
-def _rows(b: TokenBatch, length_normalize: bool) -> dict[str, torch.Tensor | None]:
-    ref = b.log_propensity
-    if ref is None:
-        ref = sequence_logprobs(b.ref_logp, b.mask, length_normalize=length_normalize)
-    return {"policy_logp": sequence_logprobs(b.logp, b.mask, length_normalize=length_normalize),
-            "ref_logp": ref, "outcome": b.outcome, "outcome_pred": b.outcome_pred}
-
-
-def effective_batch_coefficients(
-    model: Any, batches: list[dict[str, torch.Tensor]], *, length_normalize: bool = False,
-    backend: str | None = None, **loss_kwargs: Any,
-) -> LossOutput:
-    """Pass 1 over a step's micro-batches (this rank's, on the model's device): attach to each
-    batch its rows' coefficients (``cpo_coef``), its share of the regularizers' token mean
-    (``cpo_reg_scale``) and of the loss value (``cpo_loss_share``); gather across ranks when
-    torch.distributed is initialized. Returns the effective batch's loss and diagnostics."""
-    cols: dict[str, list] = {}
+def effective_batch_plan(model: Any, batches: list[dict[str, torch.Tensor]], *,
+                         backend: str | None = None, **loss_kwargs: Any) -> LossOutput:
+    """Pass 1 over a step's micro-batches (this rank's, on the model's device): attach to
+    each batch the step's :class:`~cpo_fast.effective_batch.Plan` and its position in it;
+    gather across ranks when torch.distributed is initialized. Returns the effective
+    batch's loss and diagnostics."""
+    obj = objective(**loss_kwargs)
     with torch.no_grad():
-        for inputs in batches:
-            for k, v in _rows(_token_batch(model, inputs, False, backend), length_normalize).items():
-                cols.setdefault(k, []).append(v)
-    cat = {k: None if v[0] is None else torch.cat(v) for k, v in cols.items()}
-    kw = {k: v for k, v in loss_kwargs.items() if k not in _REGULARIZERS}
-    rc = row_coefficients(cat.pop("policy_logp"), cat.pop("ref_logp"), cat.pop("outcome"),
-                          cat.pop("outcome_pred"), **kw)
-    counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
-    total, _ = gather_rows(torch.tensor([float(sum(counts))], device=rc.policy.device))
-    coefs = split_rows(rc.policy, [len(b["input_ids"]) for b in batches])
-    for b, c, n in zip(batches, coefs, counts, strict=True):
-        b[_COEF] = c
-        b[_REG] = torch.tensor(n * rc.world_size / max(float(total.sum()), 1.0), device=c.device)
-        b[_VALUE] = torch.tensor(1.0 / len(batches), device=c.device)
-    return rc.output
+        pairs = [token_pair(_unwrap(model), _checked(b), obj, with_entropy=False, backend=backend)
+                 for b in batches]
+    p = plan(pairs, obj, current_world())
+    for k, b in enumerate(batches):
+        b[_PLAN], b[_INDEX] = p, k
+    return p.output
 
 
-def drcpo_surrogate_loss(model: Any, inputs: dict[str, torch.Tensor], *,
-                         length_normalize: bool = False, backend: str | None = None,
-                         loss: torch.Tensor | None = None, **loss_kwargs: Any) -> torch.Tensor:
-    """Pass 2 for one micro-batch carrying ``cpo_coef``: ``sum_i c_i s_i`` plus its share of
-    the regularizers; its value is ``loss`` (the effective batch's, detached) times the
-    batch's ``cpo_loss_share``, so that Trainer's logged loss is the effective batch's."""
-    b = _token_batch(model, inputs, bool(loss_kwargs.get("entropy_coef")), backend)
-    s = sequence_logprobs(b.logp, b.mask, length_normalize=length_normalize)
-    grad_part = surrogate(inputs[_COEF], s)
-    if loss_kwargs.get("entropy_coef") and b.entropy is not None:
-        grad_part = grad_part + inputs[_REG] * entropy_bonus(b.entropy, b.mask, loss_kwargs["entropy_coef"])
-    if loss_kwargs.get("kl_coef"):
-        grad_part = grad_part + inputs[_REG] * kl_penalty(b.logp, b.ref_logp, b.mask, loss_kwargs["kl_coef"])
-    value = (0.0 if loss is None else loss.detach()) * inputs[_VALUE]
-    return value + (grad_part - grad_part.detach())
+def drcpo_surrogate_loss(model: Any, inputs: dict[str, Any], *, backend: str | None = None,
+                         **loss_kwargs: Any) -> torch.Tensor:
+    """Pass 2 for one micro-batch carrying its plan: ``sum_i c_i s_i`` plus its share of the
+    regularizers; its value is the effective batch's loss (detached) divided by the number
+    of micro-batches, so that Trainer's logged loss is the effective batch's."""
+    obj, p, k = objective(**loss_kwargs), inputs[_PLAN], inputs[_INDEX]
+    batch = {key: v for key, v in inputs.items() if key not in (_PLAN, _INDEX)}
+    grad_part, _ = surrogate_loss(token_pair(_unwrap(model), _checked(batch), obj, backend=backend),
+                                  obj, p, k)
+    return p.output.loss.detach() / len(p.coef) + (grad_part - grad_part.detach())
 
 
 def diagnostics(out: LossOutput) -> dict[str, float]:
@@ -192,23 +153,20 @@ class DRCPOTrainerMixin(LogsDiagnostics):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if batches:
-            from cpo_fast.pipeline.runtime import rng_replay, rng_snapshot
-
             self.model.train()
             batches = [self._prepare_inputs(b) for b in batches]
             device = next(self.model.parameters()).device
             rng = rng_snapshot(device)  # pass 2 (the training steps) replays pass 1's dropout
-            out = effective_batch_coefficients(self.model, batches, **self.cpo_loss_kwargs)
+            out = effective_batch_plan(self.model, batches, **self.cpo_loss_kwargs)
             rng_replay(rng, device)
-            self._cpo_effective = out
             self._cpo_last = diagnostics(out)
             self._cpo_record(self._cpo_last)  # one optimizer step: to Trainer's next log line
         return batches, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if _COEF in inputs:  # training: the effective batch's coefficients (get_batch_samples)
-            out = self._cpo_effective
-            loss = drcpo_surrogate_loss(model, inputs, loss=out.loss, **self.cpo_loss_kwargs)
+        if _PLAN in inputs:  # training: the effective batch's plan (get_batch_samples)
+            out: LossOutput = inputs[_PLAN].output
+            loss = drcpo_surrogate_loss(model, inputs, **self.cpo_loss_kwargs)
         else:  # evaluation, or a loop without get_batch_samples: this batch's own loss
             loss, out = drcpo_compute_loss(model, inputs, True, **self.cpo_loss_kwargs)
             if model.training:
@@ -222,7 +180,5 @@ class DRCPOTrainerMixin(LogsDiagnostics):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if _unwrap(model) is not model and self.accelerator.sync_gradients:
             # DDP's reducer never saw a forward through the wrapper: average here, as it would
-            from cpo_fast.pipeline.runtime import average_gradients, current_world
-
             average_gradients([p for p in model.parameters() if p.requires_grad], current_world())
         return loss

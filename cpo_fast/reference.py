@@ -10,7 +10,7 @@ tensors (memory-hungry at scale) and loop over rows in the obvious way, where
     logp_t = z_t[y] - lse(z_t)                 token_logprobs
     H_t    = lse(z_t) - sum_v p_v z_v           token_logprobs(with_entropy=True)
     dL/dz  = G([v==y] - p) - E p (log p + H)    token_logprobs_grad
-    z' = (c tanh(s z / c) or s z) / T           head_transform (temperature, softcap, logit_scale)
+    z' = (c tanh(s z / c) or s z) / T           apply_head_transform (HeadTransform)
     s_i    = sum_t m_t logp_t  (or mean)        sequence_logprobs
     ell_i  = s_i - log P^R(x_i)                 log_weights
     W_i    = weighting(ell)_i                   weights
@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cpo_fast._transform import HeadTransform
 from cpo_fast.constants import CLIP_EPS, IGNORE_INDEX, MAX_LOG_WEIGHT, TRUNCATION, WEIGHTINGS
-from cpo_fast.objectives import LossOutput
+from cpo_fast.estimators import LossOutput
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -34,16 +35,16 @@ def _upcast(x: Tensor) -> Tensor:
 
 # ---- per-token log-probabilities ---------------------------------------------------------
 
-def head_transform(z: Tensor, temperature: float = 1.0, softcap: float | None = None,
-                   logit_scale: float = 1.0) -> Tensor:
+def apply_head_transform(z: Tensor, transform: HeadTransform | None) -> Tensor:
     """z' = (softcap tanh(u / softcap) if softcap else u) / temperature, u = logit_scale z.
 
     The order of Hugging Face models and TRL: scale, cap, then divide by the temperature.
     A -inf logit becomes -softcap / temperature under a softcap (tanh(-inf) = -1), with a
-    zero gradient. The identity returns ``z`` itself.
+    zero gradient. None or the identity returns ``z`` itself.
     """
-    if temperature == 1.0 and softcap is None and logit_scale == 1.0:
+    if transform is None or transform.is_identity:
         return z
+    temperature, softcap, logit_scale = transform.temperature, transform.softcap, transform.logit_scale
     u = z * logit_scale if logit_scale != 1.0 else z
     if softcap is not None:
         u = torch.tanh(u / softcap) * softcap
@@ -53,10 +54,10 @@ def head_transform(z: Tensor, temperature: float = 1.0, softcap: float | None = 
 def token_logprobs(
     logits: Tensor, labels: Tensor, *, ignore_index: int = IGNORE_INDEX,
     with_entropy: bool = False, temperature: float = 1.0, softcap: float | None = None,
-    logit_scale: float = 1.0,
+    logit_scale: float = 1.0, transform: HeadTransform | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """log softmax(z')[labels] (and entropy) with z' = :func:`head_transform` (logits); 0 at
-    ignore_index positions.
+    """log softmax(z')[labels] (and entropy) with z' = :func:`apply_head_transform` (logits)
+    for ``transform`` or the three scalars (``HeadTransform.of``); 0 at ignore_index positions.
 
     Computes in float32 for half inputs, in the input dtype otherwise (float64 in tests).
     """
@@ -64,7 +65,7 @@ def token_logprobs(
     # Ignored rows are zeroed before the softmax: a NaN there must reach neither the output
     # nor (through log_softmax's backward, where 0 * NaN = NaN) the gradient.
     z = torch.where(valid.unsqueeze(-1), _upcast(logits), 0.0)
-    z = head_transform(z, temperature, softcap, logit_scale)
+    z = apply_head_transform(z, HeadTransform.of(transform, temperature, softcap, logit_scale))
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     logsm = torch.log_softmax(z, dim=-1)
     logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
@@ -82,7 +83,7 @@ def token_logprobs(
 def linear_token_logprobs(
     hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
     ignore_index: int = IGNORE_INDEX, with_entropy: bool = False, temperature: float = 1.0,
-    softcap: float | None = None, logit_scale: float = 1.0,
+    softcap: float | None = None, logit_scale: float = 1.0, transform: HeadTransform | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """token_logprobs(hidden @ weight.T + bias, labels, transform): materializes the logits."""
     # Ignored rows are zeroed (and get no gradient): a NaN in their hidden state must not
@@ -92,19 +93,22 @@ def linear_token_logprobs(
     if bias is not None:
         logits = logits + _upcast(bias)
     return token_logprobs(logits, labels, ignore_index=ignore_index, with_entropy=with_entropy,
-                          temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+                          transform=HeadTransform.of(transform, temperature, softcap,
+                                                     logit_scale))
 
 
 def token_logprobs_grad(
     logits: Tensor, labels: Tensor, grad_logp: Tensor, grad_entropy: Tensor | None = None,
     *, ignore_index: int = IGNORE_INDEX, temperature: float = 1.0, softcap: float | None = None,
-    logit_scale: float = 1.0,
+    logit_scale: float = 1.0, transform: HeadTransform | None = None,
 ) -> Tensor:
     """The closed form dL/dz = G([v==y] - p) - E p (log p + H) (docs/math.md), p the softmax
-    of z' = head_transform(z), times the chain-rule factor dz'/dz =
+    of z' = apply_head_transform(z), times the chain-rule factor dz'/dz =
     (logit_scale / temperature) (1 - tanh(logit_scale z / softcap)^2 if softcap else 1)."""
+    tf = HeadTransform.of(transform, temperature, softcap, logit_scale)
+    temperature, softcap, logit_scale = tf.temperature, tf.softcap, tf.logit_scale
     raw = _upcast(logits)
-    z = head_transform(raw, temperature, softcap, logit_scale)
+    z = apply_head_transform(raw, tf)
     valid = (labels != ignore_index).unsqueeze(-1)
     logsm = torch.log_softmax(z, dim=-1)
     p = logsm.exp()
@@ -273,7 +277,7 @@ def kl_penalty(token_logp: Tensor, ref_token_logp: Tensor, mask: Tensor,
 
 
 __all__ = [
-    "cpo_loss", "dr_cpo_loss", "entropy_bonus", "ess", "head_transform", "kl_penalty",
+    "apply_head_transform", "cpo_loss", "dr_cpo_loss", "entropy_bonus", "ess", "kl_penalty",
     "linear_token_logprobs",
     "log_weights", "max_weight_share", "oo_rlhf_loss", "sequence_logprobs", "sft_loss",
     "token_logprobs", "token_logprobs_grad", "weights",

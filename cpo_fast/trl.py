@@ -12,7 +12,7 @@ are the library code the ``cpo-fast`` CLI runs, in the CLI's order: f_0 (the giv
 its SFT: prepare.fit_f0), f_0's reference log-probs cached once, ghat cross-fitted, the DM
 set (prepare.py); then each step takes the CLI's micro-batches of that step (a function of
 the seed and the step: batches.step_micro_batches) and accumulates the exact gradient of the
-effective batch, all micro-batches on all ranks (step.effective_gradient). The stages live
+effective batch, all micro-batches on all ranks (loop.effective_gradient). The stages live
 under ``stages_dir`` in a folder keyed by the model, the data and their settings.
 """
 
@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from cpo_fast.constants import WEIGHTINGS
 from cpo_fast.hf import LogsDiagnostics
-from cpo_fast.objectives import WEIGHTINGS
-from cpo_fast.pipeline.config import METHODS, RunConfig
+from cpo_fast.objectives import METHODS, method_of
+from cpo_fast.pipeline.config import RunConfig
 from cpo_fast.pipeline.data import encode
 from cpo_fast.pipeline.in_memory import build_stages, dataset_table, make_trainable, split_held_out
 
@@ -191,9 +192,9 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
         built in get_batch_samples, so skipping batches on resume needs no data."""
         from torch.utils.data import DataLoader
 
+        from cpo_fast.distributed import current_world
         from cpo_fast.pipeline.guard import WeightGuard
         from cpo_fast.pipeline.loop import effective_rows
-        from cpo_fast.pipeline.runtime import current_world
 
         world = current_world()
         rows, dm_rows = effective_rows(self.cfg, world)
@@ -206,8 +207,8 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
         return dataloader  # placeholders: the data of a step depends on the step alone
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
+        from cpo_fast.distributed import current_world
         from cpo_fast.pipeline.batches import step_micro_batches
-        from cpo_fast.pipeline.runtime import current_world
 
         if not [s for _, s in zip(range(num_batches), epoch_iterator, strict=False)]:
             return [], None
@@ -218,11 +219,10 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The first micro-batch of a step accumulates the whole effective batch's exact
-        gradient (step.effective_gradient, averaged over the ranks as the CLI does); the
+        gradient (loop.effective_gradient, averaged over the ranks as the CLI does); the
         others add nothing. Returns the step's loss once, so Trainer logs the CLI's loss."""
-        from cpo_fast.pipeline.loop import effective_rows, metrics_line
-        from cpo_fast.pipeline.runtime import average_gradients, current_world
-        from cpo_fast.pipeline.step import effective_gradient
+        from cpo_fast.distributed import average_gradients, current_world
+        from cpo_fast.pipeline.loop import effective_gradient, effective_rows, metrics_line
 
         if inputs["cpo_slot"]:
             return torch.zeros((), device=self.args.device)
@@ -235,7 +235,7 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
         average_gradients([p for p in self.model.parameters() if p.requires_grad], world)
         line = metrics_line(step, res, 0.0, 0.0, time.perf_counter() - t0, *effective_rows(self.cfg, world))
         # stop_on_collapse: the loop stops once this step is applied and logged (_GuardStop)
-        self._cpo_stop = self._guard.update(step, line, dm_only=self.cfg.method == "oo_rlhf")
+        self._cpo_stop = self._guard.update(step, line, dm_only=not method_of(self.cfg.method).outcome_rows)
         fit = self._prep.outcome_fit
         self._cpo_record({**{k: line.get(k) for k in ("ess", "max_weight_share", "clip_fraction", "dm_ess",
                                                       "dm_max_weight_share", "value", "tokens_per_s")},

@@ -127,11 +127,12 @@ def test_step_gradient_is_the_full_batch_gradient_with_dropout(prep, weighting):
     (all micro-batches' rows concatenated, same dropout masks), with LoRA dropout on: the
     RNG replay gives the backward pass the masks of the no-grad pass."""
     from cpo_fast import dr_cpo_loss
-    from cpo_fast.objectives import cap_log_weights
+    from cpo_fast.distributed import SINGLE, rng_replay, rng_snapshot
+    from cpo_fast.effective_batch import token_pair
+    from cpo_fast.estimators import cap_log_weights
     from cpo_fast.pipeline.batches import step_micro_batches
-    from cpo_fast.pipeline.loss import row_values, token_batches
-    from cpo_fast.pipeline.runtime import SINGLE, rng_replay, rng_snapshot, seed_everything
-    from cpo_fast.pipeline.step import effective_gradient
+    from cpo_fast.pipeline.loop import effective_gradient
+    from cpo_fast.pipeline.runtime import seed_everything
     from cpo_fast.pipeline.train import make_policy, train_data
 
     sn = weighting == "self_normalized"  # the cap centres on the median there, on 0 otherwise
@@ -153,9 +154,10 @@ def test_step_gradient_is_the_full_batch_gradient_with_dropout(prep, weighting):
     model.zero_grad()
     rng_replay(snap, torch.device("cpu"))
     rows: dict[str, list] = {}
-    for batch, dm_batch in micro:  # the same forwards, in the same order, with gradients
-        main, dm = token_batches(model, batch, dm_batch, cfg, "dr_cpo")
-        for k, v in row_values(main, dm, cfg, "dr_cpo").items():
+    obj = cfg.objective()
+    for pair in micro:  # the same forwards, in the same order, with gradients
+        main, dm = token_pair(model, pair, obj)
+        for k, v in obj.row_values(main, dm).items():
             rows.setdefault(k, []).append(v)
     r = {k: torch.cat(v) for k, v in rows.items()}
     out = dr_cpo_loss(
@@ -176,15 +178,15 @@ def test_per_micro_batch_losses_would_fail(prep, tmp_path, monkeypatch):
     """The control: the loop before issue 13 (each micro-batch's own self-normalized loss,
     divided by A) lands far outside TOL of the big batch, so test (a) can fail."""
     import cpo_fast.pipeline.loop as loop
-    from cpo_fast.pipeline.loss import compute_loss
-    from cpo_fast.pipeline.step import StepResult
+    from cpo_fast.effective_batch import token_pair
     from cpo_fast.pipeline.train import train_data
 
     def per_micro_batch(model, micro, cfg, world, autocast, step):
-        for batch, dm_batch in micro:
-            loss, out = compute_loss(model, batch, dm_batch, cfg, cfg.method)
-            (loss / len(micro)).backward()
-        return StepResult(float(loss), out, 1)
+        obj = cfg.objective()
+        for pair in micro:
+            out = obj.loss(*token_pair(model, pair, obj))
+            (out.loss / len(micro)).backward()
+        return loop.StepResult(float(out.loss.detach()), out, 1)
 
     data, f0 = train_data(prep, "dr_cpo"), prep.load_f0()
     big = _train(f0, data, _config(prep, "dr_cpo", "self_normalized", accum=1, rows=A * B),

@@ -10,7 +10,9 @@ import torch
 from _dist import spawn_ranks
 
 from cpo_fast import dr_cpo_loss
+from cpo_fast.distributed import current_world
 from cpo_fast.effective_batch import row_coefficients, split_rows, surrogate
+from cpo_fast.objectives import Objective
 
 f64 = dict(dtype=torch.float64)
 N_ROWS, N_DM, T, V, D = 8, 10, 5, 7, 4
@@ -71,8 +73,9 @@ def _two_pass_grad(method: str, weighting: str, d: dict, rows: torch.Tensor,
     kw = _loss_kwargs(method, d, rows, dm_rows)
     if use_dm:
         kw["dm_policy_logp"] = s_dm
-    rc = row_coefficients(s, d["ref"][rows] if use_main else None,
-                          d["y"][rows] if use_main else None, weighting=weighting, **kw)
+    rc = row_coefficients({"policy_logp": s, "ref_logp": d["ref"][rows] if use_main else None,
+                           "outcome": d["y"][rows] if use_main else None, **kw},
+                          Objective(method, weighting=weighting), current_world())
     coefs = split_rows(rc.policy, sizes if use_main else [0] * len(sizes))
     dm_coefs = split_rows(rc.dm, dm_sizes if use_dm else [0] * len(dm_sizes))
     r_parts, dm_parts = torch.split(rows, sizes), torch.split(dm_rows, dm_sizes)
@@ -114,7 +117,8 @@ def test_naive_micro_batch_normalization_differs():
 def test_diagnostics_are_those_of_the_effective_batch():
     d = _data(3)
     s = _seq_logp(d["w0"], d["emb"], d["tok"])
-    rc = row_coefficients(s, d["ref"], d["y"])
+    rc = row_coefficients({"policy_logp": s, "ref_logp": d["ref"], "outcome": d["y"]},
+                          Objective("cpo"))
     ref = dr_cpo_loss(s, d["ref"], d["y"])
     torch.testing.assert_close(rc.output.ess, ref.ess)
     torch.testing.assert_close(rc.output.loss, ref.loss.detach())
@@ -124,9 +128,8 @@ def test_diagnostics_are_those_of_the_effective_batch():
 
 
 def test_errors_name_the_argument():
-    with pytest.raises(ValueError, match="distributed"):
-        row_coefficients(torch.zeros(2, **f64), torch.zeros(2, **f64), torch.zeros(2, **f64),
-                         distributed=True)
+    with pytest.raises(TypeError, match="unknown loss setting.*distributed"):
+        Objective.from_kwargs("cpo", distributed=True)  # the effective batch gathers itself
     with pytest.raises(ValueError, match="policy_logp"):
         surrogate(torch.zeros(3), torch.zeros(2))
     with pytest.raises(ValueError, match="do not add up"):

@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 
 import cpo_fast
 from cpo_fast import reference
-from cpo_fast.constants import IGNORE_INDEX
-from cpo_fast.objectives import WEIGHTINGS
+from cpo_fast.constants import IGNORE_INDEX, WEIGHTINGS
 
 f64 = dict(dtype=torch.float64)
 

@@ -133,19 +133,19 @@ def test_collate_alignment(tok):
     b = collate(enc, [0, 1], tok.pad_token_id, t.outcomes, t.log_propensity)
     ids, lab, am = b["input_ids"], b["labels"], b["attention_mask"]
     B, T = ids.shape
-    assert lab.shape == (B, T - 1) and am.shape == (B, T)
+    assert lab.shape == (B, T) and am.shape == (B, T)  # HF convention: unshifted
     for i in range(B):
         L = len(enc.input_ids[i])
         s = enc.score_start[i]
         assert ids[i, :L].tolist() == enc.input_ids[i]
         assert (ids[i, L:] == tok.pad_token_id).all() and am[i].sum() == L
         scored = lab[i] != -100
-        # label position t predicts token t+1: scored iff s <= t+1 < L
-        pos = torch.arange(T - 1)
-        assert torch.equal(scored, (pos + 1 >= s) & (pos + 1 < L))
-        assert torch.equal(lab[i][scored], ids[i, 1:][scored])
+        # label t is token t itself, scored iff s <= t < L (so never position 0)
+        pos = torch.arange(T)
+        assert torch.equal(scored, (pos >= s) & (pos < L))
+        assert torch.equal(lab[i][scored], ids[i][scored])
     assert b["outcome"].dtype == torch.float32 and b["outcome"].tolist() == [4.0, 1.0]
-    assert b["log_propensity"].tolist() == [-1.0, -2.0]
+    assert b["ref_logp"].tolist() == [-1.0, -2.0]
     assert b["index"].tolist() == [0, 1]
 
 

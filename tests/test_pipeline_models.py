@@ -3,21 +3,14 @@ through peft), fingerprints, the reference log-prob cache, pooled features."""
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
 
+from cpo_fast.models import last_hidden, output_weight
+from cpo_fast.pipeline.config import ARCHS
 from cpo_fast.pipeline.data import OutcomeTable, collate, encode
-from cpo_fast.pipeline.modeling import (
-    ARCHS,
-    build_model,
-    last_hidden,
-    model_fingerprint,
-    output_weight,
-    sequence_token_logprobs,
-)
+from cpo_fast.pipeline.modeling import build_model, model_fingerprint
 from cpo_fast.pipeline.outcome import bag_of_words_features, mean_pooled_features
 from cpo_fast.pipeline.precompute import (
     data_fingerprint,
@@ -26,20 +19,20 @@ from cpo_fast.pipeline.precompute import (
 )
 from cpo_fast.pipeline.synthetic import make_corpus
 from cpo_fast.pipeline.tokenizer import train_tokenizer
+from cpo_fast.token_batch import from_inputs
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2, max_positions=64)
 
 
 def _usable_backends() -> list[str]:
     """'reference' plus the default backend when its implementation imports here."""
-    from cpo_fast._backend import resolve_backend
-    from cpo_fast.ops.linear_token_logprobs import _IMPL_MODULES
+    from cpo_fast._backend import backend_module, resolve_backend
 
     out = ["reference"]
     try:
         name = resolve_backend(None, torch.device("cpu"))
         if name != "reference":
-            importlib.import_module(_IMPL_MODULES[name])
+            backend_module(name, "linear_token_logprobs")
             out.append(name)
     except (ImportError, ValueError):
         pass
@@ -55,9 +48,15 @@ def corpus():
     return t, tok, encode(t, tok, 32)
 
 
+def sequence_token_logprobs(model, b, **kw):
+    """The fused route: token log-probs [B, T-1] aligned with labels[:, 1:]."""
+    tb = from_inputs(model, b, **kw)
+    return (tb.logp, tb.entropy) if kw.get("with_entropy") else tb.logp
+
+
 def _logits_route(model, b):
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    lab = b["labels"]
+    lab = b["labels"][:, 1:]
     lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, lab.clamp(min=0)[..., None])
     return (lp[..., 0] * (lab != -100)).float(), logits
 
@@ -70,12 +69,13 @@ def test_fused_route_matches_logits(corpus, arch, backend):
     b = collate(enc, range(8), tok.pad_token_id)
     lp, ent = sequence_token_logprobs(model, b, with_entropy=True, backend=backend)
     ref, logits = _logits_route(model, b)
-    assert lp.dtype == torch.float32 and lp.shape == b["labels"].shape
+    lab = b["labels"][:, 1:]
+    assert lp.dtype == torch.float32 and lp.shape == lab.shape
     torch.testing.assert_close(lp, ref, atol=1e-5, rtol=1e-5)
-    assert (lp[b["labels"] == -100] == 0).all()
+    assert (lp[lab == -100] == 0).all()
     p = torch.softmax(logits[:, :-1].double(), -1)
     h = -(p * torch.log(p)).sum(-1).float()
-    m = b["labels"] != -100
+    m = lab != -100
     torch.testing.assert_close(ent[m], h[m], atol=1e-5, rtol=1e-5)
     # gradients flow to the backbone and the output weight
     lp.sum().backward()

@@ -245,7 +245,7 @@ def test_log_weight_cap_bounds_the_ess_and_cuts_gradients():
     import torch
 
     from cpo_fast.bench.sweep import min_ess_share
-    from cpo_fast.objectives import cap_log_weights
+    from cpo_fast.estimators import cap_log_weights
 
     gen = torch.Generator().manual_seed(0)
     ref = torch.randn(64, generator=gen) * 3 - 40

@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-WEIGHTED = ("oo_rlhf", "cpo", "dr_cpo")
+from cpo_fast.objectives import METHODS
+
+WEIGHTED = tuple(name for name, m in METHODS.items() if m.weighted)
 # Remedies for weight collapse the method allows (docs/validity.md), as config overrides.
 REMEDIES: dict[str, dict[str, Any]] = {
     "none": {},
@@ -48,8 +50,7 @@ def min_ess_share(cap: float) -> float:
     """
     r = math.exp(2.0 * cap)
     return 4.0 * r / (1.0 + r) ** 2
-NAMES = {"f_0": "f_0", "sft_all": "SFT-all", "sft_top": "SFT-top", "oo_rlhf": "OO-RLHF",
-         "cpo": "CPO", "dr_cpo": "DR-CPO"}
+NAMES = {"f_0": "f_0", **{name: m.label for name, m in METHODS.items()}}
 # t_{0.975, df} for df = 1..10 (95% two-sided intervals over a few seeds)
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 

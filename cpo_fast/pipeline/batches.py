@@ -17,12 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cpo_fast.distributed import World
+from cpo_fast.objectives import method_of
 from cpo_fast.pipeline.config import RunConfig
 from cpo_fast.pipeline.data import Encoded, collate
-from cpo_fast.pipeline.runtime import World
-
-IPW_METHODS = ("cpo", "dr_cpo")
-DM_METHODS = ("dr_cpo", "oo_rlhf")
 
 
 @dataclass
@@ -42,13 +40,14 @@ class TrainData:
     def check(self, method: str, dm_rows: int = 0) -> None:
         """``dm_rows``: DM rows of one effective batch; more than the DM set holds would
         repeat rows within a batch and report an ESS over rows that do not exist."""
-        if method in DM_METHODS and self.dm_enc is None:
+        spec = method_of(method)
+        if spec.dm_rows and self.dm_enc is None:
             raise ValueError(f"method={method!r} needs a DM set (TrainData.dm_enc) and ghat.")
-        if method in DM_METHODS and dm_rows > len(self.dm_enc):
+        if spec.dm_rows and dm_rows > len(self.dm_enc):
             raise ValueError(f"--dm-batch-size: {dm_rows} DM rows per optimizer step (over "
                              f"micro-batches and ranks) but the DM set has {len(self.dm_enc)}; "
                              "lower --dm-batch-size or raise --dm-size.")
-        if method in IPW_METHODS and self.outcomes is None:
+        if spec.weighted and spec.outcome_rows and self.outcomes is None:
             raise ValueError(f"method={method!r} needs outcomes.")
 
 
@@ -66,7 +65,8 @@ def batch_indices(n: int, batch_size: int, k: int, seed: int) -> np.ndarray:
 
 
 def ref_tokens(ref: list[np.ndarray], idx, width: int) -> torch.Tensor:
-    """Cached per-token log-probs of rows ``idx`` padded/cut to ``width`` label positions."""
+    """Cached per-token log-probs of rows ``idx`` padded/cut to ``width`` scored positions
+    (``labels[:, 1:]``'s)."""
     out = torch.zeros(len(idx), width, dtype=torch.float32)
     for b, i in enumerate(idx):
         r = torch.as_tensor(np.asarray(ref[int(i)], dtype=np.float32))[:width]
@@ -75,11 +75,12 @@ def ref_tokens(ref: list[np.ndarray], idx, width: int) -> torch.Tensor:
 
 
 def make_batch(enc: Encoded, idx, pad_id: int, device, ref, outcomes=None, lp=None, ghat=None):
-    """collate() plus the rows' cached reference log-probs ("ref") and ghat, on ``device``."""
+    """collate() plus the rows' cached reference token log-probs (``ref_token_logp``) and
+    ghat (``outcome_pred``), on ``device``."""
     b = collate(enc, idx, pad_id, outcomes=outcomes, log_propensity=lp)
-    b["ref"] = ref_tokens(ref, idx, b["labels"].shape[1])
+    b["ref_token_logp"] = ref_tokens(ref, idx, b["labels"].shape[1] - 1)
     if ghat is not None:
-        b["ghat"] = torch.as_tensor(np.asarray(ghat)[np.asarray(idx)], dtype=torch.float32)
+        b["outcome_pred"] = torch.as_tensor(np.asarray(ghat)[np.asarray(idx)], dtype=torch.float32)
     return {k: v.to(device) for k, v in b.items()}
 
 
@@ -90,7 +91,7 @@ def micro_batch(data: TrainData, k: int, *, cfg: RunConfig, pad_id: int,
     idx = data.rows[batch_indices(len(data.rows), cfg.batch_size, k, cfg.seed)]
     batch = make_batch(data.enc, idx, pad_id, device, data.ref, data.outcomes,
                        data.log_propensity, data.ghat)
-    if cfg.method not in DM_METHODS:
+    if not method_of(cfg.method).dm_rows:
         return batch, None
     didx = batch_indices(len(data.dm_enc), cfg.dm_batch_size, k, cfg.seed + 1)
     return batch, make_batch(data.dm_enc, didx, pad_id, device, data.dm_ref, ghat=data.dm_ghat)

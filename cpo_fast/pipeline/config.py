@@ -26,7 +26,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-METHODS = ("sft_all", "sft_top", "oo_rlhf", "cpo", "dr_cpo")
+from cpo_fast.constants import WEIGHTINGS
+from cpo_fast.objectives import METHODS, Objective
+
 DM_SOURCES = ("f0_completions", "dataset", "file")
 ARCHS = ("llama", "qwen2", "gpt2")
 PREPARE, RESUME, BOTH = ("prepare",), ("resume",), ("prepare", "resume")
@@ -110,7 +112,7 @@ class RunConfig:
                           "falls below this (0: off)", "train")
     stop_on_collapse: bool = _f(False, "stop training when the ESS guard fires", "train")
     log_weight_cap: float = _f(0.0, "cap each row's log weight to the batch median +- this "
-                               "(0: off; pipeline/remedy.py)", "train", pins=RESUME)
+                               "(0: off; cpo_fast.estimators.cap_log_weights)", "train", pins=RESUME)
     # --- outcome model
     outcome_model: str = _f("ridge", "ridge | mlp on f_0's mean-pooled features", "outcome")
     outcome_folds: int = _f(5, "cross-fitting folds", "outcome")
@@ -148,9 +150,8 @@ class RunConfig:
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"{flag(name)}={v!r} is not one of {allowed}.{hint}")
 
-        from cpo_fast.objectives import WEIGHTINGS
 
-        one_of("method", METHODS)
+        one_of("method", tuple(METHODS))
         one_of("weighting", WEIGHTINGS)
         one_of("dm_source", DM_SOURCES)
         one_of("arch", ARCHS)
@@ -209,15 +210,25 @@ class RunConfig:
         if self.max_rows is not None and self.max_rows < 2:
             raise ValueError(f"--max-rows must be >= 2, got {self.max_rows}.")
 
+    def objective(self) -> Objective:
+        """The loss these settings train (cpo_fast.objectives.Objective); the regularizers
+        run over the DM rows when the method has them."""
+        return Objective(self.method, weighting=self.weighting,
+                         higher_is_better=self.higher_is_better,
+                         length_normalize=self.length_normalize, entropy_coef=self.entropy_coef,
+                         kl_coef=self.kl_coef, regularize_on="dm",
+                         log_weight_cap=self.log_weight_cap, max_log_weight=self.max_log_weight,
+                         truncation=self.truncation, clip_eps=self.clip_eps)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
         """Write the settings as JSON (on rank 0 only, under torchrun / accelerate)."""
+        from cpo_fast.distributed import current_world
         from cpo_fast.pipeline.persist import write_json
-        from cpo_fast.pipeline.runtime import is_main
 
-        if is_main():
+        if current_world().is_main:
             write_json(path, self.to_dict())
 
 

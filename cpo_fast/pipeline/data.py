@@ -335,9 +335,10 @@ def collate(encoded: Encoded, indices: Sequence[int], pad_id: int,
             log_propensity: np.ndarray | None = None) -> dict[str, torch.Tensor]:
     """Right-padded batch of rows ``indices`` (positions into ``encoded``).
 
-    Returns ``input_ids``/``attention_mask`` [B, T], ``labels`` [B, T-1] (= input_ids[:, 1:]
-    with IGNORE_INDEX on prompt and padding), ``index`` [B], and ``outcome``/``log_propensity``
-    [B] float32 when the full-length arrays are given (indexed by ``indices`` here).
+    Returns the batch dictionary of cpo_fast/token_batch.py: ``input_ids``/``attention_mask``
+    [B, T], ``labels`` [B, T] (HF convention, unshifted: ``input_ids`` with IGNORE_INDEX on
+    the prompt and padding), ``index`` [B], and ``outcome`` / ``ref_logp`` (the known log
+    propensity) [B] float32 when the full-length arrays are given (indexed by ``indices``).
     """
     idx = [int(i) for i in indices]
     if not idx:
@@ -347,19 +348,19 @@ def collate(encoded: Encoded, indices: Sequence[int], pad_id: int,
     B = len(rows)
     input_ids = torch.full((B, T), int(pad_id), dtype=torch.long)
     attn = torch.zeros((B, T), dtype=torch.long)
-    labels = torch.full((B, T - 1), IGNORE_INDEX, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     for b, (i, r) in enumerate(zip(idx, rows, strict=True)):
         L = len(r)
         t = torch.tensor(r, dtype=torch.long)
         input_ids[b, :L] = t
         attn[b, :L] = 1
         s = encoded.score_start[i]
-        labels[b, s - 1:L - 1] = t[s:L]
+        labels[b, s:L] = t[s:L]
     out = {"input_ids": input_ids, "attention_mask": attn, "labels": labels,
            "index": torch.tensor(idx, dtype=torch.long)}
     if outcomes is not None:
         out["outcome"] = torch.as_tensor(np.asarray(outcomes)[idx], dtype=torch.float32)
     if log_propensity is not None:
-        out["log_propensity"] = torch.as_tensor(np.asarray(log_propensity)[idx],
+        out["ref_logp"] = torch.as_tensor(np.asarray(log_propensity)[idx],
                                                 dtype=torch.float32)
     return out

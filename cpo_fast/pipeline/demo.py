@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cpo_fast.pipeline.config import METHODS, RunConfig
+from cpo_fast.objectives import METHODS
+from cpo_fast.pipeline.config import RunConfig
 
 # Settings tuned on a 2-core CPU so the full demo stays under ten minutes. One torch thread:
 # at hidden size 64 intra-op parallelism costs more than it gives (and on a shared machine
@@ -52,8 +53,6 @@ MODEL_DEFAULTS: dict[str, Any] = dict(
     lora_r=8, lora_alpha=16.0)
 MODEL_QUICK: dict[str, Any] = dict(f0_steps=30, steps=6, num_samples=32, dm_size=32)
 MODEL_ROWS, MODEL_QUICK_ROWS = 600, 160
-NAMES = {"sft_all": "SFT-all", "sft_top": "SFT-top", "oo_rlhf": "OO-RLHF", "cpo": "CPO",
-         "dr_cpo": "DR-CPO"}
 
 
 def demo_config(out_dir: str | Path, *, quick: bool = False, model: str | None = None,
@@ -71,7 +70,7 @@ def demo_config(out_dir: str | Path, *, quick: bool = False, model: str | None =
 
 
 def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: int | None = None,
-             methods: tuple[str, ...] = METHODS, confounding: float = 0.5, noise: float = 0.5,
+             methods: tuple[str, ...] = tuple(METHODS), confounding: float = 0.5, noise: float = 0.5,
              model: str | None = None, print_fn=print, **overrides: Any) -> dict[str, Any]:
     """Run the demo; return {"table": rows, "results": per model, "seconds": run time}."""
     from cpo_fast.pipeline.persist import write_json, write_text
@@ -82,7 +81,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
     t0 = time.perf_counter()
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        raise ValueError(f"--methods: {bad} not in {METHODS}.")
+        raise ValueError(f"--methods: {bad} not in {tuple(METHODS)}.")
     out = Path(out_dir)
     cfg = demo_config(out, quick=quick, model=model, **overrides)
     preflight(cfg, "demo")
@@ -98,7 +97,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
     print_fn(f"[demo] corpus: {n} rows -> {cfg.data} (oracle mean of the corpus "
              f"{oracle(corpus.texts).mean():.3f}, outcome mean {corpus.outcomes.mean():.3f})")
 
-    prep = prepare(cfg, need_dm=any(m in ("dr_cpo", "oo_rlhf") for m in methods))
+    prep = prepare(cfg, need_dm=any(METHODS[m].dm_rows for m in methods))
     print_fn(f"[demo] f_0 ready ({time.perf_counter() - t0:.0f}s); ghat out-of-fold R^2 = "
              f"{prep.outcome_fit.r2:.3f}")
     results, times = _train_and_evaluate(prep, cfg, methods, print_fn, judge=bool(model))
@@ -172,11 +171,11 @@ def _train_and_evaluate(prep, cfg: RunConfig, methods, print_fn, judge: bool = F
         res = evaluate_model(prep, policy, name=m, scorers=scorers)
         res["train"] = summary
         write_eval(res, lay.eval(m))
-        results[NAMES[m]] = res
+        results[METHODS[m].label] = res
         del policy
         flag = (f"; weights collapsed at step {summary['collapse_step']}"
                 if summary.get("weights_collapsed") else "")
-        print_fn(f"[demo] {NAMES[m]:8s} oracle {format_row(res, 'oracle')}  "
+        print_fn(f"[demo] {METHODS[m].label:8s} oracle {format_row(res, 'oracle')}  "
                  f"({times[m]:.0f}s train{flag})")
     return results, times
 
@@ -184,7 +183,7 @@ def _train_and_evaluate(prep, cfg: RunConfig, methods, print_fn, judge: bool = F
 def _plots(out: Path, methods, results, guard: float = 0.0) -> None:
     from cpo_fast.pipeline.plots import outcome_bars, training_curves, weight_histogram
 
-    runs = {NAMES[m]: out / m / "metrics.jsonl" for m in methods}
+    runs = {METHODS[m].label: out / m / "metrics.jsonl" for m in methods}
     training_curves(runs, out / "plots" / "training.png", guard=guard)
     weight_histogram({k: v for k, v in runs.items() if k in ("CPO", "DR-CPO", "OO-RLHF")},
                      out / "plots" / "weights.png")

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpo_fast.constants import IGNORE_INDEX
+from cpo_fast import token_batch
+from cpo_fast.objectives import sequence_logprobs
 from cpo_fast.pipeline.data import collate
 from cpo_fast.pipeline.generate import generate_texts
 
@@ -67,8 +68,6 @@ def run_scorer(name: str, fn: Scorer, texts: list[str]) -> np.ndarray:
 def sequence_logprobs_of(model, encoded, *, pad_id: int, batch_size: int = 64,
                          backend: str | None = None, length_normalize: bool = False) -> np.ndarray:
     """s_i of every encoded row under ``model`` (fused-linear op, no grad)."""
-    from cpo_fast.pipeline.modeling import sequence_token_logprobs
-
     dev = next(model.parameters()).device
     was = model.training
     model.eval()
@@ -76,11 +75,8 @@ def sequence_logprobs_of(model, encoded, *, pad_id: int, batch_size: int = 64,
     for s in range(0, len(encoded), batch_size):
         idx = list(range(s, min(s + batch_size, len(encoded))))
         b = {k: v.to(dev) for k, v in collate(encoded, idx, pad_id).items()}
-        lp = sequence_token_logprobs(model, b, backend=backend).float()
-        m = (b["labels"] != IGNORE_INDEX).float()
-        v = (lp * m).sum(-1)
-        if length_normalize:
-            v = v / m.sum(-1).clamp_min(1)
+        tb = token_batch.from_inputs(model, b, backend=backend)
+        v = sequence_logprobs(tb.logp.float(), tb.mask, length_normalize=length_normalize)
         out[s:s + len(idx)] = v.double().cpu().numpy()
     model.train(was)
     return out

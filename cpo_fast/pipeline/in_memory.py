@@ -79,7 +79,7 @@ def build_stages(model: Any, tokenizer: Any, train_t: OutcomeTable, eval_t: Outc
                  cfg: RunConfig, stages: Path):
     """prepare._stages on a given model and dataset: f_0, the reference cache, ghat, the DM
     set (rank 0 builds, the other ranks reload what it wrote)."""
-    from cpo_fast.pipeline.batches import DM_METHODS
+    from cpo_fast.objectives import method_of
     from cpo_fast.pipeline.modeling import model_fingerprint
     from cpo_fast.pipeline.policy import load_causal_lm, save_model
     from cpo_fast.pipeline.prepare import Prepared, build_dm, fit_f0, fit_outcome, ref_logprobs
@@ -126,7 +126,7 @@ def build_stages(model: Any, tokenizer: Any, train_t: OutcomeTable, eval_t: Outc
         if eval_enc is not None:
             prep.eval_ref = ref_logprobs(prep, eval_enc, "eval")
         fit_outcome(prep)
-        if cfg.method in DM_METHODS:
+        if method_of(cfg.method).dm_rows:
             build_dm(prep)
     return prep
 

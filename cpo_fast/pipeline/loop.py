@@ -30,29 +30,32 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from cpo_fast.pipeline.batches import DM_METHODS, TrainData, step_micro_batches
+from cpo_fast import effective_batch
+from cpo_fast.distributed import (
+    SINGLE,
+    World,
+    average_gradients,
+    current_world,
+    max_over_ranks,
+    sum_over_ranks,
+)
+from cpo_fast.estimators import LossOutput
+from cpo_fast.objectives import method_of
+from cpo_fast.pipeline.batches import TrainData, step_micro_batches
 from cpo_fast.pipeline.checkpoint import Resumed, find_checkpoint, load_checkpoint, save_checkpoint
 from cpo_fast.pipeline.config import RunConfig, pinned_values
 from cpo_fast.pipeline.guard import WeightGuard, weight_stats
 from cpo_fast.pipeline.metrics import MetricsLog, step_metrics
 from cpo_fast.pipeline.policy import save_model
-from cpo_fast.pipeline.runtime import (
-    SINGLE,
-    World,
-    average_gradients,
-    barrier,
-    broadcast_params,
-    current_world,
-    max_over_ranks,
-)
+from cpo_fast.pipeline.runtime import barrier, broadcast_params
 from cpo_fast.pipeline.signals import StopRequested, TrainingInterrupted
-from cpo_fast.pipeline.step import StepResult, check_finite, effective_gradient  # noqa: F401
 
 SHOWN = ("loss", "ess", "max_weight_share", "dm_ess", "dm_max_weight_share", "grad_norm")
 
@@ -116,12 +119,40 @@ def train(model, data: TrainData, cfg: RunConfig, out_dir: str | Path, *, pad_id
                 raise TrainingInterrupted(signum, step + 1, checkpoint(step + 1))
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < stop:
                 checkpoint(step + 1)
-            if guard.update(step + 1, last, dm_only=cfg.method == "oo_rlhf"):
+            if guard.update(step + 1, last, dm_only=not method_of(cfg.method).outcome_rows):
                 stop = step + 1  # --stop-on-collapse
                 break
     # 4. the end
     return {**finish(model, tokenizer, out_dir, state, stop, cfg.steps, checkpoint, last, world),
             **guard.summary()}
+
+
+@dataclass
+class StepResult:
+    """The effective batch's loss (objective + regularizers), its diagnostics (None for
+    SFT) and the tokens all ranks processed."""
+
+    loss: float
+    out: LossOutput | None
+    tokens: int
+
+
+def effective_gradient(model, micro, cfg: RunConfig, world: World, autocast: dict,
+                       step: int) -> StepResult:
+    """Accumulate into ``.grad`` the exact gradient of the step's effective batch (this
+    rank's micro-batches ``micro`` on every rank: cpo_fast/effective_batch.py)."""
+    def check(loss: torch.Tensor, pair) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            rows = (pair[0] if pair[0] is not None else pair[1])["index"].tolist()
+            raise ValueError(f"step {step}: the loss is {float(loss.detach())} (not finite) on "
+                             f"the micro-batch of row positions {rows}; lower --lr or "
+                             "--max-log-weight, or check those rows.")
+
+    loss, out = effective_batch.effective_gradient(
+        model, micro, cfg.objective(), world, backend=cfg.backend,
+        context=lambda: torch.autocast(**autocast), check=check)
+    tokens = sum(int(b["attention_mask"].sum()) for pair in micro for b in pair if b)
+    return StepResult(loss, out, int(sum_over_ranks(world, [tokens])[0]))
 
 
 def update(params, opt, sched, cfg: RunConfig) -> torch.Tensor:
@@ -137,7 +168,7 @@ def effective_rows(cfg: RunConfig, world: World) -> tuple[int, int]:
     """Outcome rows and DM rows of one optimizer step, over all micro-batches and ranks (no
     DM rows for the methods without a DM set)."""
     n = world.size * cfg.grad_accum
-    return n * cfg.batch_size, n * cfg.dm_batch_size if cfg.method in DM_METHODS else 0
+    return n * cfg.batch_size, n * cfg.dm_batch_size if method_of(cfg.method).dm_rows else 0
 
 
 def resume_keys(cfg: RunConfig, world: World) -> dict[str, Any]:

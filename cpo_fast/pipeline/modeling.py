@@ -1,12 +1,10 @@
-"""Small causal LMs built from a config, and the glue for the fused-linear path.
+"""Small causal LMs built from a config, and a model's fingerprint (what the caches key on).
 
 Models are never downloaded: :func:`build_model` makes a Llama-, Qwen2- or GPT-2-style
 decoder from a config (the same code path works on any Hugging Face causal LM loaded by
-the user). :func:`sequence_token_logprobs` runs only the backbone (the decoder stack and
-its final norm) and hands the last hidden states and the output weight to
-:func:`cpo_fast.linear_token_logprobs` through the public model-level drop-in
-:func:`cpo_fast.causal_lm_token_logprobs` (cpo_fast/models.py), so the [B, T, V] logits are
-never built; all helpers see through peft wrappers (LoRA).
+the user). Token log-probabilities of any of them come from
+:func:`cpo_fast.token_batch.from_inputs` (backbone, then the fused-linear op: the
+[B, T, V] logits are never built).
 """
 
 from __future__ import annotations
@@ -17,17 +15,9 @@ import json
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from cpo_fast.constants import IGNORE_INDEX
-from cpo_fast.models import (  # noqa: F401  (last_hidden, output_weight: re-exported)
-    _base,
-    causal_lm_token_logprobs,
-    last_hidden,
-    output_weight,
-)
-
-ARCHS = ("llama", "qwen2", "gpt2")
+from cpo_fast.models import _base
+from cpo_fast.pipeline.config import ARCHS
 
 
 def _attn_impl(device: str | torch.device | None) -> str:
@@ -106,24 +96,6 @@ def _hf_config(arch: str, vocab_size: int, hidden_size: int, num_layers: int, nu
     if arch == "llama":
         return LlamaConfig(**common), LlamaForCausalLM
     return Qwen2Config(**common), Qwen2ForCausalLM
-
-
-def sequence_token_logprobs(
-    model: Any,
-    batch: dict[str, Tensor],
-    *,
-    with_entropy: bool = False,
-    backend: str | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Per-token log-probs [B, T-1] float32 (0 where ``labels == IGNORE_INDEX``), optionally with
-    entropies, via the fused-linear op (no logits; the model's head transform applied).
-    ``batch`` comes from :func:`cpo_fast.pipeline.data.collate` (on the model's device); its
-    ``labels`` are already shifted [B, T-1]. Differentiable."""
-    labels = batch["labels"]
-    full = torch.cat([labels.new_full((labels.shape[0], 1), IGNORE_INDEX), labels], dim=1)
-    return causal_lm_token_logprobs(model, batch["input_ids"], full,
-                                    attention_mask=batch.get("attention_mask"),
-                                    with_entropy=with_entropy, backend=backend)
 
 
 _SKIP_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_attn_implementation",

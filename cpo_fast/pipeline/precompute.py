@@ -3,7 +3,7 @@
 docs/math.md: the per-token log-probs of f_0 over the dataset are computed once
 (no reference model in memory during training); their masked sum is log P^R(x) when f_0
 estimates P^R, and per token they feed the KL penalty. The forward runs under
-``torch.no_grad`` through :func:`cpo_fast.pipeline.modeling.sequence_token_logprobs`
+``torch.no_grad`` through :func:`cpo_fast.token_batch.from_inputs`
 (backbone + fused-linear op, logits never built).
 
 Cache: ``cache_dir/ref_logprobs-<key>.npz`` with ``key = blake2b(model_fingerprint(model),
@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from cpo_fast import token_batch
 from cpo_fast.pipeline.data import Encoded, collate
-from cpo_fast.pipeline.modeling import model_fingerprint, sequence_token_logprobs
+from cpo_fast.pipeline.modeling import model_fingerprint
 
 _FORMAT = "ref-logprobs-v1"
 
@@ -101,7 +102,7 @@ def precompute_ref_logprobs(
             for idx in tqdm(batches, desc="reference log-probs", disable=not progress):
                 b = collate(encoded, idx, pad_id=0)
                 b = {k: v.to(dev) for k, v in b.items()}
-                lp = sequence_token_logprobs(model, b, backend=backend).float().cpu().numpy()
+                lp = token_batch.from_inputs(model, b, backend=backend).logp.float().cpu().numpy()
                 for j, i in enumerate(idx):
                     out[i] = lp[j, :len(encoded.input_ids[i]) - 1].copy()
     finally:

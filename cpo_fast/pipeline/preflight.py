@@ -92,9 +92,9 @@ def check_run_exists(cfg: RunConfig, command: str) -> None:
 def check_dm_batch(cfg: RunConfig) -> None:
     """``--dm-batch-size`` against ``--dm-size`` when the DM set's size is known up front
     (f_0 completions); the loop checks every DM source again once the set exists."""
-    from cpo_fast.pipeline.batches import DM_METHODS
+    from cpo_fast.objectives import method_of
 
-    if cfg.method not in DM_METHODS or cfg.dm_source != "f0_completions":
+    if not method_of(cfg.method).dm_rows or cfg.dm_source != "f0_completions":
         return
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     rows = cfg.dm_batch_size * cfg.grad_accum * ranks

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpo_fast.pipeline.batches import DM_METHODS, TrainData
+from cpo_fast.objectives import method_of
+from cpo_fast.pipeline.batches import TrainData
 from cpo_fast.pipeline.config import RunConfig, pinned_values
 from cpo_fast.pipeline.data import DataConfig, Encoded, OutcomeTable, encode, load_table
 from cpo_fast.pipeline.layout import RunLayout
@@ -103,7 +104,7 @@ def prepare(cfg: RunConfig, *, need_dm: bool | None = None, resume: bool = False
     # reload what it wrote; only rank 0 writes files.
     with main_first("the shared stages (f_0, reference cache, ghat, DM set)"):
         return _stages(cfg, lay, device, table, resume=resume, until=until,
-                       need_dm=cfg.method in DM_METHODS if need_dm is None else need_dm,
+                       need_dm=method_of(cfg.method).dm_rows if need_dm is None else need_dm,
                        save_config=save_config)
 
 

@@ -12,7 +12,6 @@ import atexit
 import os
 import random
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cpo_fast.distributed import World, current_world, launcher_env, max_over_ranks
 from cpo_fast.pipeline.config import RunConfig
 
 
@@ -65,51 +65,11 @@ def set_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Non
         torch.cuda.set_rng_state_all(cuda)
 
 
-def rng_snapshot(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The torch generator state (and ``device``'s CUDA one): replayed by :func:`rng_replay`
-    so that a second forward pass draws the same dropout masks as the first."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.random.get_rng_state(), cuda
-
-
-def rng_replay(snap: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
-    torch.random.set_rng_state(snap[0])
-    if snap[1] is not None:
-        torch.cuda.set_rng_state(snap[1], device)
-
-
 # --------------------------------------------------------------------------- several processes
 # `torchrun --nproc_per_node=N -m cpo_fast train ...` and `accelerate launch -m cpo_fast train`
 # set RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_ADDR/PORT) in each process's environment.
 # init_distributed() reads them and joins the process group (gloo on the CPU, NCCL on CUDA);
 # without them (or with WORLD_SIZE=1) everything below is the one-process no-op.
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place among the ranks of a run (rank 0 of 1 without a launcher)."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
-
-
-SINGLE = World()
-
-
-def launcher_env() -> World:
-    """The ranks a launcher (torchrun, accelerate launch) announced in the environment."""
-    env = os.environ
-    size = int(env.get("WORLD_SIZE", "1") or 1)
-    return World(int(env.get("RANK", "0") or 0), size, int(env.get("LOCAL_RANK", "0") or 0))
 
 
 def init_distributed(device_type: str = "cpu") -> World:
@@ -136,44 +96,14 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
-def current_world() -> World:
-    """The process group's ranks (the :data:`SINGLE` world when none is initialized)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return World(dist.get_rank(), dist.get_world_size(), launcher_env().local_rank)
-    return SINGLE
-
-
 def is_main() -> bool:
     """True on rank 0 (and without a launcher): the one process that writes files."""
     return current_world().is_main
 
 
-def _flag_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if (
-        dist.get_backend() == "nccl") else torch.device("cpu")
-
-
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
-
-
-def max_over_ranks(world: World, values: list[float]) -> list[float]:
-    """Element-wise max over ranks (identity on one process)."""
-    if not world.distributed:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=_flag_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def sum_over_ranks(world: World, values: list[float]) -> list[float]:
-    """Element-wise sum over ranks (identity on one process)."""
-    if not world.distributed:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=_flag_device())
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 class RankFailed(ValueError):
@@ -214,23 +144,3 @@ def broadcast_params(params: list[torch.Tensor], world: World) -> None:
         with torch.no_grad():
             for p in params:
                 dist.broadcast(p.data, src=0)
-
-
-def average_gradients(params: list[torch.Tensor], world: World, bucket_numel: int = 1 << 24) -> None:
-    """All-reduce the accumulated gradients and divide by the world size (what DDP does),
-    in flat buckets; a parameter without a gradient on this rank contributes zeros."""
-    if not world.distributed:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    bucket: list[torch.Tensor] = []
-    for i, p in enumerate(params):
-        bucket.append(p)
-        if sum(q.numel() for q in bucket) >= bucket_numel or i == len(params) - 1:
-            flat = torch.cat([q.grad.reshape(-1) for q in bucket])
-            dist.all_reduce(flat)
-            flat /= world.size
-            for q, g in zip(bucket, torch.split(flat, [q.numel() for q in bucket]), strict=True):
-                q.grad.copy_(g.view_as(q.grad))
-            bucket = []

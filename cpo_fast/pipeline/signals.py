@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from cpo_fast.pipeline.runtime import SINGLE, World, max_over_ranks
+from cpo_fast.distributed import SINGLE, World, max_over_ranks
 
 DUPLICATE_S = 2.0
 

@@ -26,10 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cpo_fast.objectives import top_quantile_mask
+from cpo_fast.objectives import method_of, top_quantile_mask
 from cpo_fast.pipeline.batches import (  # noqa: F401  (re-exported)
-    DM_METHODS,
-    IPW_METHODS,
     TrainData,
     batch_indices,
     make_batch,
@@ -37,7 +35,6 @@ from cpo_fast.pipeline.batches import (  # noqa: F401  (re-exported)
 )
 from cpo_fast.pipeline.config import RunConfig
 from cpo_fast.pipeline.loop import lr_lambda, train  # noqa: F401  (re-exported)
-from cpo_fast.pipeline.loss import compute_loss  # noqa: F401  (re-exported)
 from cpo_fast.pipeline.policy import (  # noqa: F401  (re-exported)
     load_causal_lm,
     lora_targets,
@@ -60,11 +57,11 @@ def train_data(prep: Prepared, method: str) -> TrainData:
     cfg = prep.cfg
     rows = np.arange(len(prep.train_enc))
     y = np.asarray(prep.train_table.outcomes, np.float64)
-    if method == "sft_top":
+    if method_of(method).top_quantile:
         m = top_quantile_mask(torch.as_tensor(y), cfg.top_quantile,
                               higher_is_better=cfg.higher_is_better)
         rows = rows[m.numpy()]
-    if method in DM_METHODS and prep.dm is None:
+    if method_of(method).dm_rows and prep.dm is None:
         raise ValueError(f"method={method!r} needs the DM set: call prepare(..., need_dm=True).")
     lp = prep.train_table.log_propensity
     return TrainData(enc=prep.train_enc, rows=rows, ref=prep.train_ref, outcomes=y,
