@@ -63,10 +63,11 @@ struct BlockFwdArgs {
   float* a;   // sum exp(z - m)(z - m)  [rows] (entropy only)
   float* zy;  // label logit            [rows]
   int nthreads;
+  HeadTf tf;  // applied to each element as it is read; m, s, a, zy are those of z'
 };
 
 // The frozen-weight variant (see block_forward_frozen in kernels_impl.h): base.buf is
-// written in place with e = exp(z - m_new); ed (with entropy) gets e (z - m_new).
+// written in place with e = exp(z' - m_new); ed (with entropy) gets e (z' - m_new).
 struct BlockFwdFrozenArgs {
   BlockFwdArgs base;
   float* buf;     // = base.buf, writable

@@ -501,27 +501,50 @@ void forward(const FwdArgs& A) {
 }
 
 // Fused-linear helper: merge one fp32 block of columns into each row's running statistics.
-template <bool ENT>
+// With a head transform (TF) the block's chunks are transformed as they are read (into an
+// L1 buffer, as in forward_t); the block itself is left as it is.
+template <bool ENT, int TF>
 void block_forward_t(const BlockFwdArgs& A) {
-#pragma omp parallel for schedule(dynamic, 4) num_threads(A.nthreads)
-  for (int64_t r = 0; r < A.rows; ++r) {
-    const int64_t y = A.labels[r];
-    if (y == A.ignore_index) continue;
-    const float* row = A.buf + r * A.ld;
-    const Stats st = row_stats<kF32, ENT>(row, A.cols, 1, nullptr);
-    const float M = fmax1(A.m[r], st.m);
-    const float d1 = fmax1(A.m[r] - M, kDMin), d2 = fmax1(st.m - M, kDMin);
-    const float c1 = expf(d1), c2 = expf(d2);
-    if (ENT) A.a[r] = c1 * (A.a[r] + A.s[r] * d1) + c2 * (st.a + st.s * d2);
-    A.s[r] = c1 * A.s[r] + c2 * st.s;
-    A.m[r] = M;
-    const int64_t yl = y - A.col0;
-    if (yl >= 0 && yl < A.cols) A.zy[r] = row[yl];
+#pragma omp parallel num_threads(A.nthreads)
+  {
+    float buf[TF != kTfNone ? kChunk : 1];
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t r = 0; r < A.rows; ++r) {
+      const int64_t y = A.labels[r];
+      if (y == A.ignore_index) continue;
+      const float* row = A.buf + r * A.ld;
+      const Stats st = row_stats<kF32, ENT, TF>(row, A.cols, 1, buf, &A.tf);
+      const float M = fmax1(A.m[r], st.m);
+      const float d1 = fmax1(A.m[r] - M, kDMin), d2 = fmax1(st.m - M, kDMin);
+      const float c1 = expf(d1), c2 = expf(d2);
+      if (ENT) A.a[r] = c1 * (A.a[r] + A.s[r] * d1) + c2 * (st.a + st.s * d2);
+      A.s[r] = c1 * A.s[r] + c2 * st.s;
+      A.m[r] = M;
+      const int64_t yl = y - A.col0;
+      if (yl >= 0 && yl < A.cols)
+        A.zy[r] = TF != kTfNone ? tf1<TF>(row[yl], A.tf, nullptr) : row[yl];
+    }
+  }
+}
+
+// The block kernels' one switch on (entropy, head transform), outside the row loops: calls
+// fn(TfTag<ENT, TF>{}) with the matching compile-time pair.
+template <bool E, int T>
+struct TfTag {
+  static constexpr bool ent = E;
+  static constexpr int tf = T;
+};
+template <class Fn>
+void with_tf(bool ent, int kind, Fn fn) {
+  switch (kind) {
+    case kTfScale: return ent ? fn(TfTag<true, kTfScale>{}) : fn(TfTag<false, kTfScale>{});
+    case kTfCap: return ent ? fn(TfTag<true, kTfCap>{}) : fn(TfTag<false, kTfCap>{});
+    default: return ent ? fn(TfTag<true, kTfNone>{}) : fn(TfTag<false, kTfNone>{});
   }
 }
 
 void block_forward(const BlockFwdArgs& A) {
-  return A.with_entropy ? block_forward_t<true>(A) : block_forward_t<false>(A);
+  with_tf(A.with_entropy, A.tf.kind, [&](auto t) { block_forward_t<t.ent, t.tf>(A); });
 }
 
 // Frozen-weight fused-linear forward: the same running-statistics update as
@@ -529,8 +552,9 @@ void block_forward(const BlockFwdArgs& A) {
 // ed = e (z - m_new) with entropy) so that Python can accumulate sum_v e_v W_v with one
 // matrix product per block, after rescaling the previous sums by alpha = exp(m_old - m_new)
 // (and, for the entropy sum, adding dm = m_old - m_new times the plain sum first).
-// The whole block row is one chunk: every stored e must be relative to the same max.
-template <bool ENT>
+// The whole block row is one chunk: every stored e must be relative to the same max. A head
+// transform (TF) first replaces the row by z' in place (the row is L1/L2-resident).
+template <bool ENT, int TF>
 void block_forward_frozen_t(const BlockFwdFrozenArgs& F) {
   const BlockFwdArgs& A = F.base;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(A.nthreads)
@@ -545,6 +569,7 @@ void block_forward_frozen_t(const BlockFwdFrozenArgs& F) {
       F.dm[r] = 0.f;
       continue;
     }
+    if (TF != kTfNone) tf_chunk<kF32, TF, false>(row, 0, A.cols, row, nullptr, A.tf);
     const int64_t yl = y - A.col0;
     if (yl >= 0 && yl < A.cols) A.zy[r] = row[yl];  // before the row is overwritten
     const float m_old = A.m[r];
@@ -565,8 +590,8 @@ void block_forward_frozen_t(const BlockFwdFrozenArgs& F) {
 }
 
 void block_forward_frozen(const BlockFwdFrozenArgs& F) {
-  return F.base.with_entropy ? block_forward_frozen_t<true>(F)
-                             : block_forward_frozen_t<false>(F);
+  with_tf(F.base.with_entropy, F.base.tf.kind,
+          [&](auto t) { block_forward_frozen_t<t.ent, t.tf>(F); });
 }
 
 // ---- backward ---------------------------------------------------------------------------

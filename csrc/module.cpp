@@ -229,7 +229,8 @@ PYBIND11_MODULE(_C, m) {
       "block_forward",
       [](uintptr_t block, int64_t rows, int64_t cols, int64_t ld, int64_t col0,
          uintptr_t labels, int64_t ignore_index, bool with_entropy, uintptr_t m, uintptr_t s,
-         uintptr_t a, uintptr_t zy, int64_t row_offset, int nthreads) {
+         uintptr_t a, uintptr_t zy, int64_t row_offset, int nthreads, double pre, double post,
+         double softcap) {
         if (rows < 0 || cols < 1 || ld < cols)
           throw std::invalid_argument("block_forward: need rows >= 0, cols >= 1, ld >= cols");
         check_row_offset(row_offset);
@@ -237,23 +238,27 @@ PYBIND11_MODULE(_C, m) {
         BlockFwdArgs args{ptr<const float>(block), rows, cols, ld, col0,
                           row<const int64_t>(labels, r0), ignore_index, with_entropy,
                           row<float>(m, r0), row<float>(s, r0), row<float>(a, r0),
-                          row<float>(zy, r0), threads(nthreads)};
+                          row<float>(zy, r0), threads(nthreads),
+                          head_tf(pre, post, softcap)};
         py::gil_scoped_release nogil;
         K().block_forward(args);
       },
       py::arg("block"), py::arg("rows"), py::arg("cols"), py::arg("ld"), py::arg("col0"),
       py::arg("labels"), py::arg("ignore_index"), py::arg("with_entropy"), py::arg("m"),
       py::arg("s"), py::arg("a"), py::arg("zy"), py::arg("row_offset") = 0,
-      py::arg("nthreads") = 1,
+      py::arg("nthreads") = 1, py::arg("pre") = 1.0, py::arg("post") = 1.0,
+      py::arg("softcap") = 0.0,
       "Merge an fp32 [rows, cols] block (row stride ld, first column col0) into running "
-      "per-row (max m, sum s, entropy accumulator a, label logit zy), rows row_offset on.");
+      "per-row (max m, sum s, entropy accumulator a, label logit zy), rows row_offset on. "
+      "pre, post, softcap: the head transform of token_logprobs_forward, applied to each "
+      "element as it is read (the statistics are those of z'; the block is not written).");
 
   m.def(
       "block_forward_frozen",
       [](uintptr_t block, int64_t rows, int64_t cols, int64_t ld, int64_t col0,
          uintptr_t labels, int64_t ignore_index, bool with_entropy, uintptr_t m, uintptr_t s,
          uintptr_t a, uintptr_t zy, uintptr_t alpha, uintptr_t dm, uintptr_t ed, int64_t ld_ed,
-         int64_t row_offset, int nthreads) {
+         int64_t row_offset, int nthreads, double pre, double post, double softcap) {
         if (rows < 0 || cols < 1 || ld < cols)
           throw std::invalid_argument(
               "block_forward_frozen: need rows >= 0, cols >= 1, ld >= cols");
@@ -265,7 +270,8 @@ PYBIND11_MODULE(_C, m) {
         BlockFwdArgs base{ptr<const float>(block), rows, cols, ld, col0,
                           row<const int64_t>(labels, r0), ignore_index, with_entropy,
                           row<float>(m, r0), row<float>(s, r0), row<float>(a, r0),
-                          row<float>(zy, r0), threads(nthreads)};
+                          row<float>(zy, r0), threads(nthreads),
+                          head_tf(pre, post, softcap)};
         BlockFwdFrozenArgs args{base, ptr<float>(block),
                                 with_entropy ? ptr<float>(ed) : nullptr, ld_ed,
                                 row<float>(alpha, r0), row<float>(dm, r0)};
@@ -276,8 +282,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("labels"), py::arg("ignore_index"), py::arg("with_entropy"), py::arg("m"),
       py::arg("s"), py::arg("a"), py::arg("zy"), py::arg("alpha"), py::arg("dm"),
       py::arg("ed"), py::arg("ld_ed"), py::arg("row_offset") = 0, py::arg("nthreads") = 1,
-      "block_forward, and the fp32 block is overwritten with e = exp(z - m_new) (ed gets "
-      "e (z - m_new) with entropy); alpha = exp(m_old - m_new), dm = m_old - m_new per row.");
+      py::arg("pre") = 1.0, py::arg("post") = 1.0, py::arg("softcap") = 0.0,
+      "block_forward, and the fp32 block is overwritten with e = exp(z' - m_new) (ed gets "
+      "e (z' - m_new) with entropy); alpha = exp(m_old - m_new), dm = m_old - m_new per row. "
+      "With a head transform the block first becomes z' in place.");
 
   py::class_<PoolBuffer>(m, "PoolBuffer", py::buffer_protocol(),
                          "nbytes writable bytes from the gradient-buffer pool (buffer_pool.h); "
