@@ -1,6 +1,8 @@
 """Backend selection and dispatch for the fused ops: the backend contract, written once.
 
-Backends (one module per op per backend, same function names in each):
+Backends (one module per op per backend, same function names in each; the table
+``IMPLEMENTATIONS`` below maps ``(backend, op)`` to a loader that imports the module by name,
+on first use):
 
 ==============  ================================  =========================================
 backend         module for op ``<op>``            runs on
@@ -15,7 +17,9 @@ backend         module for op ``<op>``            runs on
                                                   ground truth and the float64 path)
 ==============  ================================  =========================================
 
-Ops (``<op>``): ``token_logprobs`` and ``linear_token_logprobs``.
+Ops (``<op>``): ``token_logprobs`` and ``linear_token_logprobs``. :func:`backend_module`
+returns the fused module of a ``(backend, op)`` pair through that table; the reference is
+called directly by the ops (``cpo_fast.reference.<op>``).
 
 Selection (:func:`select_backend`). ``backend=None`` picks the best available for the
 tensor's device (CUDA: triton; CPU: cpu when ``cpo_fast._C`` is built, else reference with a
@@ -48,9 +52,14 @@ Contract of a fused backend module (``triton`` and ``cpu``). The public wrappers
                             ignore_index, grad_out3, *, config=None,
                             transform=None) -> None
 
+    # optional: the buffer the out-of-place backward writes into
+    new_grad_buffer(logits) -> Tensor   # uninitialized, logits' shape and dtype
+
 ``logits3`` is a ``[B, T, V]`` view with arbitrary element strides (N = B*T);
 ``grad_out3`` has its shape and dtype (it may be ``logits3`` itself, for the in-place
-backward) and the backend writes every element of it.
+backward) and the backend writes every element of it. Without ``new_grad_buffer`` the op
+allocates ``torch.empty(logits.shape)``; the CPU backend's hook hands out reused, huge-page
+advised buffers (no page faults per training step).
 
 ``linear_token_logprobs`` backends define::
 
@@ -73,14 +82,22 @@ or contiguous ``[V]``; gradients come back in their input's dtype (accumulated i
 
 Head transforms. Every backend function above also takes a keyword argument
 ``transform: HeadTransform | None = None`` (the forward, the backward and the frozen
-forward alike): the transform applied to each raw logit ``z`` before the softmax,
+forward alike), the one :class:`HeadTransform` value that the public op built from its
+``transform=`` or ``temperature=``/``softcap=``/``logit_scale=`` arguments (or that
+:meth:`HeadTransform.from_model` read from a Hugging Face config): the transform applied to
+each raw logit ``z`` before the softmax,
 
     u = logit_scale * z,    z' = (softcap * tanh(u / softcap) if softcap else u) / temperature
 
 (Hugging Face / TRL order). logp, entropy and lse are those of ``z'``; the backward returns
 ``dL/dz = dL/dz' * (logit_scale / temperature) * (1 - tanh(u / softcap)^2 if softcap else 1)``.
 ``None`` (or an identity :class:`HeadTransform`) must run exactly the untransformed code: the
-ops pass ``None`` for the defaults. A backend without a frozen-weight path for a softcap
+ops pass ``None`` for the defaults. The value travels unchanged, with one exception: the
+``torch.library`` custom-op schema carries scalars only, so the op unpacks it there
+(:func:`schema_scalars`) and rebuilds it inside the op (:func:`from_schema`). Whatever a
+backend's kernels need (Triton's ``pre``/``post``/``grad`` scalars and constexpr flags, the
+C++ bridge's ``pre``/``post``/``softcap`` keywords) is derived from it inside the backend,
+at the launch. A backend without a frozen-weight path for a softcap
 need not have one: the op uses that path only without a softcap (see
 ``cpo_fast/ops/linear_token_logprobs.py``).
 
@@ -93,12 +110,14 @@ Tuning knobs. Each backend module defines a frozen dataclass ``Config`` (tile si
 threads...), ``default_config(...) -> Config`` (environment variables such as
 ``CPO_FAST_CPU_BLOCK_ROWS`` or ``CPO_FAST_LINEAR_ROW_GROUP`` are read when it is called,
 never at import) and a context manager ``override_config(**fields)``, the one way tests
-force small tiles. Launchers take ``config: Config | None = None`` (None: the default).
+force small tiles; the machinery behind the three is :class:`Knobs`, written once here.
+Launchers take ``config: Config | None = None`` (None: the default).
 
-Adding a backend: write ``<package>/<op>.py`` for both ops with the functions above, add it
-to ``BACKENDS`` and ``_MODULES`` here and a device rule to :func:`resolve_backend`, and add
-its name to the tests' ``kernel_backends()`` (tests/conftest.py); the op tests then compare
-it against the float64 reference on hypothesis-drawn cases.
+Adding a backend: write ``<package>/<op>.py`` for both ops with the functions above, add its
+name to ``BACKENDS``, one loader per op to ``IMPLEMENTATIONS`` and a device rule to
+:func:`resolve_backend` here, and add its name to the tests' ``kernel_backends()``
+(tests/conftest.py); the op tests then compare it against the float64 reference on
+hypothesis-drawn cases.
 """
 
 from __future__ import annotations
@@ -106,22 +125,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib
 import importlib.util
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor
 
+# The head transform's one definition; backends (and benchmarks/gpu_static.py) import it here.
+from cpo_fast._transform import HeadTransform, active  # noqa: F401
+
 BACKENDS = ("triton", "cpu", "reference")
-
-
-# The packages whose <op> submodules implement the contract above.
-_MODULES = {"triton": "cpo_fast.kernels", "cpu": "cpo_fast.cpu"}
 OPS = ("token_logprobs", "linear_token_logprobs")
 
 
@@ -140,7 +157,7 @@ def _probe_cpu_extension() -> bool:
 
 
 # Probed once at import: plain module constants keep resolve_backend traceable by
-# torch.compile (dynamo warns on functools.cache wrappers and cannot trace importlib).
+# torch.compile (dynamo warns on functools.cache wrappers and cannot trace imports).
 _TRITON = importlib.util.find_spec("triton") is not None
 _CPU_EXT = _probe_cpu_extension()
 
@@ -213,60 +230,48 @@ def select_backend(backend: str | None, device: torch.device, dtype: torch.dtype
     return name
 
 
-def module_name(backend: str, op: str) -> str:
-    """Dotted name of the module implementing ``op`` on the fused ``backend`` (triton, cpu)."""
-    if backend not in _MODULES or op not in OPS:
-        raise ValueError(f"no fused implementation of op {op!r} on backend {backend!r}; "
-                         f"fused backends are {tuple(_MODULES)}, ops {OPS}.")
-    return f"{_MODULES[backend]}.{op}"
+# ---- the dispatch table: (backend, op) -> the module implementing the contract -----------
+# Each loader imports its module when first called (triton and _C load only when used).
+
+def _triton_token_logprobs() -> ModuleType:
+    from cpo_fast.kernels import token_logprobs
+
+    return token_logprobs
+
+
+def _triton_linear_token_logprobs() -> ModuleType:
+    from cpo_fast.kernels import linear_token_logprobs
+
+    return linear_token_logprobs
+
+
+def _cpu_token_logprobs() -> ModuleType:
+    from cpo_fast.cpu import token_logprobs
+
+    return token_logprobs
+
+
+def _cpu_linear_token_logprobs() -> ModuleType:
+    from cpo_fast.cpu import linear_token_logprobs
+
+    return linear_token_logprobs
+
+
+IMPLEMENTATIONS: dict[tuple[str, str], Callable[[], ModuleType]] = {
+    ("triton", "token_logprobs"): _triton_token_logprobs,
+    ("triton", "linear_token_logprobs"): _triton_linear_token_logprobs,
+    ("cpu", "token_logprobs"): _cpu_token_logprobs,
+    ("cpu", "linear_token_logprobs"): _cpu_linear_token_logprobs,
+}
 
 
 def backend_module(backend: str, op: str) -> ModuleType:
     """The module implementing ``op``'s contract on the fused ``backend`` (imported)."""
-    return importlib.import_module(module_name(backend, op))
-
-
-@dataclasses.dataclass(frozen=True)
-class HeadTransform:
-    """The logit transform of the output head, applied before the softmax (HF / TRL order):
-    ``z' = (softcap * tanh(logit_scale * z / softcap) if softcap else logit_scale * z) /
-    temperature``. The one form in which every backend receives it (validated by the ops)."""
-
-    temperature: float = 1.0
-    softcap: float | None = None
-    logit_scale: float = 1.0
-
-    @property
-    def is_identity(self) -> bool:
-        return self.temperature == 1.0 and self.softcap is None and self.logit_scale == 1.0
-
-    @property
-    def grad_scale(self) -> float:
-        """d z' / d u at a zero tanh argument, times d u / d z: logit_scale / temperature."""
-        return float(self.logit_scale) / float(self.temperature)
-
-    def kernel_scalars(self) -> tuple[float, float, float]:
-        """``(pre, post, grad)`` for the kernels: with a softcap ``t = tanh(pre * z)``,
-        ``z' = post * t`` and ``dz = dz' * grad * (1 - t^2)``; without one ``z' = pre * z`` and
-        ``dz = dz' * pre`` (``post = grad = pre``)."""
-        g = self.grad_scale
-        if self.softcap is None:
-            return g, g, g
-        c = float(self.softcap)
-        return float(self.logit_scale) / c, c / float(self.temperature), g
-
-
-def head_transform(temperature: float = 1.0, softcap: float | None = None,
-                   logit_scale: float = 1.0) -> HeadTransform | None:
-    """The backends' ``transform`` argument: None for the identity (the untransformed path)."""
-    t = HeadTransform(float(temperature), None if softcap is None else float(softcap),
-                      float(logit_scale))
-    return None if t.is_identity else t
-
-
-def active(transform: HeadTransform | None) -> HeadTransform | None:
-    """``transform`` unless it is None or the identity (a backend's one test)."""
-    return None if transform is None or transform.is_identity else transform
+    load = IMPLEMENTATIONS.get((backend, op))
+    if load is None:
+        raise ValueError(f"no fused implementation of op {op!r} on backend {backend!r}; "
+                         f"the table holds {sorted(IMPLEMENTATIONS)}.")
+    return load()
 
 
 def optional(t: Tensor | None) -> Tensor | None:
@@ -274,19 +279,50 @@ def optional(t: Tensor | None) -> Tensor | None:
     return None if t is None or t.numel() == 0 else t
 
 
-@contextlib.contextmanager
-def override_fields(cls: type, overrides: dict[str, Any], fields: dict[str, Any]) -> Iterator[None]:
-    """Set ``fields`` in a backend module's override dict for a ``with`` block: the one
-    test-time tuning override, behind every backend's ``override_config(**fields)``."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - names)
-    if unknown:
-        raise TypeError(f"override_config: unknown field(s) {unknown}; "
-                        f"{cls.__module__}.Config has {sorted(names)}.")
-    saved = dict(overrides)
-    overrides.update(fields)
-    try:
-        yield
-    finally:
-        overrides.clear()
-        overrides.update(saved)
+# ---- tuning knobs, written once for every backend module ------------------------------------
+
+C = TypeVar("C")
+
+
+class Knobs(Generic[C]):
+    """A backend module's ``Config`` machinery: defaults, environment variables and the
+    test-time overrides. The module defines ``_KNOBS = Knobs(Config, env={field: VAR})``,
+    ``override_config = _KNOBS.override_config`` and a ``default_config(...)`` that returns
+    ``_KNOBS.resolve(<its shape-dependent defaults>)``."""
+
+    def __init__(self, cls: type[C], env: dict[str, str] | None = None) -> None:
+        self.cls = cls
+        self.env = dict(env or {})
+        self.overrides: dict[str, Any] = {}
+
+    def resolve(self, base: C | None = None) -> C:
+        """``base`` (default ``Config()``), then the integer environment variables (read now,
+        never at import), then the fields of any :meth:`override_config` in effect."""
+        fields: dict[str, Any] = {}
+        for field, var in self.env.items():
+            raw = os.environ.get(var)
+            if raw:
+                try:
+                    fields[field] = int(raw)
+                except ValueError:
+                    raise ValueError(f"{var}={raw!r} must be an integer.") from None
+        fields.update(self.overrides)
+        base = self.cls() if base is None else base
+        return dataclasses.replace(base, **fields) if fields else base
+
+    @contextlib.contextmanager
+    def override_config(self, **fields: Any) -> Iterator[None]:
+        """``with override_config(field=value, ...):`` every default inside the block has
+        these fields (the one way tests force small tiles; no module constants to patch)."""
+        names = {f.name for f in dataclasses.fields(self.cls)}
+        unknown = sorted(set(fields) - names)
+        if unknown:
+            raise TypeError(f"override_config: unknown field(s) {unknown}; "
+                            f"{self.cls.__module__}.Config has {sorted(names)}.")
+        saved = dict(self.overrides)
+        self.overrides.update(fields)
+        try:
+            yield
+        finally:
+            self.overrides.clear()
+            self.overrides.update(saved)

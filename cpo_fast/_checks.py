@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
+
+from cpo_fast._transform import HeadTransform
 
 
 def check_float(name: str, t: torch.Tensor) -> None:
@@ -99,10 +102,10 @@ def check_finite_seq(name: str, t: torch.Tensor) -> None:
         )
 
 
-def check_head_transform(temperature: float, softcap: float | None, logit_scale: float) -> None:
-    """The head-transform arguments of the fused ops: finite numbers, temperature and softcap
-    positive (errors name the argument and the fix)."""
-    import math
+def check_head_transform(tf: HeadTransform) -> HeadTransform:
+    """The head transform of a fused op (built from its arguments by ``HeadTransform.of``):
+    finite numbers, temperature and softcap positive (errors name the argument and the fix).
+    Returns it with plain Python floats."""
 
     def number(name: str, x: object) -> float:
         if isinstance(x, bool) or not isinstance(x, (int, float)):
@@ -112,17 +115,20 @@ def check_head_transform(temperature: float, softcap: float | None, logit_scale:
             raise TypeError(f"{name} must be a float, got {type(x).__name__}.")
         return float(x)
 
-    t = number("temperature", temperature)
+    t = number("temperature", tf.temperature)
     if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}; use 1.0 for no "
-                         "temperature scaling (sampling at temperature 0 is greedy decoding, "
+        raise ValueError(f"temperature must be finite and > 0, got {tf.temperature}; use 1.0 for "
+                         "no temperature scaling (sampling at temperature 0 is greedy decoding, "
                          "which has no log-probabilities to compute).")
-    if softcap is not None:
-        c = number("softcap", softcap)
+    c = None
+    if tf.softcap is not None:
+        c = number("softcap", tf.softcap)
         if not (math.isfinite(c) and c > 0):
-            raise ValueError(f"softcap must be None or finite and > 0, got {softcap}; pass "
+            raise ValueError(f"softcap must be None or finite and > 0, got {tf.softcap}; pass "
                              "softcap=None for no capping (e.g. a config's "
                              "final_logit_softcapping of None or 0 means none).")
-    s = number("logit_scale", logit_scale)
+    s = number("logit_scale", tf.logit_scale)
     if not math.isfinite(s):
-        raise ValueError(f"logit_scale must be finite, got {logit_scale}; use 1.0 for no scaling.")
+        raise ValueError(f"logit_scale must be finite, got {tf.logit_scale}; use 1.0 for no "
+                         "scaling.")
+    return HeadTransform(t, c, s)

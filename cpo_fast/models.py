@@ -15,7 +15,8 @@ differentiably, as ``W + sum_a scale_a B_a A_a``), FSDP2-sharded heads (gathered
 
 Head transforms. Some families transform the logits after the head; the model's own forward
 applies them, so a fused path that ignored them would be silently wrong. They are read from
-the (text) config by :func:`head_transform` and passed to the op, which applies, per logit,
+the (text) config by ``HeadTransform.from_model`` (cpo_fast/_transform.py) and passed to the
+op as one value, which applies, per logit,
 
     z' = softcap * tanh(logit_scale * z / softcap) / temperature   (softcap None: no tanh)
 
@@ -39,67 +40,17 @@ logits are divided by it after the model's own transforms), as in TRL's trainers
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from cpo_fast._transform import HeadTransform
 from cpo_fast.constants import IGNORE_INDEX
 from cpo_fast.ops import linear_token_logprobs
 
-# Config fields that change the head's output in a way not expressed by HeadTransform.
-_UNSUPPORTED_HEAD_FIELDS = {
-    "mup_width_multiplier": "Phi-3-small's muP logit scaling",
-    "dim_model_base": "MiniCPM's hidden-state scaling before the head",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class HeadTransform:
-    """The model's own logit transform: ``z' = softcap * tanh(logit_scale * z / softcap)``."""
-
-    logit_scale: float = 1.0
-    softcap: float | None = None
-
-    @property
-    def is_identity(self) -> bool:
-        return self.logit_scale == 1.0 and self.softcap is None
-
-
-def _text_config(model_or_config: Any) -> Any:
-    cfg = getattr(_base(model_or_config), "config", model_or_config)
-    get = getattr(cfg, "get_text_config", None)
-    return get() if callable(get) else cfg
-
-
-def head_transform(model_or_config: Any) -> HeadTransform:
-    """The head transform a model's forward applies to its logits, read from its config."""
-    cfg = _text_config(model_or_config)
-    for field, what in _UNSUPPORTED_HEAD_FIELDS.items():
-        value = getattr(cfg, field, None)
-        if value not in (None, 1, 1.0):
-            raise NotImplementedError(
-                f"config.{field} = {value!r} ({what}) transforms the logits in a way cpo_fast's "
-                "fused head does not model; compute log-probs from the model's logits instead "
-                "(cpo_fast.token_logprobs(model(...).logits[:, :-1], labels))."
-            )
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    scale = getattr(cfg, "logit_scale", None)
-    if scale == "inv_sqrt_d_model":  # MPT
-        scale = 1.0 / math.sqrt(cfg.d_model)
-    for field in ("output_multiplier", "lm_head_multiplier"):
-        if scale is None:
-            scale = getattr(cfg, field, None)
-    logits_scaling = getattr(cfg, "logits_scaling", None)
-    if scale is None and logits_scaling is not None:
-        hyperclova = getattr(cfg, "model_type", "") == "hyperclovax"
-        scale = logits_scaling if hyperclova else 1.0 / logits_scaling
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise NotImplementedError(f"unsupported logit scale {scale!r} in the model config.")
-    return HeadTransform(logit_scale=1.0 if scale is None else float(scale),
-                         softcap=None if softcap is None else float(softcap))
+# Kept as a name: cpo_fast.head_transform(model_or_config) is the public spelling of it.
+head_transform = HeadTransform.from_model
 
 
 def _base(model: Any) -> Any:
@@ -209,11 +160,10 @@ def causal_lm_token_logprobs(
     if hidden is None:
         hidden = last_hidden(model, input_ids, attention_mask)
     weight, bias = output_weight(model)
-    t = head_transform(model)
-    extra = {} if t.is_identity and temperature == 1.0 else {
-        "temperature": temperature, "softcap": t.softcap, "logit_scale": t.logit_scale}
+    transform = HeadTransform.from_model(model, temperature=temperature)
     return linear_token_logprobs(hidden[:, :-1], weight, labels[:, 1:].to(weight.device),
-                                 bias=bias, with_entropy=with_entropy, backend=backend, **extra)
+                                 bias=bias, with_entropy=with_entropy, backend=backend,
+                                 transform=transform)
 
 
 __all__ = ["HeadTransform", "causal_lm_token_logprobs", "decoder", "head_transform",

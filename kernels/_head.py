@@ -1,7 +1,7 @@
 r"""Head transforms inside the Triton kernels (shared by both ops' kernels).
 
-The transform of each raw logit z (cpo_fast._backend.HeadTransform), from the host's three
-runtime scalars ``(pre, post, grad)`` (``HeadTransform.kernel_scalars``):
+The transform of each raw logit z (cpo_fast._transform.HeadTransform), from three run-time
+scalars ``(pre, post, grad)`` that :func:`head_args` derives from it at the launch:
 
     softcap:    t = tanh(pre z),  z' = post t,   dz = dz' grad (1 - t^2)
     otherwise:  z' = pre z,                      dz = dz' pre
@@ -15,8 +15,31 @@ runs under the interpreter and on the GPU. The kernels call these only under the
 
 from __future__ import annotations
 
+from typing import Any
+
 import triton
 import triton.language as tl
+
+from cpo_fast._transform import HeadTransform, active
+
+
+def head_args(transform: HeadTransform | None, *, with_grad: bool) -> dict[str, Any]:
+    """A kernel launch's head-transform arguments: the constexprs ``HAS_TRANSFORM`` /
+    ``HAS_SOFTCAP`` and the scalars ``tf_pre``, ``tf_post`` (and ``tf_grad`` for a backward
+    kernel) of the formulas above; flags off (scalars 1) for None or the identity. With a
+    softcap ``pre = logit_scale / softcap``, ``post = softcap / temperature``, ``grad =
+    logit_scale / temperature``; without one all three are ``logit_scale / temperature``."""
+    tf = active(transform)
+    pre = post = grad = 1.0 if tf is None else tf.grad_scale
+    capped = tf is not None and tf.softcap is not None
+    if capped:
+        pre = float(tf.logit_scale) / float(tf.softcap)
+        post = float(tf.softcap) / float(tf.temperature)
+    out: dict[str, Any] = dict(tf_pre=pre, tf_post=post, HAS_TRANSFORM=tf is not None,
+                               HAS_SOFTCAP=capped)
+    if with_grad:
+        out["tf_grad"] = grad
+    return out
 
 
 @triton.jit

@@ -22,7 +22,8 @@ FLOPs: 2 N d V.
 Backward: a hybrid, vocabulary-chunked scheme. For each chunk of Vc vocabulary entries,
 ``_linear_token_logprobs_bwd_kernel`` (grid (cdiv(N, BLOCK_N), cdiv(Vc, BLOCK_V))) recomputes the logits tile
 (2 N d Vc FLOPs), forms dz in fp32 from the saved lse and H and writes it, in the
-operands' dtype, to an [N, Vc] scratch buffer. Two dense GEMMs then consume the chunk:
+operands' dtype, to an [N, Vc] scratch buffer. Two dense GEMMs then consume the chunk
+(``consume_dz``, shared with the CPU backend in cpo_fast/_linear_common.py):
 ``grad_weight[chunk] = dz^T @ h`` (written once, no accumulation, no atomics) and
 ``grad_hidden += dz @ W[chunk]`` (accumulated in fp32). Why not an all-Triton backward:
 an on-chip accumulator for grad_hidden of a row block is [BLOCK_N, d] (1 MiB in fp32 at
@@ -54,12 +55,13 @@ so |d grad_h[t, k]| <= b_t sum_v |W[v, k]|, |d grad_W[v, k]| <= sum_t b_t |h[t, 
 zeroed tiles (the saving would need a block-sparse GEMM); the option keeps the op's
 semantics identical across backends.
 
-Head transforms (``transform``, cpo_fast._backend.HeadTransform): both kernels replace each
+Head transforms (``transform``, cpo_fast._transform.HeadTransform): both kernels replace each
 logits tile by z' right after its GEMM (before the vocabulary padding is masked to -inf),
 under the constexprs ``HAS_TRANSFORM`` / ``HAS_SOFTCAP`` with the scalars at run time
-(kernels/_head.py); the backward kernel multiplies its dz tile by dz'/dz, so the GEMMs
-after it are unchanged. The grad-skip bound above then holds for dz', and |dz'/dz| <=
-|logit_scale| / temperature. Without a transform both flags are off: the default builds.
+(derived at the launch by kernels/_head.py); the backward kernel multiplies its dz tile by
+dz'/dz, so the GEMMs after it are unchanged. The grad-skip bound above then holds for dz',
+and |dz'/dz| <= |logit_scale| / temperature. Without a transform both flags are off: the
+default builds.
 
 Interpreter: ``tl.dot`` on bf16 operands is wrong under TRITON_INTERPRET=1 (docs/gpu.md), so
 the constexpr UPCAST_DOT casts the tiles to fp32 there. fp32 operands use
@@ -69,19 +71,17 @@ Pointer offsets are int64 (N V and V d exceed 2^31 at the design shapes).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from cpo_fast._backend import HeadTransform, active, override_fields, triton_interpreting
-from cpo_fast.kernels._head import _head_apply, _head_apply_grad
+from cpo_fast._backend import HeadTransform, Knobs, triton_interpreting
+from cpo_fast._linear_common import addmm_out_dtype_ok, consume_dz
+from cpo_fast.kernels._head import _head_apply, _head_apply_grad, head_args
 
 # Initial running max: finite, so (m_old - m_new) * s never forms -inf * 0. A constexpr:
 # the GPU compiler rejects plain module-level floats inside @triton.jit functions.
@@ -102,12 +102,9 @@ class Config:
     row_group: int | None = None  # backward rows per pass; None: all N (see docstring)
 
 
-_OVERRIDES: dict[str, Any] = {}
-
-
-def override_config(**fields: Any) -> contextlib.AbstractContextManager[None]:
-    """Replace these ``Config`` fields in every default inside the block (tests: tiny tiles)."""
-    return override_fields(Config, _OVERRIDES, fields)
+_KNOBS = Knobs(Config, env={"row_group": "CPO_FAST_LINEAR_ROW_GROUP"})
+# ``with override_config(block_n=16, ...): ...`` (tests: tiny tiles).
+override_config = _KNOBS.override_config
 
 
 def default_config(d: int, dtype: torch.dtype) -> Config:
@@ -115,11 +112,7 @@ def default_config(d: int, dtype: torch.dtype) -> Config:
 
     ``CPO_FAST_LINEAR_ROW_GROUP=R`` sets the backward's rows per pass (memory-lean mode).
     """
-    cfg = _base_config(d, dtype)
-    rows = os.environ.get("CPO_FAST_LINEAR_ROW_GROUP")
-    if rows:
-        cfg = dataclasses.replace(cfg, row_group=int(rows))
-    return dataclasses.replace(cfg, **_OVERRIDES) if _OVERRIDES else cfg
+    return _KNOBS.resolve(_base_config(d, dtype))
 
 
 def _base_config(d: int, dtype: torch.dtype) -> Config:
@@ -168,15 +161,20 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_v, mask_v, D,
 
 
 @triton.jit
+def _row_block(N, BLOCK_N: tl.constexpr):
+    """The rows of this program's block (program_id 0) and their in-range mask."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_n, offs_n < N
+
+
+@triton.jit
 def _linear_token_logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, m_ptr, s_ptr, a_ptr, zy_ptr,
                 N, V, D, tiles_per_split, ignore_index, tf_pre, tf_post,
                 HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PREC: tl.constexpr,
                 HAS_TRANSFORM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    offs_n, mask_n = _row_block(N, BLOCK_N)
     lab = tl.load(lab_ptr + offs_n, mask=mask_n, other=ignore_index)
     lab = tl.where(lab != ignore_index, lab, -1)  # ignored rows match no column
 
@@ -217,10 +215,8 @@ def _linear_token_logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, ent
                UPCAST_DOT: tl.constexpr, PREC: tl.constexpr,
                HAS_TRANSFORM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    offs_n, mask_n = _row_block(N, BLOCK_N)
     offs_v = v_begin + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_v = offs_v < v_end
     lab = tl.load(lab_ptr + offs_n, mask=mask_n, other=ignore_index)
@@ -280,13 +276,10 @@ def linear_token_logprobs_forward(
     splits = triton.cdiv(n_tiles, per)  # every split owns >= 1 tile
     parts = torch.empty(4, splits, N, device=hidden.device, dtype=torch.float32)
     upcast, prec = _launch_flags(hidden.dtype)
-    tf = active(transform)
-    pre, post, _ = tf.kernel_scalars() if tf is not None else (1.0, 1.0, 1.0)
     _linear_token_logprobs_fwd_kernel[(n_blocks, splits)](
         hidden, weight, _bias_arg(bias, hidden), labels, parts[0], parts[1], parts[2], parts[3],
-        N, V, D, per, ignore_index, pre, post,
+        N, V, D, per, ignore_index, **head_args(transform, with_grad=False),
         HAS_BIAS=bias is not None, UPCAST_DOT=upcast, PREC=prec,
-        HAS_TRANSFORM=tf is not None, HAS_SOFTCAP=tf is not None and tf.softcap is not None,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -332,14 +325,13 @@ def linear_token_logprobs_backward(
     acc = prod = None
     if needs_hidden_grad and not f32:
         acc = torch.empty(rows, D, device=dev, dtype=torch.float32)
-        if not _addmm_out_dtype_ok(dev):
+        if not addmm_out_dtype_ok(dev):
             prod = torch.empty(rows, D, device=dev, dtype=dt)
     gw = torch.empty_like(weight) if needs_weight_grad else None
     gb = torch.empty(V, device=dev, dtype=torch.float32) if needs_bias_grad else None
     upcast, prec = _launch_flags(dt)
     thr = float(grad_skip_threshold)
-    tf = active(transform)
-    pre, post, tgrad = tf.kernel_scalars() if tf is not None else (1.0, 1.0, 1.0)
+    head = head_args(transform, with_grad=True)
     for r0 in range(0, N, rows):
         r1 = min(r0 + rows, N)
         n = r1 - r0
@@ -356,15 +348,16 @@ def linear_token_logprobs_backward(
                 h_r, weight, _bias_arg(bias, hidden), labels[r0:r1], lse[r0:r1],
                 (entropy if has_e else lse)[r0:r1], grad_logp[r0:r1],
                 (grad_entropy if has_e else grad_logp)[r0:r1],
-                dz_buf, n, D, v0, v1, chunk, ignore_index, thr, pre, post, tgrad,
+                dz_buf, n, D, v0, v1, chunk, ignore_index, thr, **head,
                 HAS_BIAS=bias is not None, HAS_E=has_e, SKIP=thr > 0, UPCAST_DOT=upcast,
-                HAS_TRANSFORM=tf is not None, HAS_SOFTCAP=tf is not None and tf.softcap is not None,
                 PREC=prec, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-            _consume_dz(dz, h_r, weight[v0:v1], None if gw is None else gw[v0:v1],
-                        acc_r if gh is not None else None, None if prod is None else prod[:n],
-                        None if gb is None else gb[v0:v1], first_group)
+            # grad_W and grad_b of a chunk: written by the first row group, accumulated in
+            # their dtypes by later ones (see the module docstring)
+            consume_dz(dz, h_r, weight[v0:v1], None if gw is None else gw[v0:v1],
+                       acc_r if gh is not None else None, None if prod is None else prod[:n],
+                       None if gb is None else gb[v0:v1], first_group)
         if gh is not None and not f32:
             gh[r0:r1].copy_(acc_r)
     del dz_buf, acc, prod
@@ -379,38 +372,6 @@ def _bwd_sizes(cfg: Config, N: int, V: int) -> tuple[int, int]:
                 triton.cdiv(V, cfg.block_v) * cfg.block_v)
     rows = min(N, triton.cdiv(cfg.row_group, cfg.block_n) * cfg.block_n) if cfg.row_group else N
     return chunk, rows
-
-
-def _consume_dz(dz: Tensor, h_r: Tensor, w_c: Tensor, gw_c: Tensor | None, acc_r: Tensor | None,
-                prod: Tensor | None, gb_c: Tensor | None, first_group: bool) -> None:
-    """The two GEMMs (and the bias sum) that consume one [rows, chunk] dz tile:
-    grad_W[chunk] (+)= dz^T h, grad_h (fp32 accumulator) += dz W[chunk], grad_b[chunk] (+)= sum dz."""
-    if gw_c is not None:
-        if first_group:
-            torch.mm(dz.t(), h_r, out=gw_c)
-        else:  # row groups > 1: accumulated in the weight's dtype (see the module docstring)
-            gw_c.addmm_(dz.t(), h_r)
-    if acc_r is not None:
-        if acc_r.dtype == dz.dtype:  # fp32: accumulate in the output itself
-            acc_r.addmm_(dz, w_c)
-        elif prod is None:
-            torch.addmm(acc_r, dz, w_c, out_dtype=torch.float32, out=acc_r)
-        else:  # no fp32-out addmm from half operands here: a product buffer, then add
-            torch.mm(dz, w_c, out=prod)
-            acc_r.add_(prod)
-    if gb_c is not None:
-        if first_group:
-            torch.sum(dz, dim=0, dtype=torch.float32, out=gb_c)
-        else:
-            gb_c += torch.sum(dz, dim=0, dtype=torch.float32)
-
-
-def _addmm_out_dtype_ok(device: torch.device) -> bool:
-    """torch.addmm(..., out_dtype=float32) on half operands: CUDA, torch >= 2.8."""
-    if device.type != "cuda":
-        return False
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    return (major, minor) >= (2, 8)
 
 
 def skip_error_bound(grad_logp: Tensor, grad_entropy: Tensor | None, entropy: Tensor | None,

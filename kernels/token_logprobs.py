@@ -13,9 +13,10 @@ cancellation.) Backward, one more read and one write per row:
 
 Bytes moved (fwd+bwd) = 2 reads + 1 write of N x V elements: the bandwidth floor.
 Head transforms (``HAS_TRANSFORM``, ``HAS_SOFTCAP`` constexprs; scalars pre, post, grad at
-run time, see kernels/_head.py): each loaded logit is replaced by z' before the above, the
-padding of the last chunk stays -inf, and the backward multiplies dz' by dz'/dz. With both
-flags off the kernels are the untransformed ones.
+run time, derived from the ``HeadTransform`` at the launch by kernels/_head.py): each loaded
+logit is replaced by z' before the above, the padding of the last chunk stays -inf, and the
+backward multiplies dz' by dz'/dz. With both flags off the kernels are the untransformed
+ones.
 
 Rows are addressed as (b, t) with strides (stride_b, stride_t), so a [B, T, V] view such
 as HF's ``logits[:, :-1, :]`` is read in place. Offsets are int64 (N*V exceeds 2^31).
@@ -23,16 +24,14 @@ as HF's ``logits[:, :-1, :]`` is read in place. Offsets are int64 (N*V exceeds 2
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from cpo_fast._backend import HeadTransform, active, override_fields
-from cpo_fast.kernels._head import _head_apply, _head_apply_grad
+from cpo_fast._backend import HeadTransform, Knobs
+from cpo_fast.kernels._head import _head_apply, _head_apply_grad, head_args
 
 
 @triton.jit
@@ -129,23 +128,16 @@ class Config:
 
 # The largest vocabulary chunk a program holds at once.
 _MAX_BLOCK_V = 4096
-_OVERRIDES: dict[str, Any] = {}
-
-
-def override_config(**fields: Any) -> contextlib.AbstractContextManager[None]:
-    """Replace these ``Config`` fields in every default inside the block (tests: small chunks)."""
-    return override_fields(Config, _OVERRIDES, fields)
+_KNOBS = Knobs(Config)
+# ``with override_config(block_v=16): ...`` (tests: small chunks; warps follow block_v).
+override_config = _KNOBS.override_config
 
 
 def default_config(V: int) -> Config:
-    """One program per row walks the row in chunks of up to 4096 (warps scale with the chunk)."""
-    block_v = min(triton.next_power_of_2(V), _MAX_BLOCK_V)
-    cfg = Config(block_v=block_v, num_warps=_warps(block_v))
-    if _OVERRIDES:
-        cfg = dataclasses.replace(cfg, **_OVERRIDES)
-        if "num_warps" not in _OVERRIDES:
-            cfg = dataclasses.replace(cfg, num_warps=_warps(cfg.block_v))
-    return cfg
+    """One program per row walks the row in chunks of up to 4096 (warps scale with the chunk,
+    an overridden one too, unless num_warps is overridden as well)."""
+    block_v = _KNOBS.overrides.get("block_v", min(triton.next_power_of_2(V), _MAX_BLOCK_V))
+    return _KNOBS.resolve(Config(block_v=block_v, num_warps=_warps(block_v)))
 
 
 def _warps(block_v: int) -> int:
@@ -166,14 +158,10 @@ def token_logprobs_forward(
     if N == 0:
         return logp, ent, lse
     cfg = config or default_config(V)
-    tf = active(transform)
-    pre, post, _ = tf.kernel_scalars() if tf is not None else (1.0, 1.0, 1.0)
     _token_logprobs_fwd_kernel[(N,)](
         logits3, labels, logp, ent if with_entropy else logp, lse,
-        T, V, *logits3.stride(), ignore_index, pre, post,
-        HAS_ENT=with_entropy, HAS_TRANSFORM=tf is not None,
-        HAS_SOFTCAP=tf is not None and tf.softcap is not None,
-        BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+        T, V, *logits3.stride(), ignore_index, **head_args(transform, with_grad=False),
+        HAS_ENT=with_entropy, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
     )
     return logp, ent, lse
 
@@ -194,13 +182,10 @@ def token_logprobs_backward(
     if has_ent and entropy is None:
         raise ValueError("grad_entropy given but entropy is None: run the forward with_entropy.")
     cfg = config or default_config(V)
-    tf = active(transform)
-    pre, post, grad = tf.kernel_scalars() if tf is not None else (1.0, 1.0, 1.0)
     _token_logprobs_bwd_kernel[(N,)](
         logits3, grad_out3, labels, lse, entropy if has_ent else lse, grad_logp,
         grad_entropy if has_ent else grad_logp,
-        T, V, *logits3.stride(), *grad_out3.stride(), ignore_index, pre, post, grad,
-        HAS_ENT=has_ent, HAS_TRANSFORM=tf is not None,
-        HAS_SOFTCAP=tf is not None and tf.softcap is not None,
-        BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+        T, V, *logits3.stride(), *grad_out3.stride(), ignore_index,
+        **head_args(transform, with_grad=True),
+        HAS_ENT=has_ent, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
     )

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import cpo_fast
 from cpo_fast import reference
+from cpo_fast._transform import HeadTransform
 
 FUSED = kernel_backends()
 BACKENDS = [*FUSED, "reference"]
@@ -41,7 +42,7 @@ def head(temperature, softcap, logit_scale) -> dict:
 
 
 def transformed(z64: torch.Tensor, kw: dict) -> torch.Tensor:
-    return reference.head_transform(z64, **kw)
+    return reference.apply_head_transform(z64, HeadTransform(**kw))
 
 
 @contextlib.contextmanager
@@ -327,7 +328,7 @@ def test_neg_inf_logits_under_softcap(backend, dtype):
     torch.testing.assert_close(lp.double(), rlp.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent.double(), rent.detach(), atol=1e-5, rtol=1e-5)
     # the capped -inf is -softcap / T = -10: row 1's label has logit -10
-    zt = reference.head_transform(z64.detach(), **kw)
+    zt = reference.apply_head_transform(z64.detach(), HeadTransform(**kw))
     assert zt[1, 1].item() == -10.0
     (lp.sum() + ent.sum()).backward()
     (rlp.sum() + rent.sum()).backward()
@@ -405,8 +406,6 @@ def test_frozen_weight_path_exact_for_scale_skipped_for_softcap(monkeypatch, kw,
     assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[1], want[1], floor=1.0) < 1e-5
     assert rel_err(got[2], want[2]) < 5e-5
     with pytest.raises(ValueError, match="softcap"):
-        from cpo_fast._backend import HeadTransform
-
         real(h, w, b, labels, -100, False, transform=HeadTransform(1.0, 5.0, 1.0))
 
 

@@ -2,7 +2,8 @@ r"""C++/OpenMP CPU backend (``cpo_fast._C``) of the fused ops: one module per op
 
 ``cpo_fast.cpu.token_logprobs`` and ``cpo_fast.cpu.linear_token_logprobs`` implement the
 backend contract written in ``cpo_fast/_backend.py``; ``_common`` holds what both share
-(tensor checks, dtype names, the thread count, the Config override machinery). The C++ side
+(tensor checks, dtype names, the thread count, the ``_C`` head-transform keywords, the
+gradient-buffer pool; the Config machinery is ``cpo_fast._backend.Knobs``). The C++ side
 receives raw addresses, shapes, element strides and a ``_C.DType`` (no libtorch link); every
 ``_C`` function is called by keyword.
 

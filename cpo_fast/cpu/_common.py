@@ -1,5 +1,5 @@
-"""What both CPU op modules share: tensor checks, dtype names, threads, head transforms of a
-float32 logits block."""
+"""What both CPU op modules share: tensor checks, dtype names, threads, the head-transform
+keywords of the ``_C`` kernels, gradient buffers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from cpo_fast import _C
-from cpo_fast._backend import HeadTransform
+from cpo_fast._transform import HeadTransform, active
 
 DTYPES = {torch.float32: _C.DType.float32, torch.bfloat16: _C.DType.bfloat16,
           torch.float16: _C.DType.float16}
@@ -62,47 +62,15 @@ def threads(config_threads: int | None) -> int:
     return max(1, int(n))
 
 
-def transform_(z: Tensor, tf: HeadTransform, tanh_out: Tensor | None = None, *,
-               src: Tensor | None = None) -> Tensor | None:
-    """In place on a float32 logits block: ``z <- z'`` (cpo_fast._backend.HeadTransform);
-    with ``src`` (the raw block, any float dtype), ``z <- z'(src)`` (one pass fewer).
-
-    With a softcap, also writes ``t = tanh(logit_scale z / softcap)`` into ``tanh_out`` (a
-    buffer of z's shape) and returns it, for :func:`grad_factor_`; None otherwise (and when
-    ``tanh_out`` is None the tanh is formed in place, forward only).
-    """
-    pre, post, _ = tf.kernel_scalars()
-    if src is not None and src.dtype != torch.float32:
-        z.copy_(src)  # upcast first: a product in bf16 / fp16 would round z'
-        src = None
-    first = z if src is None else src
-    if tf.softcap is None:
-        torch.mul(first, pre, out=z)
-        return None
-    if tanh_out is None:
-        torch.mul(first, pre, out=z).tanh_().mul_(post)
-        return None
-    t = torch.mul(first, pre, out=tanh_out).tanh_()
-    torch.mul(t, post, out=z)
-    return t
-
-
-def grad_factor_(dz: Tensor, t: Tensor | None, tf: HeadTransform) -> None:
-    """In place: ``dz <- dz' * dz'/dz``, the chain-rule factor ``(logit_scale / temperature)
-    (1 - t^2)`` with ``t`` from :func:`transform_` (consumed), or the constant without a
-    softcap."""
-    pre, _, grad = tf.kernel_scalars()
-    if t is None:
-        dz.mul_(pre)
-        return
-    dz.mul_(t.mul_(t).mul_(-grad).add_(grad))
-
-
-def zero_rows_(z: Tensor, rows: Tensor) -> None:
-    """``z[rows] = 0`` for a (usually short) boolean row mask, touching only those rows."""
-    idx = rows.nonzero().squeeze(1)
-    if idx.numel():
-        z.index_fill_(0, idx, 0.0)
+def tf_kwargs(transform: HeadTransform | None) -> dict[str, float]:
+    """The ``_C`` head-transform keywords ``pre`` (logit_scale), ``post`` (1 / temperature)
+    and ``softcap`` (0: none), derived at the call; {} for None or the identity (the
+    untransformed kernels)."""
+    tf = active(transform)
+    if tf is None:
+        return {}
+    return dict(pre=float(tf.logit_scale), post=1.0 / float(tf.temperature),
+                softcap=0.0 if tf.softcap is None else float(tf.softcap))
 
 
 # ---- gradient buffers (csrc/buffer_pool.h) ------------------------------------------------

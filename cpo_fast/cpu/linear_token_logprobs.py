@@ -5,29 +5,30 @@ whole N x V matrix: at most ``block_rows x block_cols``, 16 MiB by default), mer
 block into the per-row running statistics in C++ (``_C.block_forward``), and in backward
 recomputes each block, turns it into ``dL/dz`` in place in C++ (``_C.token_logprobs_backward``
 on the block) and accumulates ``grad_h += dZ @ W_blk``, ``grad_W[blk] = dZ^T @ h``,
-``grad_b[blk] = sum_rows dZ``. The frozen-weight forward (``_C.block_forward_frozen``) also
+``grad_b[blk] = sum_rows dZ`` (``consume_dz``, shared with the Triton backend in
+cpo_fast/_linear_common.py). The frozen-weight forward (``_C.block_forward_frozen``) also
 accumulates ``pw`` and ``plw`` (see :func:`linear_token_logprobs_forward_frozen`).
 
-Head transforms (``transform``, cpo_fast._backend.HeadTransform): each float32 logits block
-is transformed in place with torch right after its GEMM (``_common.transform_``), before
-the C++ kernels see it; in backward the dL/dz' block the C++ kernel leaves is multiplied by
-dz'/dz (keeping ``tanh`` of the block in a second block buffer when there is a softcap)
-before the gradient GEMMs. No transform: the untransformed code, unchanged.
+Head transforms (``transform``, cpo_fast._transform.HeadTransform) are fused into the same
+C++ kernels as on the logits path (cpo_fast/cpu/token_logprobs.py): the block kernels get
+``pre``, ``post`` and ``softcap`` (``_common.tf_kwargs``) and transform each element of the
+raw float32 block as they read it (the frozen forward turns the block into z' in place
+first); the backward kernel recomputes z', forms dL/dz' and stores dL/dz = dL/dz' dz'/dz
+over the block, ignored rows 0. No extra pass over the block in torch, no second block
+buffer. No transform: the untransformed code, unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from cpo_fast import _C
-from cpo_fast._backend import HeadTransform, active, override_fields
+from cpo_fast._backend import HeadTransform, Knobs, active
+from cpo_fast._linear_common import consume_dz
 from cpo_fast.cpu import _common as c
 
 
@@ -44,26 +45,16 @@ class Config:
             raise ValueError(f"block_rows and block_cols must be >= 1, got {self}.")
 
 
-_OVERRIDES: dict[str, Any] = {}
+_KNOBS = Knobs(Config, env={"block_rows": "CPO_FAST_CPU_BLOCK_ROWS",
+                            "block_cols": "CPO_FAST_CPU_BLOCK_COLS"})
+# ``with override_config(block_rows=7, block_cols=16): ...`` forces small blocks.
+override_config = _KNOBS.override_config
 
 
 def default_config() -> Config:
     """The Config in effect: CPO_FAST_CPU_BLOCK_ROWS / CPO_FAST_CPU_BLOCK_COLS (read now,
     not at import), then any :func:`override_config` fields."""
-    env = {}
-    for field, var in (("block_rows", "CPO_FAST_CPU_BLOCK_ROWS"),
-                       ("block_cols", "CPO_FAST_CPU_BLOCK_COLS")):
-        if os.environ.get(var):
-            try:
-                env[field] = int(os.environ[var])
-            except ValueError:
-                raise ValueError(f"{var}={os.environ[var]!r} must be an integer.") from None
-    return dataclasses.replace(Config(), **{**env, **_OVERRIDES})
-
-
-def override_config(**fields: Any) -> contextlib.AbstractContextManager[None]:
-    """``with override_config(block_rows=7, block_cols=16): ...`` forces small blocks."""
-    return override_fields(Config, _OVERRIDES, fields)
+    return _KNOBS.resolve()
 
 
 def _check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> None:
@@ -92,13 +83,6 @@ class _Blocks:
         self.br = max(1, min(cfg.block_rows, self.N))
         self.bc = max(1, min(cfg.block_cols, self.V))
         self.buf = torch.empty(self.br * self.bc, dtype=torch.float32)
-        self._tbuf: Tensor | None = None
-
-    def tanh_buffer(self, z: Tensor) -> Tensor:
-        """A second block buffer shaped like ``z`` (the backward's tanh under a softcap)."""
-        if self._tbuf is None:
-            self._tbuf = torch.empty_like(self.buf)
-        return self._tbuf[: z.numel()].view(z.shape)
 
     def cols(self) -> Iterator[tuple[int, int, Tensor, Tensor | None]]:
         for c0 in range(0, self.V, self.bc):
@@ -165,17 +149,15 @@ def linear_token_logprobs_forward(
     _check_linear(hidden, weight, bias, labels)
     blk = _Blocks(hidden, weight, bias, cfg)
     run = _Running.start(blk.N)
-    tf = active(transform)
+    head = c.tf_kwargs(transform)
     for c0, c1, w, b in blk.cols():
         for r0, r1 in blk.rows():
             z = blk.logits(r0, r1, c0, c1, w, b)
-            if tf is not None:
-                c.transform_(z, tf)
             _C.block_forward(
                 block=z.data_ptr(), rows=r1 - r0, cols=c1 - c0, ld=z.stride(0), col0=c0,
                 labels=labels.data_ptr(), ignore_index=int(ignore_index),
                 with_entropy=bool(with_entropy), **run.kwargs(), row_offset=r0,
-                nthreads=c.threads(cfg.num_threads),
+                nthreads=c.threads(cfg.num_threads), **head,
             )
     return run.finish(labels, ignore_index, with_entropy)
 
@@ -205,8 +187,7 @@ def linear_token_logprobs_forward_frozen(
     than the plain forward (4NdV more with entropy) and makes the hidden gradient an O(N d)
     expression (see ``cpo_fast/ops/linear_token_logprobs.py``); extra memory O(N d + block).
     """
-    tf = active(transform)
-    if tf is not None and tf.softcap is not None:
+    if (tf := active(transform)) is not None and tf.softcap is not None:
         raise ValueError("the frozen-weight forward is exact only without a softcap; use "
                          "linear_token_logprobs_forward and the recompute backward.")
     cfg = config or default_config()
@@ -218,18 +199,17 @@ def linear_token_logprobs_forward_frozen(
     acc = torch.zeros(N, d)
     acc2 = torch.zeros(N, d) if with_entropy else None
     ed_buf = torch.empty_like(blk.buf) if with_entropy else None
+    head = c.tf_kwargs(transform)
     for c0, c1, w, b in blk.cols():
         for r0, r1 in blk.rows():
             z = blk.logits(r0, r1, c0, c1, w, b)
-            if tf is not None:
-                c.transform_(z, tf)
             ed = ed_buf[: z.numel()].view_as(z) if ed_buf is not None else None
             _C.block_forward_frozen(
                 block=z.data_ptr(), rows=r1 - r0, cols=c1 - c0, ld=z.stride(0), col0=c0,
                 labels=labels.data_ptr(), ignore_index=int(ignore_index),
                 with_entropy=bool(with_entropy), **run.kwargs(), alpha=alpha.data_ptr(),
                 dm=dm.data_ptr(), ed=c.addr(ed), ld_ed=ed.stride(0) if ed is not None else 0,
-                row_offset=r0, nthreads=c.threads(cfg.num_threads),
+                row_offset=r0, nthreads=c.threads(cfg.num_threads), **head,
             )
             al = alpha[r0:r1, None]
             if acc2 is not None:  # uses the old acc: update acc2 first
@@ -272,16 +252,10 @@ class _GradBuffers:
 
     def add(self, dz: Tensor, h: Tensor, w: Tensor, gw_blk: Tensor | None, first: bool,
             r0: int, r1: int, c0: int, c1: int) -> None:
-        """Accumulate one dL/dz block ``dz`` (rows r0:r1, columns c0:c1)."""
-        if self.gh is not None:
-            self.gh[r0:r1].addmm_(dz, w)
-        if gw_blk is not None:
-            if first:
-                torch.mm(dz.t(), h[r0:r1], out=gw_blk)
-            else:
-                gw_blk.addmm_(dz.t(), h[r0:r1])
-        if self.gb_acc is not None:
-            self.gb_acc[c0:c1] += dz.sum(0)
+        """Accumulate one float32 dL/dz block ``dz`` (rows r0:r1, columns c0:c1), all in
+        float32; ``first``: the first row block of these columns."""
+        consume_dz(dz, h[r0:r1], w, gw_blk, None if self.gh is None else self.gh[r0:r1], None,
+                   None if self.gb_acc is None else self.gb_acc[c0:c1], first)
 
     def finish(self, hidden: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         if self.gb is not None:
@@ -305,8 +279,8 @@ def linear_token_logprobs_backward(
     Recomputes each logits block, overwrites it with dL/dz in C++ and accumulates the
     products in float32. ``grad_skip_threshold`` is ignored on the CPU: every block is
     computed, so the result is exact (no skipped tiles, no approximation). With
-    ``transform`` each block is transformed before the C++ kernel and its dL/dz' block
-    multiplied by dz'/dz after it (ignored rows stay 0).
+    ``transform`` the C++ kernel transforms each block as it reads it and stores dL/dz' times
+    dz'/dz (ignored rows 0).
     """
     del grad_skip_threshold
     cfg = config or default_config()
@@ -320,15 +294,11 @@ def linear_token_logprobs_backward(
     per_row = dict(labels=labels.data_ptr(), lse=lse.data_ptr(), grad_logp=grad_logp.data_ptr(),
                    entropy=c.addr(entropy) if grad_entropy is not None else 0,
                    grad_entropy=c.addr(grad_entropy))
-    tf = active(transform)
-    ignored = labels == ignore_index if tf is not None else None
+    head = c.tf_kwargs(transform)
     for c0, c1, w, b in blk.cols():
         gw_blk = g.weight_block(c0, c1)
         for i, (r0, r1) in enumerate(blk.rows()):
             z = blk.logits(r0, r1, c0, c1, w, b)
-            t = None
-            if tf is not None:
-                t = c.transform_(z, tf, blk.tanh_buffer(z) if tf.softcap is not None else None)
             rows, cols = z.shape
             # in place: z becomes dL/dz of this block (label columns offset by c0)
             _C.token_logprobs_backward(
@@ -337,11 +307,8 @@ def linear_token_logprobs_backward(
                 grad_out=z.data_ptr(), out_stride_b=rows * z.stride(0),
                 out_stride_t=z.stride(0), out_stride_v=1, label_offset=c0,
                 ignore_index=int(ignore_index), **per_row, row_offset=r0,
-                nthreads=c.threads(cfg.num_threads),
+                nthreads=c.threads(cfg.num_threads), **head,
             )
-            if tf is not None:
-                c.grad_factor_(z, t, tf)
-                c.zero_rows_(z, ignored[r0:r1])  # a NaN factor (NaN logits) must not reach them
             g.add(z, blk.h, w, gw_blk, i == 0, r0, r1, c0, c1)
         if g.gw_acc is not None:
             g.gw[c0:c1] = gw_blk

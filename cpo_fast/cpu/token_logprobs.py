@@ -4,7 +4,7 @@ Forward and backward each make one pass over the rows of a ``[B, T, V]`` view of
 element strides (rows split over OpenMP threads; per-row work is SIMD in C++); ignored rows
 are not read and get logp = entropy = lse = 0 and a zero gradient.
 
-Head transforms (``transform``, cpo_fast._backend.HeadTransform) are fused into the same
+Head transforms (``transform``, cpo_fast._transform.HeadTransform) are fused into the same
 C++ row loops: the kernels receive ``pre`` (logit_scale), ``post`` (1 / temperature) and
 ``softcap`` (0 = none) and transform each element in float32 as they read it (forward:
 before the max, sum-exp, label pick and entropy; backward: z' is recomputed, dL/dz' formed
@@ -20,7 +20,6 @@ one. The identity (no transform) runs the untransformed code unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor
 
 from cpo_fast import _C
-from cpo_fast._backend import HeadTransform, active, override_fields
+from cpo_fast._backend import HeadTransform, Knobs
 from cpo_fast.cpu import _common as c
 
 
@@ -39,17 +38,14 @@ class Config:
     num_threads: int | None = None  # None: torch.get_num_threads()
 
 
-_OVERRIDES: dict[str, Any] = {}
+_KNOBS = Knobs(Config)
+# ``with override_config(num_threads=1): ...`` (tests; no module constants to patch).
+override_config = _KNOBS.override_config
 
 
 def default_config() -> Config:
     """The Config in effect (with any :func:`override_config` fields applied)."""
-    return dataclasses.replace(Config(), **_OVERRIDES)
-
-
-def override_config(**fields: Any) -> contextlib.AbstractContextManager[None]:
-    """``with override_config(num_threads=1): ...`` (tests; no module constants to patch)."""
-    return override_fields(Config, _OVERRIDES, fields)
+    return _KNOBS.resolve()
 
 
 def _check_view3(name: str, t: Tensor) -> Any:
@@ -57,15 +53,6 @@ def _check_view3(name: str, t: Tensor) -> Any:
     if t.dim() != 3 or t.shape[-1] < 1:
         raise ValueError(f"{name} must be a [B, T, V] view with V >= 1, got {tuple(t.shape)}.")
     return code
-
-
-def _tf_kwargs(transform: HeadTransform | None) -> dict[str, float]:
-    """The _C head-transform arguments (pre, post, softcap); {} for none / the identity."""
-    tf = active(transform)
-    if tf is None:
-        return {}
-    return dict(pre=float(tf.logit_scale), post=1.0 / float(tf.temperature),
-                softcap=0.0 if tf.softcap is None else float(tf.softcap))
 
 
 def token_logprobs_forward(
@@ -88,7 +75,7 @@ def token_logprobs_forward(
             logits=logits3.data_ptr(), dtype=dtype, B=B, T=T, V=V, stride_b=sb, stride_t=st,
             stride_v=sv, labels=labels.data_ptr(), ignore_index=int(ignore_index),
             logp=logp.data_ptr(), entropy=c.addr(ent), lse=lse.data_ptr(),
-            nthreads=c.threads(cfg.num_threads), **_tf_kwargs(transform),
+            nthreads=c.threads(cfg.num_threads), **c.tf_kwargs(transform),
         )
     return logp, ent, lse
 
@@ -125,7 +112,7 @@ def token_logprobs_backward(
         ignore_index=int(ignore_index), lse=lse.data_ptr(),
         entropy=c.addr(entropy) if grad_entropy is not None else 0,
         grad_logp=grad_logp.data_ptr(), grad_entropy=c.addr(grad_entropy),
-        nthreads=c.threads(cfg.num_threads), **_tf_kwargs(transform),
+        nthreads=c.threads(cfg.num_threads), **c.tf_kwargs(transform),
     )
 
 

@@ -57,14 +57,9 @@ import torch
 from torch import Tensor
 
 from cpo_fast import reference
-from cpo_fast._backend import (
-    backend_module,
-    head_transform,
-    module_name,
-    optional,
-    select_backend,
-)
+from cpo_fast._backend import backend_module, optional, select_backend
 from cpo_fast._checks import check_float, check_head_transform, check_labels, warn_nonfinite_rows
+from cpo_fast._transform import HeadTransform, from_schema, schema_scalars
 from cpo_fast.constants import IGNORE_INDEX
 
 
@@ -72,12 +67,9 @@ def _impl(backend: str):
     return backend_module(backend, "linear_token_logprobs")
 
 
-# Backward-compatible alias (backend -> module name); the dispatch is in cpo_fast._backend.
-_IMPL_MODULES = {b: module_name(b, "linear_token_logprobs") for b in ("triton", "cpu")}
-
-
-# Called from the Python wrapper, which torch.compile traces: dynamo cannot trace
-# importlib, so the answer (fixed per backend) is taken as a trace-time constant.
+# Called from the Python wrapper, which torch.compile traces: dynamo does not trace the
+# dispatch table's lazy imports, so the answer (fixed per backend) is taken as a trace-time
+# constant.
 @torch.compiler.assume_constant_result
 def _has_frozen_path(backend: str) -> bool:
     return hasattr(_impl(backend), "linear_token_logprobs_forward_frozen")
@@ -94,7 +86,7 @@ def _fwd_op(
     # One fresh empty per unused output: custom-op outputs may not alias each other.
     empty = lambda: hidden.new_empty(0, dtype=torch.float32)
     impl = _impl(backend)
-    tf = head_transform(temperature, softcap, logit_scale)
+    tf = from_schema(temperature, softcap, logit_scale)
     if frozen:
         logp, ent, lse, pw, plw = impl.linear_token_logprobs_forward_frozen(
             hidden, weight, optional(bias), labels, ignore_index, with_entropy, transform=tf
@@ -131,7 +123,7 @@ def _bwd_op(
         grad_logp.float().contiguous(),
         None if grad_entropy is None else grad_entropy.float().contiguous(),
         ignore_index, needs_hidden_grad, needs_weight_grad, needs_bias_grad,
-        grad_skip_threshold, transform=head_transform(temperature, softcap, logit_scale),
+        grad_skip_threshold, transform=from_schema(temperature, softcap, logit_scale),
     )
     # One fresh empty per missing output: custom-op outputs may not alias each other.
     empty = lambda: hidden.new_empty(0)
@@ -185,7 +177,7 @@ def _backward(ctx, grad_logp, grad_ent, _grad_lse, _grad_pw, _grad_plw):
     nh, nw, nb = ctx.needs_input_grad[:3]
     nb = nb and bias.numel() > 0
     if frozen and not (nw or nb):  # always the case: frozen is chosen only then
-        tf = head_transform(*head) if head else None  # frozen: no softcap here
+        tf = from_schema(*head)  # frozen: no softcap here
         gh = _frozen_grad_hidden(hidden, weight, labels, ent, pw, plw, grad_logp,
                                  grad_ent if grad_ent.numel() > 0 else None, ignore_index,
                                  1.0 if tf is None else tf.grad_scale)
@@ -212,6 +204,7 @@ def linear_token_logprobs(
     backend: str | None = None,
     grad_skip_threshold: float = 0.0,
     validate: bool = True,
+    transform: HeadTransform | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
@@ -244,6 +237,8 @@ def linear_token_logprobs(
             :func:`cpo_fast.token_logprobs` (HF / TRL order: scale, cap, divide by the
             temperature); gradients are with respect to hidden, weight and bias through it
             (module docstring). A softcap turns off the frozen-weight fast path.
+        transform: the three as one ``HeadTransform`` instead (what
+            :func:`cpo_fast.causal_lm_token_logprobs` passes: ``HeadTransform.from_model``).
 
     Returns:
         ``logp`` shaped like ``labels``; or ``(logp, entropy)`` with ``with_entropy``:
@@ -256,17 +251,15 @@ def linear_token_logprobs(
     """
     weight, bias = _unshard(weight), _unshard(bias)
     _check_inputs(hidden, weight, labels, bias, ignore_index, grad_skip_threshold, validate)
-    check_head_transform(temperature, softcap, logit_scale)
-    head = (float(temperature), None if softcap is None else float(softcap), float(logit_scale))
+    tf = check_head_transform(HeadTransform.of(transform, temperature, softcap, logit_scale))
     name = select_backend(backend, hidden.device, hidden.dtype)
     if name == "reference" or hidden.numel() == 0:
         out = reference.linear_token_logprobs(hidden, weight, labels, bias=bias,
                                               ignore_index=ignore_index,
-                                              with_entropy=with_entropy, temperature=head[0],
-                                              softcap=head[1], logit_scale=head[2])
+                                              with_entropy=with_entropy, transform=tf)
     else:
         out = _fused(hidden, weight, labels, bias, ignore_index, with_entropy, name,
-                     grad_skip_threshold, head)
+                     grad_skip_threshold, tf)
     if validate:
         warn_nonfinite_rows("linear_token_logprobs", "hidden @ weight.T + bias", labels,
                             ignore_index, *(out if with_entropy else (out,)))
@@ -306,8 +299,7 @@ def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor |
 
 def _fused(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
            ignore_index: int, with_entropy: bool, name: str, grad_skip_threshold: float,
-           head: tuple[float, float | None, float] = (1.0, None, 1.0),
-           ) -> Tensor | tuple[Tensor, Tensor]:
+           tf: HeadTransform) -> Tensor | tuple[Tensor, Tensor]:
     """The custom op on a fused backend (inputs already validated)."""
     d = weight.shape[1]
     if weight.dtype != hidden.dtype:
@@ -326,9 +318,12 @@ def _fused(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
     # The frozen-weight fast path is decided here: the custom op's forward runs with grad
     # mode off and cannot see who will need a gradient.
     frozen = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
-              and (bias is None or not bias.requires_grad) and head[1] is None
+              and (bias is None or not bias.requires_grad) and tf.softcap is None
               and _has_frozen_path(name))
+    # The custom-op schema carries scalars only: the transform is unpacked here and rebuilt
+    # inside the op (from_schema; the identity reaches the backend as None).
     logp, ent, *_ = _fwd_op(h2, weight.contiguous(), b, flat_labels, ignore_index,
-                            with_entropy, name, float(grad_skip_threshold), frozen, *head)
+                            with_entropy, name, float(grad_skip_threshold), frozen,
+                            *schema_scalars(tf))
     logp = logp.view(shape)
     return (logp, ent.view(shape)) if with_entropy else logp

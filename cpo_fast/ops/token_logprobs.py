@@ -42,23 +42,14 @@ import torch
 from torch import Tensor
 
 from cpo_fast import reference
-from cpo_fast._backend import (
-    backend_module,
-    head_transform,
-    module_name,
-    optional,
-    select_backend,
-)
+from cpo_fast._backend import backend_module, optional, select_backend
 from cpo_fast._checks import check_float, check_head_transform, check_labels, warn_nonfinite_rows
+from cpo_fast._transform import HeadTransform, from_schema, schema_scalars
 from cpo_fast.constants import IGNORE_INDEX
 
 
 def _impl(backend: str):
     return backend_module(backend, "token_logprobs")
-
-
-# Backward-compatible alias (backend -> module name); the dispatch is in cpo_fast._backend.
-_IMPL_MODULES = {b: module_name(b, "token_logprobs") for b in ("triton", "cpu")}
 
 
 def _as_3d(logits: Tensor) -> Tensor:
@@ -85,7 +76,7 @@ def _fwd_op(
     # setup_context sees it (also under torch.compile).
     logp, ent, lse = _impl(backend).token_logprobs_forward(
         _as_3d(logits), labels.reshape(-1).long().contiguous(), ignore_index, with_entropy,
-        transform=head_transform(temperature, softcap, logit_scale),
+        transform=from_schema(temperature, softcap, logit_scale),
     )
     ent = optional(ent)
     ent = ent.view(labels.shape) if with_entropy else logp.new_empty(0)
@@ -136,7 +127,7 @@ def _run_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index
     _impl(backend).token_logprobs_backward(
         _as_3d(logits), labels.reshape(-1).long().contiguous(), flat(lse), flat(entropy),
         flat(grad_logp), flat(grad_entropy), ignore_index, _as_3d(out),
-        transform=head_transform(temperature, softcap, logit_scale),
+        transform=from_schema(temperature, softcap, logit_scale),
     )
 
 
@@ -178,6 +169,7 @@ def token_logprobs(
     temperature: float = 1.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
+    transform: HeadTransform | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token log-probabilities ``log softmax(z')[labels]`` (and entropies) of the
     transformed logits ``z' = (softcap tanh(logit_scale z / softcap) or logit_scale z) /
@@ -208,6 +200,8 @@ def token_logprobs(
             The gradient is taken with respect to the raw logits: the transform's derivative
             ``(logit_scale / temperature) (1 - tanh(u / softcap)^2)`` is applied in the
             backward (see the module docstring).
+        transform: the same three numbers as one ``HeadTransform`` (e.g.
+            ``HeadTransform.from_model(model)``), instead of the keywords above.
 
     Returns:
         ``logp`` shaped like ``labels``; or ``(logp, entropy)`` with ``with_entropy``. The
@@ -219,19 +213,19 @@ def token_logprobs(
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}.")
     V = logits.shape[-1]
-    check_head_transform(temperature, softcap, logit_scale)
+    tf = check_head_transform(HeadTransform.of(transform, temperature, softcap, logit_scale))
     check_labels(labels, logits.shape[:-1], V, ignore_index, validate=validate)
     if labels.device != logits.device:
         raise ValueError(f"labels are on {labels.device} but logits on {logits.device}.")
     name = select_backend(backend, logits.device, logits.dtype)
     if name == "reference" or logits.numel() == 0:
         out = reference.token_logprobs(logits, labels, ignore_index=ignore_index,
-                                       with_entropy=with_entropy, temperature=temperature,
-                                       softcap=softcap, logit_scale=logit_scale)
-    else:  # the defaults reach the backend as transform=None: the untransformed kernels
+                                       with_entropy=with_entropy, transform=tf)
+    else:
+        # The custom-op schema carries scalars only: the transform is unpacked here and
+        # rebuilt inside the op (from_schema; the identity reaches the backend as None).
         logp, ent, _ = _fwd_op(logits, labels, ignore_index, with_entropy, name,
-                               inplace_backward, float(temperature),
-                               None if softcap is None else float(softcap), float(logit_scale))
+                               inplace_backward, *schema_scalars(tf))
         out = (logp, ent) if with_entropy else logp
     if validate:
         warn_nonfinite_rows("token_logprobs", "logits", labels, ignore_index,
