@@ -82,23 +82,24 @@ or contiguous ``[V]``; gradients come back in their input's dtype (accumulated i
 
 Head transforms. Every backend function above also takes a keyword argument
 ``transform: HeadTransform | None = None`` (the forward, the backward and the frozen
-forward alike), the one :class:`HeadTransform` value that the public op built from its
-``transform=`` or ``temperature=``/``softcap=``/``logit_scale=`` arguments (or that
-:meth:`HeadTransform.from_model` read from a Hugging Face config): the transform applied to
-each raw logit ``z`` before the softmax,
+forward alike): the one ``HeadTransform`` value (defined in ``cpo_fast/_transform.py``,
+re-exported here) that the public op built from its ``transform=`` or
+``temperature=``/``softcap=``/``logit_scale=`` arguments (or that
+``HeadTransform.from_model`` read from a Hugging Face config), applied to each raw logit
+``z`` before the softmax,
 
     u = logit_scale * z,    z' = (softcap * tanh(u / softcap) if softcap else u) / temperature
 
 (Hugging Face / TRL order). logp, entropy and lse are those of ``z'``; the backward returns
 ``dL/dz = dL/dz' * (logit_scale / temperature) * (1 - tanh(u / softcap)^2 if softcap else 1)``.
-``None`` (or an identity :class:`HeadTransform`) must run exactly the untransformed code: the
-ops pass ``None`` for the defaults. The value travels unchanged, with one exception: the
+``None`` (or an identity ``HeadTransform``) must run exactly the untransformed code: the ops
+pass ``None`` for the defaults. The value travels unchanged, with one exception: the
 ``torch.library`` custom-op schema carries scalars only, so the op unpacks it there
-(:func:`schema_scalars`) and rebuilds it inside the op (:func:`from_schema`). Whatever a
-backend's kernels need (Triton's ``pre``/``post``/``grad`` scalars and constexpr flags, the
-C++ bridge's ``pre``/``post``/``softcap`` keywords) is derived from it inside the backend,
-at the launch. A backend without a frozen-weight path for a softcap
-need not have one: the op uses that path only without a softcap (see
+(``_transform.schema_scalars``) and rebuilds it inside the op (``_transform.from_schema``).
+Whatever a backend's kernels need (Triton's ``pre``/``post``/``grad`` scalars and constexpr
+flags, the C++ bridge's ``pre``/``post``/``softcap`` keywords) is derived from it inside the
+backend, at the launch. A backend without a frozen-weight path for a softcap need not have
+one: the op uses that path only without a softcap (see
 ``cpo_fast/ops/linear_token_logprobs.py``).
 
 Saved state. The forward saves only O(N) values for the backward: ``lse`` (and the entropy
