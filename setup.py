@@ -19,7 +19,8 @@ import os
 from setuptools import setup
 
 packages = ["cpo_fast", "cpo_fast.cpu", "cpo_fast.ops", "cpo_fast.kernels", "cpo_fast.pipeline",
-            "cpo_fast.integrations", "cpo_fast.bench"]
+            "cpo_fast.pipeline.run", "cpo_fast.pipeline.stages", "cpo_fast.pipeline.training",
+            "cpo_fast.pipeline.report", "cpo_fast.integrations", "cpo_fast.bench"]
 
 ext_modules: list = []
 cmdclass: dict = {}

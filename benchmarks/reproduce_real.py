@@ -51,7 +51,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 EMOBANK = ROOT.parent / "shared" / "data" / "emobank.csv"
 METHODS = ("f_0", *TRAINED)  # f_0 itself, then every training method
 # Sizes for SmolLM2-135M on the 2-core CPU (benchmarks/results/smollm2-stages.md): LoRA,
-# small batches, bf16 generation (the demo's --model settings, cpo_fast/pipeline/demo.py).
+# small batches, bf16 generation (the demo's --model settings, cpo_fast/pipeline/report/demo.py).
 SIZES: dict[str, dict[str, Any]] = {
     "full": dict(rows=600, seeds="0,1,2", config=dict(
         f0_steps=40, steps=30, num_samples=96, dm_size=96, bootstrap=500)),
@@ -113,9 +113,9 @@ def run_group(job: dict[str, Any], judges: dict, log=print) -> list[dict[str, An
         import torch
 
         from cpo_fast.bench.emobank import confounded_emobank, write_table
-        from cpo_fast.pipeline.demo import demo_config
-        from cpo_fast.pipeline.evaluate import evaluate_model
-        from cpo_fast.pipeline.train import prepare, train_policy
+        from cpo_fast.pipeline.report.demo import demo_config
+        from cpo_fast.pipeline.report.evaluate import evaluate_model
+        from cpo_fast.pipeline.training.train import prepare, train_policy
 
         warnings.simplefilter("ignore", FutureWarning)
         out = Path(job["out"])

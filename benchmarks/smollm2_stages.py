@@ -65,16 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     if not EMOBANK.is_file():
         print(f"EmoBank not found at {EMOBANK}; nothing measured.")
         return 0
-    from cpo_fast.pipeline import dm as dm_mod
-    from cpo_fast.pipeline.config import RunConfig
-    from cpo_fast.pipeline.data import encode
-    from cpo_fast.pipeline.dm import f0_completions
-    from cpo_fast.pipeline.generate import generate_texts
-    from cpo_fast.pipeline.layout import RunLayout
-    from cpo_fast.pipeline.outcome import mean_pooled_features
-    from cpo_fast.pipeline.policy import load_causal_lm, make_policy
-    from cpo_fast.pipeline.precompute import precompute_ref_logprobs
-    from cpo_fast.pipeline.prepare import get_tokenizer, load_split, model_source
+    from cpo_fast.pipeline.run.config import RunConfig
+    from cpo_fast.pipeline.run.layout import RunLayout
+    from cpo_fast.pipeline.stages import dm as dm_mod
+    from cpo_fast.pipeline.stages.data import encode
+    from cpo_fast.pipeline.stages.dm import f0_completions
+    from cpo_fast.pipeline.stages.generate import generate_texts
+    from cpo_fast.pipeline.stages.outcome import mean_pooled_features
+    from cpo_fast.pipeline.stages.policy import load_causal_lm, make_policy
+    from cpo_fast.pipeline.stages.precompute import precompute_ref_logprobs
+    from cpo_fast.pipeline.training.prepare import get_tokenizer, load_split, model_source
 
     torch.manual_seed(0)
     load = os.getloadavg()
@@ -130,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             new = sum(len(tok.encode(t)) + 1 for t in texts)  # approx.: re-encoded + EOS
             add("eval generation", dt, s, new, f"{args.samples} samples, batch {bs}")
     # training: DR-CPO steps through the pipeline's own step function
-    from cpo_fast.pipeline.batches import TrainData, step_micro_batches
-    from cpo_fast.pipeline.runtime import SINGLE
     from cpo_fast.pipeline.step import effective_gradient
+
+    from cpo_fast.pipeline.run.runtime import SINGLE
+    from cpo_fast.pipeline.training.batches import TrainData, step_micro_batches
 
     ref = precompute_ref_logprobs(model, sub, cache_dir=tmp / "fp32")
     y = np.asarray(table.outcomes[:len(sub)], np.float64)

@@ -8,11 +8,11 @@
     cpo-fast evaluate --output-dir DIR [--model-dir DIR]      generations + off-policy V
     cpo-fast bench --vocab V --hidden d --tokens N [--json]   op + end-to-end timings here
 
-Every option of ``RunConfig`` (cpo_fast/pipeline/config.py) is a flag and a YAML key
+Every option of ``RunConfig`` (cpo_fast/pipeline/run/config.py) is a flag and a YAML key
 (``--config run.yaml``; flags override it). Each command saves its settings in
 ``OUTPUT_DIR/config.json`` and later commands on the same ``--output-dir`` start from them,
 so ``cpo-fast evaluate --output-dir DIR`` needs no other flag. Stages cache their results
-in ``--output-dir`` (layout: cpo_fast/pipeline/layout.py, docs/pipeline.md), so later
+in ``--output-dir`` (layout: cpo_fast/pipeline/run/layout.py, docs/pipeline.md), so later
 commands reuse them. Errors in the input (unknown column, bad method name, missing file)
 exit with status 2 and one line saying what to change; Ctrl-C during training saves a
 checkpoint and prints the ``--resume`` command.
@@ -31,7 +31,8 @@ import warnings
 from pathlib import Path
 
 from cpo_fast.objectives import METHODS
-from cpo_fast.pipeline.config import (
+from cpo_fast.pipeline.report.estimate import describe
+from cpo_fast.pipeline.run.config import (
     FIELDS,
     RunConfig,
     add_config_flags,
@@ -39,10 +40,9 @@ from cpo_fast.pipeline.config import (
     load_yaml,
     saved_settings,
 )
-from cpo_fast.pipeline.estimate import describe
-from cpo_fast.pipeline.layout import RunLayout
-from cpo_fast.pipeline.preflight import preflight
-from cpo_fast.pipeline.signals import TrainingInterrupted
+from cpo_fast.pipeline.run.layout import RunLayout
+from cpo_fast.pipeline.run.preflight import preflight
+from cpo_fast.pipeline.run.signals import TrainingInterrupted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the embedded demo (synthetic corpus, all five methods)",
                        description="The embedded demo. The defaults printed below are those of "
                        "`train`; the demo's own (smaller) settings are DEMO_DEFAULTS in "
-                       "cpo_fast/pipeline/demo.py (also examples/demo.yaml); any flag overrides "
+                       "cpo_fast/pipeline/report/demo.py (also examples/demo.yaml); any flag overrides "
                        "them.")
     d.add_argument("--quick", action="store_true", help="smaller and faster (about 2 minutes)")
     d.add_argument("--rows", type=int, default=None, help="corpus rows (default 4000; quick 2000)")
@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def load_policy(prep, model_dir: str | Path):
     """A trained policy: a peft adapter on f_0, or a full model directory."""
-    from cpo_fast.pipeline.policy import load_policy as _load
+    from cpo_fast.pipeline.stages.policy import load_policy as _load
 
     return _load(prep.f0_dir, model_dir, prep.device)
 
@@ -143,7 +143,7 @@ def run_config(args) -> RunConfig:
 
 
 def cmd_demo(args) -> int:
-    from cpo_fast.pipeline.demo import run_demo
+    from cpo_fast.pipeline.report.demo import run_demo
 
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
     if args.config:
@@ -156,8 +156,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from cpo_fast.pipeline.plots import training_curves, weight_histogram
-    from cpo_fast.pipeline.train import prepare, train_policy
+    from cpo_fast.pipeline.report.plots import training_curves, weight_histogram
+    from cpo_fast.pipeline.training.train import prepare, train_policy
 
     cfg = run_config(args)
     t0 = time.perf_counter()
@@ -198,7 +198,7 @@ def _fmt(x) -> str:
 def update_results(path: Path, new: dict) -> dict:
     """results.json is only extended: this run's fields replace theirs, every other field
     (an earlier evaluation, say) is kept; the file is rewritten whole, atomically."""
-    from cpo_fast.pipeline.persist import read_json, write_json
+    from cpo_fast.pipeline.run.persist import read_json, write_json
 
     old = read_json(path) if path.is_file() else {}
     merged = {**old, **new}
@@ -208,8 +208,8 @@ def update_results(path: Path, new: dict) -> dict:
 
 def _evaluate_pair(prep, policy, cfg) -> dict:
     """f_0 and the trained policy: generations scored, off-policy estimates (eval/)."""
-    from cpo_fast.pipeline.evaluate import evaluate_model, support_note, write_eval
-    from cpo_fast.pipeline.plots import outcome_bars
+    from cpo_fast.pipeline.report.evaluate import evaluate_model, support_note, write_eval
+    from cpo_fast.pipeline.report.plots import outcome_bars
 
     lay, mdir = prep.layout, prep.layout.method(cfg.method)
     before = evaluate_model(prep, prep.load_f0(), name="f_0")
@@ -228,14 +228,14 @@ def _evaluate_pair(prep, policy, cfg) -> dict:
 
 def _scores(res: dict) -> str:
     """'ghat 3.1 [3.0, 3.2], oracle ...' for every scorer in an evaluate_model result."""
-    from cpo_fast.pipeline.evaluate import format_row
+    from cpo_fast.pipeline.report.evaluate import format_row
 
     keys = [k for k, v in res.items() if isinstance(v, dict) and {"mean", "lo", "hi"} <= set(v)]
     return ", ".join(f"{k} {format_row(res, k)}" for k in keys)
 
 
 def cmd_precompute(args) -> int:
-    from cpo_fast.pipeline.prepare import prepare
+    from cpo_fast.pipeline.training.prepare import prepare
 
     prep = prepare(run_config(args), until="precompute", resume=args.resume)
     lp = [float(r.sum()) for r in prep.train_ref]
@@ -245,7 +245,7 @@ def cmd_precompute(args) -> int:
 
 
 def cmd_fit_outcome(args) -> int:
-    from cpo_fast.pipeline.prepare import prepare
+    from cpo_fast.pipeline.training.prepare import prepare
 
     prep = prepare(run_config(args), until="outcome", resume=args.resume)
     f = prep.outcome_fit
@@ -255,10 +255,10 @@ def cmd_fit_outcome(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from cpo_fast.pipeline.evaluate import generation_prompts
-    from cpo_fast.pipeline.generate import generate_texts
-    from cpo_fast.pipeline.persist import write_text
-    from cpo_fast.pipeline.prepare import predict_outcome, prepare
+    from cpo_fast.pipeline.report.evaluate import generation_prompts
+    from cpo_fast.pipeline.run.persist import write_text
+    from cpo_fast.pipeline.stages.generate import generate_texts
+    from cpo_fast.pipeline.training.prepare import predict_outcome, prepare
 
     cfg = run_config(args)
     model_dir = _policy_dir(cfg, args.model_dir)
@@ -289,8 +289,8 @@ def printable(text: str) -> str:
 
 
 def cmd_evaluate(args) -> int:
-    from cpo_fast.pipeline.evaluate import evaluate_model, write_eval
-    from cpo_fast.pipeline.prepare import prepare
+    from cpo_fast.pipeline.report.evaluate import evaluate_model, write_eval
+    from cpo_fast.pipeline.training.prepare import prepare
 
     cfg = run_config(args)
     model_dir = _policy_dir(cfg, args.model_dir)

@@ -31,9 +31,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from cpo_fast.constants import WEIGHTINGS
 from cpo_fast.hf import LogsDiagnostics
 from cpo_fast.objectives import METHODS, method_of
-from cpo_fast.pipeline.config import RunConfig
-from cpo_fast.pipeline.data import encode
-from cpo_fast.pipeline.in_memory import build_stages, dataset_table, make_trainable, split_held_out
+from cpo_fast.pipeline.run.config import RunConfig
+from cpo_fast.pipeline.stages.data import encode
+from cpo_fast.pipeline.training.in_memory import build_stages, dataset_table, make_trainable, split_held_out
 
 _STAGE_FIELDS = ("method", "weighting", "length_normalize", "entropy_coef", "kl_coef",
                  "max_log_weight", "truncation", "clip_eps", "top_quantile", "log_weight_cap",
@@ -113,7 +113,7 @@ class DRCPOConfig(TrainingArguments):
     def run_config(self, stages: Path, peft_config: Any = None) -> RunConfig:
         """The CLI's RunConfig of these settings (what the pipeline functions read); a LoRA
         ``peft_config`` also gives the rank, alpha and dropout of f_0's LoRA SFT."""
-        from cpo_fast.pipeline.config import FIELDS
+        from cpo_fast.pipeline.run.config import FIELDS
 
         same = {k: getattr(self, k) for k in _STAGE_FIELDS}
         if "f0_lora" in FIELDS:
@@ -158,7 +158,7 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
     def __init__(self, model: Any, args: DRCPOConfig | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, processing_class: Any = None, peft_config: Any = None,
                  **kwargs: Any):
-        from cpo_fast.pipeline.train import train_data
+        from cpo_fast.pipeline.training.train import train_data
 
         args = args if args is not None else DRCPOConfig(output_dir="drcpo-output")
         if not isinstance(args, DRCPOConfig):
@@ -193,8 +193,8 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
         from torch.utils.data import DataLoader
 
         from cpo_fast.distributed import current_world
-        from cpo_fast.pipeline.guard import WeightGuard
-        from cpo_fast.pipeline.loop import effective_rows
+        from cpo_fast.pipeline.training.guard import WeightGuard
+        from cpo_fast.pipeline.training.loop import effective_rows
 
         world = current_world()
         rows, dm_rows = effective_rows(self.cfg, world)
@@ -208,7 +208,7 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         from cpo_fast.distributed import current_world
-        from cpo_fast.pipeline.batches import step_micro_batches
+        from cpo_fast.pipeline.training.batches import step_micro_batches
 
         if not [s for _, s in zip(range(num_batches), epoch_iterator, strict=False)]:
             return [], None
@@ -222,7 +222,7 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
         gradient (loop.effective_gradient, averaged over the ranks as the CLI does); the
         others add nothing. Returns the step's loss once, so Trainer logs the CLI's loss."""
         from cpo_fast.distributed import average_gradients, current_world
-        from cpo_fast.pipeline.loop import effective_gradient, effective_rows, metrics_line
+        from cpo_fast.pipeline.training.loop import effective_gradient, effective_rows, metrics_line
 
         if inputs["cpo_slot"]:
             return torch.zeros((), device=self.args.device)
@@ -245,10 +245,10 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
         return torch.tensor(res.loss, device=dev)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """The CLI's evaluation (pipeline/evaluate.py) of the policy: off-policy estimates of
+        """The CLI's evaluation (pipeline/report/evaluate.py) of the policy: off-policy estimates of
         V on the held-out rows (naive, IPW, SNIPS, DM, DR with 95% bootstrap intervals, ESS)
         and ghat's mean over ``num_samples`` generations; logged and returned."""
-        from cpo_fast.pipeline.evaluate import evaluate_model
+        from cpo_fast.pipeline.report.evaluate import evaluate_model
 
         prep = self._prep if eval_dataset is None else self._held_out(eval_dataset)
         if prep.eval_enc is None:
@@ -264,7 +264,7 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
         return metrics
 
     def _held_out(self, ds: Any):
-        from cpo_fast.pipeline.prepare import ref_logprobs, texts_features
+        from cpo_fast.pipeline.training.prepare import ref_logprobs, texts_features
 
         table = dataset_table(ds, self.args, "eval_dataset")
         prep = dataclasses.replace(self._prep, eval_table=table, eval_enc=encode(

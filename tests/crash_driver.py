@@ -16,8 +16,8 @@ import pathlib
 import signal
 import sys
 
-import cpo_fast.pipeline.checkpoint as checkpoint
-import cpo_fast.pipeline.metrics as metrics
+import cpo_fast.pipeline.training.checkpoint as checkpoint
+import cpo_fast.pipeline.training.metrics as metrics
 import cpo_fast.token_batch as token_batch
 from cpo_fast.cli import main
 

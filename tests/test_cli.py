@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cpo_fast.cli import main
-from cpo_fast.pipeline.synthetic import make_corpus, write_corpus
+from cpo_fast.pipeline.stages.synthetic import make_corpus, write_corpus
 
 EMOBANK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "emobank.csv"
 TINY = ["--max-tokens", "40", "--vocab-size", "200", "--hidden-size", "32", "--num-layers", "1",
@@ -93,7 +93,7 @@ def test_train_stop_resume_and_other_subcommands(corpus, tmp_path, capsys):
     assert len(lines) == 4 and "ghat" in json.loads(lines[0])
     capsys.readouterr()
     assert main(["evaluate", *common, "--model-dir", "f0",
-                 "--scorer", "cpo_fast.pipeline.synthetic:oracle"]) == 0
+                 "--scorer", "cpo_fast.pipeline.stages.synthetic:oracle"]) == 0
     assert "oracle " in capsys.readouterr().out
     assert "oracle" in json.loads((out / "eval" / "f_0.json").read_text())
     assert main(["evaluate", *common, "--model-dir", "f0", "--scorer", "nope"]) == 2

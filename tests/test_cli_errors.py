@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cpo_fast.cli import main, printable
-from cpo_fast.pipeline.synthetic import make_corpus, write_corpus
+from cpo_fast.pipeline.stages.synthetic import make_corpus, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--max-tokens", "40", "--vocab-size", "200", "--hidden-size", "32", "--num-layers", "1",
@@ -118,8 +118,8 @@ def test_dm_batch_larger_than_the_dm_set(corpus, tmp_path, capsys):
 
 
 def test_dm_rows_checked_for_every_dm_source():
-    from cpo_fast.pipeline.batches import TrainData
-    from cpo_fast.pipeline.data import Encoded
+    from cpo_fast.pipeline.stages.data import Encoded
+    from cpo_fast.pipeline.training.batches import TrainData
 
     enc = Encoded(input_ids=[[1, 2, 3]] * 8, score_start=[1] * 8)
     data = TrainData(enc=enc, rows=np.arange(8), ref=[], outcomes=np.zeros(8), dm_enc=enc)
@@ -158,8 +158,8 @@ def test_evaluate_and_generate_never_rewrite_the_config(run, capsys):
 
 
 def test_refused_demo_leaves_its_directory_as_it_was(tmp_path, capsys):
-    from cpo_fast.pipeline.demo import demo_config
-    from cpo_fast.pipeline.layout import RunLayout
+    from cpo_fast.pipeline.report.demo import demo_config
+    from cpo_fast.pipeline.run.layout import RunLayout
 
     out = tmp_path / "demo"
     out.mkdir()
@@ -215,8 +215,8 @@ def test_full_disk_as_safetensors_reports_it(run, tmp_path, monkeypatch, capsys)
 def test_save_model_full_disk_is_a_write_error(tmp_path):
     from safetensors import SafetensorError
 
-    from cpo_fast.pipeline.persist import WriteError
-    from cpo_fast.pipeline.policy import save_model
+    from cpo_fast.pipeline.run.persist import WriteError
+    from cpo_fast.pipeline.stages.policy import save_model
 
     class Model:
         def save_pretrained(self, path):
@@ -249,7 +249,7 @@ def test_truncated_reference_cache_is_rebuilt(run, tmp_path, capsys):
     for c in caches:
         c.write_bytes(c.read_bytes()[:40])
     with pytest.warns(UserWarning, match="damaged reference cache"):
-        from cpo_fast.pipeline.precompute import _read_cache
+        from cpo_fast.pipeline.stages.precompute import _read_cache
 
         assert _read_cache(caches[0], None) is None
     assert main(["fit-outcome", "--output-dir", str(r)]) == 0
@@ -258,7 +258,7 @@ def test_truncated_reference_cache_is_rebuilt(run, tmp_path, capsys):
 
 
 def test_checkpoint_of_another_model_size():
-    from cpo_fast.pipeline.policy import load_trainable_state
+    from cpo_fast.pipeline.stages.policy import load_trainable_state
 
     model = torch.nn.Linear(4, 3)
     with pytest.raises(ValueError, match=r"weight has shape \(3, 8\), the model's is \(3, 4\)"):
@@ -269,7 +269,7 @@ def test_checkpoint_of_another_model_size():
 
 @pytest.mark.parametrize("suffix", ["csv", "jsonl", "parquet"])
 def test_duplicate_column_names_are_refused(suffix, tmp_path):
-    from cpo_fast.pipeline.data import DataConfig, load_table
+    from cpo_fast.pipeline.stages.data import DataConfig, load_table
 
     p = tmp_path / f"dup.{suffix}"
     if suffix == "csv":
@@ -297,8 +297,8 @@ def test_too_long_row_names_its_file_row_and_id(tmp_path, capsys):
 
 
 def test_constant_outcome_warns(tmp_path, recwarn):
-    from cpo_fast.pipeline.config import RunConfig
-    from cpo_fast.pipeline.preflight import check_outcomes
+    from cpo_fast.pipeline.run.config import RunConfig
+    from cpo_fast.pipeline.run.preflight import check_outcomes
 
     check_outcomes(RunConfig(), np.full(10, 3.0))
     assert any("constant outcome" in str(w.message) for w in recwarn.list)
@@ -333,7 +333,7 @@ def test_token_ids_outside_the_vocabulary():
 # ---------------------------------------------------------------- output
 
 def test_off_policy_estimates_marked_unreliable_when_weights_collapse():
-    from cpo_fast.pipeline.estimate import describe, off_policy_estimates
+    from cpo_fast.pipeline.report.estimate import describe, off_policy_estimates
 
     rng = np.random.default_rng(0)
     y = rng.uniform(0, 1, 60)

@@ -30,8 +30,8 @@ import pytest
 import torch
 from _dist import free_port, spawn_ranks
 
-from cpo_fast.pipeline.config import RunConfig
-from cpo_fast.pipeline.synthetic import make_corpus, write_corpus
+from cpo_fast.pipeline.run.config import RunConfig
+from cpo_fast.pipeline.stages.synthetic import make_corpus, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(text_column="text", outcome_column="outcome", group_column="group", id_column="id",
@@ -46,7 +46,7 @@ CASES = [(m, w) for m in ("cpo", "dr_cpo") for w in ("self_normalized", "clipped
 
 @pytest.fixture(scope="module")
 def prep(tmp_path_factory):
-    from cpo_fast.pipeline.train import prepare
+    from cpo_fast.pipeline.training.train import prepare
 
     d = tmp_path_factory.mktemp("dist")
     write_corpus(make_corpus(120, seed=1), d / "corpus.csv")
@@ -64,9 +64,9 @@ def _config(prep, method: str, weighting: str, *, world: int = 1, accum: int = A
 
 
 def _train(f0, data, cfg: RunConfig, out_dir: Path, pad_id: int) -> dict[str, torch.Tensor]:
-    from cpo_fast.pipeline.loop import train
-    from cpo_fast.pipeline.runtime import seed_everything
-    from cpo_fast.pipeline.train import make_policy
+    from cpo_fast.pipeline.run.runtime import seed_everything
+    from cpo_fast.pipeline.training.loop import train
+    from cpo_fast.pipeline.training.train import make_policy
 
     seed_everything(cfg.seed)
     policy = make_policy(f0, cfg)
@@ -86,7 +86,7 @@ def _moved(f0_params: dict, p: dict) -> float:
 @pytest.mark.parametrize("method,weighting", CASES)
 def test_accumulation_equals_one_big_batch(prep, tmp_path, method, weighting):
     """(a) A micro-batches of B rows == one batch of A*B rows (the plain loss on it)."""
-    from cpo_fast.pipeline.train import train_data
+    from cpo_fast.pipeline.training.train import train_data
 
     data, f0 = train_data(prep, method), prep.load_f0()
     cfg = _config(prep, method, weighting)
@@ -110,7 +110,7 @@ def test_accumulation_equals_one_big_batch(prep, tmp_path, method, weighting):
 def test_accumulation_with_regularizers_cap_and_sft(prep, tmp_path, method, extra):
     """(a) with the token-level terms (KL, entropy: token means over the effective batch), the
     log-weight cap (the effective batch's median) and SFT (no coupling, token mean)."""
-    from cpo_fast.pipeline.train import train_data
+    from cpo_fast.pipeline.training.train import train_data
 
     data, f0 = train_data(prep, method), prep.load_f0()
     cfg = dataclasses.replace(_config(prep, method, "self_normalized"), **extra)
@@ -130,10 +130,10 @@ def test_step_gradient_is_the_full_batch_gradient_with_dropout(prep, weighting):
     from cpo_fast.distributed import SINGLE, rng_replay, rng_snapshot
     from cpo_fast.effective_batch import token_pair
     from cpo_fast.estimators import cap_log_weights
-    from cpo_fast.pipeline.batches import step_micro_batches
-    from cpo_fast.pipeline.loop import effective_gradient
-    from cpo_fast.pipeline.runtime import seed_everything
-    from cpo_fast.pipeline.train import make_policy, train_data
+    from cpo_fast.pipeline.run.runtime import seed_everything
+    from cpo_fast.pipeline.training.batches import step_micro_batches
+    from cpo_fast.pipeline.training.loop import effective_gradient
+    from cpo_fast.pipeline.training.train import make_policy, train_data
 
     sn = weighting == "self_normalized"  # the cap centres on the median there, on 0 otherwise
     cfg = dataclasses.replace(_config(prep, "dr_cpo", weighting), lora_dropout=0.3,
@@ -177,9 +177,9 @@ def test_step_gradient_is_the_full_batch_gradient_with_dropout(prep, weighting):
 def test_per_micro_batch_losses_would_fail(prep, tmp_path, monkeypatch):
     """The control: the loop before issue 13 (each micro-batch's own self-normalized loss,
     divided by A) lands far outside TOL of the big batch, so test (a) can fail."""
-    import cpo_fast.pipeline.loop as loop
+    import cpo_fast.pipeline.training.loop as loop
     from cpo_fast.effective_batch import token_pair
-    from cpo_fast.pipeline.train import train_data
+    from cpo_fast.pipeline.training.train import train_data
 
     def per_micro_batch(model, micro, cfg, world, autocast, step):
         obj = cfg.objective()
@@ -202,7 +202,7 @@ def test_per_micro_batch_losses_would_fail(prep, tmp_path, monkeypatch):
 def _rank_worker(rank: int, world: int, port: int, job: dict, q) -> None:
     import torch.distributed as dist
 
-    from cpo_fast.pipeline.policy import load_causal_lm
+    from cpo_fast.pipeline.stages.policy import load_causal_lm
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -221,7 +221,7 @@ def _rank_worker(rank: int, world: int, port: int, job: dict, q) -> None:
 def test_two_ranks_with_accumulation_equal_one_process(prep, tmp_path):
     """(b) 2 gloo ranks x B rows x A micro-batches == one process with 2*A*B rows, for CPO and
     DR-CPO, self-normalized and clipped. Only rank 0 writes metrics and checkpoints."""
-    from cpo_fast.pipeline.train import train_data
+    from cpo_fast.pipeline.training.train import train_data
 
     job = {"f0": str(prep.f0_dir), "pad_id": prep.pad_id, "out": str(tmp_path),
            "cases": {c: (_config(prep, *c), train_data(prep, c[0])) for c in CASES}}
@@ -263,7 +263,7 @@ def _launch(args: list[str], launcher: str = "torchrun") -> subprocess.Popen:
 
 
 def _adapter(run: Path) -> dict[str, torch.Tensor]:
-    from cpo_fast.pipeline.persist import load_tensors
+    from cpo_fast.pipeline.run.persist import load_tensors
 
     return load_tensors(run / "dr_cpo" / "model" / "adapter_model.safetensors")
 

@@ -13,7 +13,7 @@ from _dist import leave_process_group, spawn_ranks
 import cpo_fast
 from cpo_fast.constants import IGNORE_INDEX
 from cpo_fast.hf import DRCPOTrainerMixin, drcpo_compute_loss
-from cpo_fast.pipeline.modeling import build_model
+from cpo_fast.pipeline.stages.modeling import build_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from cpo_fast.cli import main
-from cpo_fast.pipeline.persist import load_tensors
-from cpo_fast.pipeline.synthetic import make_corpus, write_corpus
+from cpo_fast.pipeline.run.persist import load_tensors
+from cpo_fast.pipeline.stages.synthetic import make_corpus, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--max-tokens", "40", "--vocab-size", "200", "--hidden-size", "32", "--num-layers", "1",
@@ -206,7 +206,7 @@ def test_pickled_checkpoint_is_refused(prepared, tmp_path, capsys):
 
 
 def test_pickled_model_weights_are_refused(tmp_path):
-    from cpo_fast.pipeline.policy import load_causal_lm
+    from cpo_fast.pipeline.stages.policy import load_causal_lm
 
     (tmp_path / "config.json").write_text("{}")
     torch.save({}, tmp_path / "pytorch_model.bin")

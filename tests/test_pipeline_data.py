@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cpo_fast.pipeline.data import (
+from cpo_fast.pipeline.stages.data import (
     DataConfig,
     Encoded,
     OutcomeTable,
@@ -18,8 +18,8 @@ from cpo_fast.pipeline.data import (
     encode,
     load_table,
 )
-from cpo_fast.pipeline.synthetic import make_corpus, oracle, write_corpus
-from cpo_fast.pipeline.tokenizer import train_tokenizer
+from cpo_fast.pipeline.stages.synthetic import make_corpus, oracle, write_corpus
+from cpo_fast.pipeline.stages.tokenizer import train_tokenizer
 
 EMOBANK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "emobank.csv"
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cpo_fast.pipeline.data import DataConfig, load_table
+from cpo_fast.pipeline.stages.data import DataConfig, load_table
 
 HUGE = "long " * 40_000  # 200k characters: over the csv module's default field limit
 texts = st.one_of(st.text(max_size=20), st.text(alphabet=',"\n\r\t\\ \'\u2028\x85;', max_size=8),

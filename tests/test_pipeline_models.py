@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from cpo_fast.models import last_hidden, output_weight
-from cpo_fast.pipeline.config import ARCHS
-from cpo_fast.pipeline.data import OutcomeTable, collate, encode
-from cpo_fast.pipeline.modeling import build_model, model_fingerprint
-from cpo_fast.pipeline.outcome import bag_of_words_features, mean_pooled_features
-from cpo_fast.pipeline.precompute import (
+from cpo_fast.pipeline.run.config import ARCHS
+from cpo_fast.pipeline.stages.data import OutcomeTable, collate, encode
+from cpo_fast.pipeline.stages.modeling import build_model, model_fingerprint
+from cpo_fast.pipeline.stages.outcome import bag_of_words_features, mean_pooled_features
+from cpo_fast.pipeline.stages.precompute import (
     data_fingerprint,
     precompute_ref_logprobs,
     sequence_ref_logprob,
 )
-from cpo_fast.pipeline.synthetic import make_corpus
-from cpo_fast.pipeline.tokenizer import train_tokenizer
+from cpo_fast.pipeline.stages.synthetic import make_corpus
+from cpo_fast.pipeline.stages.tokenizer import train_tokenizer
 from cpo_fast.token_batch import from_inputs
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2, max_positions=64)

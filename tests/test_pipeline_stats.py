@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cpo_fast.pipeline.estimate import bootstrap_ci, off_policy_estimates
-from cpo_fast.pipeline.outcome import features_from_callable, fit_outcome_model
+from cpo_fast.pipeline.report.estimate import bootstrap_ci, off_policy_estimates
+from cpo_fast.pipeline.stages.outcome import features_from_callable, fit_outcome_model
 
 
 def _linear(n=600, d=20, noise=0.3, seed=0):
@@ -37,7 +37,7 @@ def test_ridge_recovers_linear_signal_cross_fitted():
 
 @pytest.mark.parametrize("shape", [(60, 8), (30, 50)])  # tall (Gram eigh) and wide (SVD)
 def test_ridge_matches_normal_equations(shape):
-    from cpo_fast.pipeline.outcome import _fit_ridge
+    from cpo_fast.pipeline.stages.outcome import _fit_ridge
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=shape) * 3 + 1, rng.normal(size=shape[0])

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cpo_fast.pipeline.config import METHODS, RunConfig, config_from
-from cpo_fast.pipeline.synthetic import make_corpus, oracle, write_corpus
-from cpo_fast.pipeline.train import (
+from cpo_fast.pipeline.run.config import METHODS, RunConfig, config_from
+from cpo_fast.pipeline.stages.synthetic import make_corpus, oracle, write_corpus
+from cpo_fast.pipeline.training.train import (
     batch_indices,
     make_policy,
     prepare,
@@ -56,7 +56,7 @@ def test_config_yaml_flags_and_errors(tmp_path):
     y.write_text("train:\n  lr: 1e-4\n  method: cpo\ndata:\n  max_tokens: 33\n")
     import argparse
 
-    from cpo_fast.pipeline.config import add_config_flags
+    from cpo_fast.pipeline.run.config import add_config_flags
 
     p = argparse.ArgumentParser()
     add_config_flags(p)
@@ -167,8 +167,8 @@ def test_log_propensity_column_is_used(corpus_csv, tmp_path):
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
 def test_other_architectures_lora_step(arch, prep, tmp_path):
-    from cpo_fast.pipeline.modeling import build_model
-    from cpo_fast.pipeline.train import TrainData, train
+    from cpo_fast.pipeline.stages.modeling import build_model
+    from cpo_fast.pipeline.training.train import TrainData, train
 
     tok = prep.tokenizer
     f0 = build_model(arch, len(tok), hidden_size=32, num_layers=1, num_heads=2, max_positions=64,
@@ -185,7 +185,7 @@ def test_other_architectures_lora_step(arch, prep, tmp_path):
 
 
 def test_generation_seeded_and_bounded(prep):
-    from cpo_fast.pipeline.generate import generate_texts, sample_continuations
+    from cpo_fast.pipeline.stages.generate import generate_texts, sample_continuations
 
     f0 = prep.load_f0()
     bos = prep.tokenizer.bos_token_id
@@ -201,7 +201,7 @@ def test_generation_seeded_and_bounded(prep):
 
 
 def test_dm_sources(prep, tmp_path):
-    from cpo_fast.pipeline.dm import build_dm_set
+    from cpo_fast.pipeline.stages.dm import build_dm_set
 
     d = build_dm_set(dataclasses.replace(prep.cfg, dm_source="dataset"), None, prep.tokenizer,
                      prep.train_table, prep.train_enc)
@@ -214,8 +214,8 @@ def test_dm_sources(prep, tmp_path):
 
 
 def test_evaluate_and_plots(prep, tmp_path):
-    from cpo_fast.pipeline.evaluate import evaluate_model, write_eval
-    from cpo_fast.pipeline.plots import outcome_bars, training_curves, weight_histogram
+    from cpo_fast.pipeline.report.evaluate import evaluate_model, write_eval
+    from cpo_fast.pipeline.report.plots import outcome_bars, training_curves, weight_histogram
 
     res = evaluate_model(prep, prep.load_f0(), name="f_0", scorers={"oracle": oracle})
     for key in ("oracle", "ghat"):
@@ -239,7 +239,7 @@ def test_evaluate_and_plots(prep, tmp_path):
 def test_pins_are_declared_on_the_config_fields():
     """The prepare/resume keys live on the fields (config.py); these are the sets the
     pipeline has always used, so cached stages and checkpoints keep their meaning."""
-    from cpo_fast.pipeline.config import FIELDS, pinned
+    from cpo_fast.pipeline.run.config import FIELDS, pinned
 
     assert set(pinned("prepare")) == {
         "data", "text_column", "prompt_column", "max_rows", "eval_fraction", "seed",

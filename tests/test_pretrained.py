@@ -150,9 +150,9 @@ def test_fused_head_equals_logits_path(smollm2, bf16, lora):
 
 @needs_model
 def test_unconditioned_generation_starts_at_a_document_boundary(smollm2, monkeypatch):
-    from cpo_fast.pipeline.data import OutcomeTable, encode
-    from cpo_fast.pipeline.generate import generate_texts
-    from cpo_fast.pipeline.tokenizer import document_start, for_documents
+    from cpo_fast.pipeline.stages.data import OutcomeTable, encode
+    from cpo_fast.pipeline.stages.generate import generate_texts
+    from cpo_fast.pipeline.stages.tokenizer import document_start, for_documents
 
     model, raw = smollm2
     assert raw.bos_token == "<|im_start|>"  # the GGUF tokenizer's BOS: a chat-turn marker
@@ -226,8 +226,8 @@ def test_tiny_train_on_smollm2(smollm2, tmp_path, option, capsys):
 
 @needs_model
 def test_pipeline_lora_never_trains_the_tied_head(smollm2):
-    from cpo_fast.pipeline.config import RunConfig
-    from cpo_fast.pipeline.policy import make_policy
+    from cpo_fast.pipeline.run.config import RunConfig
+    from cpo_fast.pipeline.stages.policy import make_policy
 
     model, _ = smollm2
     policy = make_policy(model, RunConfig(lora=True))

@@ -169,7 +169,7 @@ def test_fused_head_engine_matches_trl(dtype, temperature, softcap, scale):
 def _tiny(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from cpo_fast.pipeline.tokenizer import train_tokenizer
+    from cpo_fast.pipeline.stages.tokenizer import train_tokenizer
 
     texts = [f"the cat number {i} sat on the mat and it was {'good' if i % 2 else 'bad'}"
              for i in range(32)]

@@ -24,8 +24,8 @@ from _dist import leave_process_group, spawn_ranks
 pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
 
-from cpo_fast.pipeline.config import RunConfig  # noqa: E402
-from cpo_fast.pipeline.data import DataConfig, load_table  # noqa: E402
+from cpo_fast.pipeline.run.config import RunConfig  # noqa: E402
+from cpo_fast.pipeline.stages.data import DataConfig, load_table  # noqa: E402
 
 K = 3  # optimizer steps
 TOL = 1e-5  # max |parameter difference| after K AdamW steps at lr 1e-2 (fp32)
@@ -36,10 +36,10 @@ SHARED = dict(eval_fraction=0.2, outcome_folds=3, dm_size=16, f0_steps=2, f0_bat
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A corpus CSV, a tokenizer and a tiny Llama (saved as a CLI user would have them)."""
-    from cpo_fast.pipeline.modeling import build_model
-    from cpo_fast.pipeline.policy import save_model
-    from cpo_fast.pipeline.synthetic import make_corpus, write_corpus
-    from cpo_fast.pipeline.tokenizer import train_tokenizer
+    from cpo_fast.pipeline.stages.modeling import build_model
+    from cpo_fast.pipeline.stages.policy import save_model
+    from cpo_fast.pipeline.stages.synthetic import make_corpus, write_corpus
+    from cpo_fast.pipeline.stages.tokenizer import train_tokenizer
 
     d = tmp_path_factory.mktemp("trl")
     table = make_corpus(60, seed=1)
@@ -59,7 +59,7 @@ def corpus(tmp_path_factory):
 
 
 def _model(d: Path):
-    from cpo_fast.pipeline.policy import load_causal_lm
+    from cpo_fast.pipeline.stages.policy import load_causal_lm
 
     return load_causal_lm(d / "model", torch.device("cpu"))
 
@@ -67,7 +67,7 @@ def _model(d: Path):
 def _lora(model):
     from peft import LoraConfig
 
-    from cpo_fast.pipeline.policy import lora_targets
+    from cpo_fast.pipeline.stages.policy import lora_targets
 
     return LoraConfig(r=4, lora_alpha=16.0, lora_dropout=0.0, target_modules=lora_targets(model),
                       task_type="CAUSAL_LM")
@@ -103,7 +103,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def cli_prep(corpus):
-    from cpo_fast.pipeline.train import prepare
+    from cpo_fast.pipeline.training.train import prepare
 
     d, _ = corpus
     cfg = RunConfig(data=str(d / "corpus.csv"), output_dir=str(d / "cli"), tokenizer=str(d / "tok"),
@@ -118,7 +118,7 @@ def cli_prep(corpus):
 def test_trainer_equals_the_cli(corpus, cli_prep, tmp_path, method):
     """Same data, seed and settings: the trainer's LoRA parameters after K steps equal
     `cpo-fast train`'s (f_0 = 2 SFT steps of the model, DM set of f_0's completions)."""
-    from cpo_fast.pipeline.train import train_policy
+    from cpo_fast.pipeline.training.train import train_policy
 
     d, ds = corpus
     cfg = dataclasses.replace(cli_prep.cfg, method=method, weighting="clipped", clip_eps=0.05)
@@ -139,7 +139,7 @@ def test_trainer_equals_the_cli(corpus, cli_prep, tmp_path, method):
 
 def test_given_model_as_f0_equals_the_cli(corpus, tmp_path):
     """f0_steps=0: the model object is f_0 (the CLI's --f0-model on the same weights)."""
-    from cpo_fast.pipeline.train import prepare, train_policy
+    from cpo_fast.pipeline.training.train import prepare, train_policy
 
     d, ds = corpus
     cfg = RunConfig(data=str(d / "corpus.csv"), output_dir=str(tmp_path / "cli"),
@@ -193,7 +193,7 @@ def test_metrics_reach_tensorboard_and_evaluate(corpus, tmp_path):
 def test_ess_guard_state_is_logged_and_can_stop(corpus, tmp_path):
     """The CLI's ESS guard runs on the trainer's steps: its state is logged, and with
     stop_on_collapse it ends training at the step it fires (threshold 0.99)."""
-    from cpo_fast.pipeline.guard import WeightCollapseWarning
+    from cpo_fast.pipeline.training.guard import WeightCollapseWarning
 
     d, ds = corpus
     trainer = _trainer(d, ds, tmp_path, ess_guard=0.99, stop_on_collapse=True, max_steps=4)

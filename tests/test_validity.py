@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpo_fast.pipeline.config import RunConfig
-from cpo_fast.pipeline.guard import WeightCollapseWarning, WeightGuard, weight_stats
-from cpo_fast.pipeline.outcome import fit_outcome_model
-from cpo_fast.pipeline.support import fit_support
-from cpo_fast.pipeline.synthetic import make_corpus, oracle, write_corpus
+from cpo_fast.pipeline.run.config import RunConfig
+from cpo_fast.pipeline.stages.outcome import fit_outcome_model
+from cpo_fast.pipeline.stages.support import fit_support
+from cpo_fast.pipeline.stages.synthetic import make_corpus, oracle, write_corpus
+from cpo_fast.pipeline.training.guard import WeightCollapseWarning, WeightGuard, weight_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(text_column="text", outcome_column="outcome", group_column="group", id_column="id",
@@ -120,7 +120,7 @@ def test_weight_stats_dm_max_share():
 
 @pytest.fixture(scope="module")
 def prep(tmp_path_factory):
-    from cpo_fast.pipeline.train import prepare
+    from cpo_fast.pipeline.training.train import prepare
 
     data = tmp_path_factory.mktemp("data") / "corpus.csv"
     write_corpus(make_corpus(120, seed=1), data)
@@ -130,9 +130,9 @@ def prep(tmp_path_factory):
 
 
 def test_dm_diagnostics_and_support_in_outputs(prep, tmp_path):
-    from cpo_fast.pipeline.evaluate import evaluate_model, support_note
-    from cpo_fast.pipeline.plots import training_curves
-    from cpo_fast.pipeline.train import train_policy
+    from cpo_fast.pipeline.report.evaluate import evaluate_model, support_note
+    from cpo_fast.pipeline.report.plots import training_curves
+    from cpo_fast.pipeline.training.train import train_policy
 
     info = json.loads((prep.out / "outcome_model.json").read_text())
     lo, hi = info["bound"]
@@ -161,7 +161,7 @@ def test_dm_diagnostics_and_support_in_outputs(prep, tmp_path):
 
 
 def test_guard_in_the_loop_warns_and_stops(prep, tmp_path):
-    from cpo_fast.pipeline.train import train_policy
+    from cpo_fast.pipeline.training.train import train_policy
 
     # a threshold above any reachable ESS share fires at the first full window
     cfg = dataclasses.replace(prep.cfg, ess_guard=0.999, stop_on_collapse=True, steps=8,

@@ -11,7 +11,7 @@ import torch
 
 from cpo_fast.constants import IGNORE_INDEX
 from cpo_fast.models import _base
-from cpo_fast.pipeline import modeling
+from cpo_fast.pipeline.stages import modeling
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -31,7 +31,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def build_model(family: str, vocab: int, hidden: int, layers: int, finetune: str, path: str,
                 dtype: torch.dtype, device: str, seed: int = 0):
-    """A tiny HF causal LM (cpo_fast.pipeline.modeling.build_model), ready to train.
+    """A tiny HF causal LM (cpo_fast.pipeline.stages.modeling.build_model), ready to train.
 
     What the benchmark adds to the shared builder: family 'llama' | 'qwen2' shaped like
     the real ones (untied head; heads of 64 dims, at least 1; grouped-query attention 4:1;

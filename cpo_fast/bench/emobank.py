@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpo_fast.pipeline.data import OutcomeTable
+from cpo_fast.pipeline.stages.data import OutcomeTable
 
 
 def read_emobank(path: str | Path) -> tuple[list[str], np.ndarray, list[str]]:

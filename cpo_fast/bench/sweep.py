@@ -57,7 +57,7 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 def _corpus(job: dict[str, Any]):
     if job["corpus"] == "synthetic":
-        from cpo_fast.pipeline.synthetic import make_corpus
+        from cpo_fast.pipeline.stages.synthetic import make_corpus
 
         return make_corpus(job["rows"], confounding=job["level"], noise=job.get("noise", 0.5),
                            seed=job["seed"])
@@ -69,7 +69,7 @@ def _corpus(job: dict[str, Any]):
 
 def _scorers(job: dict[str, Any]):
     if job["corpus"] == "synthetic":
-        from cpo_fast.pipeline.synthetic import oracle
+        from cpo_fast.pipeline.stages.synthetic import oracle
 
         return {"judge": oracle}
     from cpo_fast.bench.emobank import vader
@@ -95,9 +95,9 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
     """Train and score every method (x remedy) of one (level, seed); returns records."""
     import torch
 
-    from cpo_fast.pipeline.demo import demo_config
-    from cpo_fast.pipeline.evaluate import evaluate_model
-    from cpo_fast.pipeline.train import prepare, train_policy
+    from cpo_fast.pipeline.report.demo import demo_config
+    from cpo_fast.pipeline.report.evaluate import evaluate_model
+    from cpo_fast.pipeline.training.train import prepare, train_policy
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", FutureWarning)
@@ -239,7 +239,7 @@ def markdown(rows: list[dict[str, Any]], *, title: str, judge: str, meta: dict[s
 def plot(rows: list[dict[str, Any]], path: str | Path, *, judge: str) -> Path:
     """Grouped bars: gain over f_0 per level and method, 95% intervals; hatched bars had a
     collapse in at least one seed."""
-    from cpo_fast.pipeline.plots import _save, plt
+    from cpo_fast.pipeline.report.plots import _save, plt
 
     levels = sorted({r["level"] for r in rows})
     labels = [lab for lab in dict.fromkeys(r["label"] for r in rows) if lab != "f_0"]

@@ -6,7 +6,7 @@ oracle and the outcome model can score generations exactly as written).
 map to ``<unk>``; decode joins tokens with spaces). Either way the result is a
 ``transformers.PreTrainedTokenizerFast`` with ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``
 (ids 0, 1, 2, 3), right padding, and a post-processor that prepends ``<bos>`` when
-``add_special_tokens=True`` (as Llama's does); :func:`cpo_fast.pipeline.data.encode`
+``add_special_tokens=True`` (as Llama's does); :func:`cpo_fast.pipeline.stages.data.encode`
 adds BOS/EOS itself. Save it with ``save_pretrained(dir)``.
 """
 

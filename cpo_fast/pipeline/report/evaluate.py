@@ -14,7 +14,6 @@ Two views of V(theta) = E_{X ~ P^f_theta}[g(X)] (docs/math.md section 1):
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,45 +22,9 @@ import torch
 
 from cpo_fast import token_batch
 from cpo_fast.objectives import sequence_logprobs
-from cpo_fast.pipeline.data import collate
-from cpo_fast.pipeline.generate import generate_texts
-
-Scorer = Callable[[list[str]], np.ndarray]
-
-
-def load_scorer(spec: str) -> tuple[str, Scorer]:
-    """``'package.module:function'`` -> (function name, the function)."""
-    import importlib
-
-    mod, sep, fn = spec.partition(":")
-    if not sep or not mod or not fn:
-        raise ValueError(f"--scorer {spec!r}: expected 'module:function', e.g. "
-                         "'cpo_fast.pipeline.synthetic:oracle'.")
-    try:
-        f = getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"--scorer {spec!r}: cannot load it ({e}).") from None
-    if not callable(f):
-        raise ValueError(f"--scorer {spec!r} is not callable.")
-    return fn, f
-
-
-def run_scorer(name: str, fn: Scorer, texts: list[str]) -> np.ndarray:
-    """``fn(texts)`` as one finite float per text, or an error naming the scorer."""
-    try:
-        out = fn(list(texts))
-        if isinstance(out, (str, bytes)):
-            raise TypeError(f"returned a {type(out).__name__}")
-        v = np.asarray(out, dtype=np.float64).reshape(-1)
-    except Exception as e:  # a user's scorer can fail in any way: say whose fault it is
-        raise ValueError(f"--scorer {name!r}: {type(e).__name__}: {e}; a scorer takes a list "
-                         "of texts and returns one number per text.") from None
-    if len(v) != len(texts):
-        raise ValueError(f"--scorer {name!r}: returned {len(v)} numbers for {len(texts)} texts; "
-                         "it must return one number per text.")
-    if not np.isfinite(v).all():
-        raise ValueError(f"--scorer {name!r}: returned NaN or infinite scores.")
-    return v
+from cpo_fast.pipeline.run.scorers import Scorer, load_scorer, run_scorer
+from cpo_fast.pipeline.stages.data import collate
+from cpo_fast.pipeline.stages.generate import generate_texts
 
 
 @torch.no_grad()
@@ -94,7 +57,7 @@ def evaluate_model(prep, model, *, name: str, scorers: dict[str, Scorer] | None 
                    seed: int | None = None, off_policy: bool = True) -> dict[str, Any]:
     """Generate ``cfg.num_samples`` texts from ``model`` and score them; off-policy estimates
     on the held-out rows. Returns a JSON-able dict (samples included)."""
-    from cpo_fast.pipeline.estimate import bootstrap_ci, off_policy_estimates
+    from cpo_fast.pipeline.report.estimate import bootstrap_ci, off_policy_estimates
 
     cfg = prep.cfg
     seed = cfg.seed + 2024 if seed is None else seed
@@ -147,9 +110,9 @@ def evaluate_model(prep, model, *, name: str, scorers: dict[str, Scorer] | None 
 def ghat_with_support(prep, texts: list[str], prompts: list[str] | None = None):
     """(ghat's clipped predictions, the out-of-support flags or None, the support report)
     for ``texts``, from one pass of f_0's features."""
-    from cpo_fast.pipeline.data import OutcomeTable, encode
-    from cpo_fast.pipeline.prepare import texts_features
-    from cpo_fast.pipeline.support import support_report
+    from cpo_fast.pipeline.stages.data import OutcomeTable, encode
+    from cpo_fast.pipeline.stages.support import support_report
+    from cpo_fast.pipeline.training.prepare import texts_features
 
     table = OutcomeTable(texts=[t if t.strip() else " " for t in texts], prompts=prompts)
     feats = texts_features(prep, encode(table, prep.tokenizer, prep.cfg.max_tokens, "truncate"))

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpo_fast.pipeline.data import Encoded, collate
-from cpo_fast.pipeline.precompute import _model_device, length_sorted_batches
+from cpo_fast.pipeline.stages.data import Encoded, collate
+from cpo_fast.pipeline.stages.precompute import _model_device, length_sorted_batches
 
 KINDS = ("ridge", "mlp")
 
@@ -259,7 +259,7 @@ class OutcomeFit:
     def predict(self, features: np.ndarray, *, clip: bool = True) -> np.ndarray:
         """Mean of the fold models, clipped to the training outcome range (``clip=False``:
         the raw extrapolation, for diagnostics)."""
-        from cpo_fast.pipeline.support import clip_to_range
+        from cpo_fast.pipeline.stages.support import clip_to_range
 
         x = np.asarray(features, dtype=np.float64)
         if x.ndim != 2:
@@ -324,7 +324,7 @@ def fit_outcome_model(features: np.ndarray, y: np.ndarray, *, kind: str = "ridge
     r2 = 1.0 - float(np.sum(res**2)) / sst if sst > 0 else float("nan")
     sup = None
     if support:
-        from cpo_fast.pipeline.support import fit_support
+        from cpo_fast.pipeline.stages.support import fit_support
 
         sup = fit_support(x, fold_of_row=fold_of_row, seed=seed)
     return OutcomeFit(oof_pred=oof, r2=r2, rmse=float(np.sqrt(np.mean(res**2))),

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from cpo_fast.models import _base
-from cpo_fast.pipeline.config import ARCHS
+from cpo_fast.pipeline.run.config import ARCHS
 
 
 def _attn_impl(device: str | torch.device | None) -> str:

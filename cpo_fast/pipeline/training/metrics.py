@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpo_fast.pipeline.persist import write_text
+from cpo_fast.pipeline.run.persist import write_text
 
 # LossOutput fields of the step's effective batch (None when a method has none).
 DIAGNOSTICS = ("ess", "max_weight_share", "clip_fraction", "value", "dm_ess")

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpo_fast.pipeline.data import OutcomeTable
+from cpo_fast.pipeline.stages.data import OutcomeTable
 
 TOPICS = ("food", "work")
 _TOPIC_MU = {"food": 0.5, "work": -0.5}
@@ -208,6 +208,6 @@ def corpus_csv(table: OutcomeTable) -> str:
 
 def write_corpus(table: OutcomeTable, path: str | Path) -> Path:
     """Write :func:`corpus_csv` to ``path``, atomically."""
-    from cpo_fast.pipeline.persist import write_text
+    from cpo_fast.pipeline.run.persist import write_text
 
     return write_text(path, corpus_csv(table))

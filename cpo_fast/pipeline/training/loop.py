@@ -48,14 +48,14 @@ from cpo_fast.distributed import (
 )
 from cpo_fast.estimators import LossOutput
 from cpo_fast.objectives import method_of
-from cpo_fast.pipeline.batches import TrainData, step_micro_batches
-from cpo_fast.pipeline.checkpoint import Resumed, find_checkpoint, load_checkpoint, save_checkpoint
-from cpo_fast.pipeline.config import RunConfig, pinned_values
-from cpo_fast.pipeline.guard import WeightGuard, weight_stats
-from cpo_fast.pipeline.metrics import MetricsLog, step_metrics
-from cpo_fast.pipeline.policy import save_model
-from cpo_fast.pipeline.runtime import barrier, broadcast_params
-from cpo_fast.pipeline.signals import StopRequested, TrainingInterrupted
+from cpo_fast.pipeline.run.config import RunConfig, pinned_values
+from cpo_fast.pipeline.run.runtime import barrier, broadcast_params
+from cpo_fast.pipeline.run.signals import StopRequested, TrainingInterrupted
+from cpo_fast.pipeline.stages.policy import save_model
+from cpo_fast.pipeline.training.batches import TrainData, step_micro_batches
+from cpo_fast.pipeline.training.checkpoint import Resumed, find_checkpoint, load_checkpoint, save_checkpoint
+from cpo_fast.pipeline.training.guard import WeightGuard, weight_stats
+from cpo_fast.pipeline.training.metrics import MetricsLog, step_metrics
 
 SHOWN = ("loss", "ess", "max_weight_share", "dm_ess", "dm_max_weight_share", "grad_norm")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cpo_fast.pipeline.config import RunConfig
+from cpo_fast.pipeline.run.config import RunConfig
 
 
 def check_device(cfg: RunConfig) -> torch.device:
@@ -51,7 +51,7 @@ def check_scorer(cfg: RunConfig) -> None:
     """``--scorer``: importable, and returns one finite number per text on a probe."""
     if not cfg.scorer:
         return
-    from cpo_fast.pipeline.evaluate import load_scorer, run_scorer
+    from cpo_fast.pipeline.run.scorers import load_scorer, run_scorer
 
     _, fn = load_scorer(cfg.scorer)
     run_scorer(cfg.scorer, fn, ["A short probe sentence.", "Another one."])
@@ -79,7 +79,7 @@ def check_outcomes(cfg: RunConfig, outcomes: np.ndarray | None) -> None:
 
 def check_run_exists(cfg: RunConfig, command: str) -> None:
     """``generate`` / ``evaluate`` read a run: its directory must hold one."""
-    from cpo_fast.pipeline.layout import RunLayout
+    from cpo_fast.pipeline.run.layout import RunLayout
 
     lay = RunLayout(cfg.output_dir)
     if not lay.config.is_file():

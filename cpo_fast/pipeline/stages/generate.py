@@ -3,7 +3,7 @@
 Prefixes are lists of token ids that already start with BOS (as the pipeline's encoder
 writes them); they are left-padded into one batch so HF ``generate`` can sample them
 together, with the KV cache. Unconditioned generation is the special case of a one-token
-prefix: the document start (:func:`cpo_fast.pipeline.tokenizer.document_start`: BOS when the
+prefix: the document start (:func:`cpo_fast.pipeline.stages.tokenizer.document_start`: BOS when the
 tokenizer prepends it, else the pretraining separator ``<|endoftext|>``; never a chat
 marker such as SmolLM2's ``<|im_start|>``). Sampling is seeded: the same seed, model and
 prefixes give the same texts. Where the device computes bf16 natively (CUDA, or a CPU with
@@ -21,7 +21,7 @@ from functools import cache
 import torch
 from tqdm.auto import tqdm
 
-from cpo_fast.pipeline.tokenizer import document_start
+from cpo_fast.pipeline.stages.tokenizer import document_start
 
 
 @cache

@@ -16,7 +16,7 @@ gradient):
     layout.py      where every file of a run lives
 
 This module joins them: :func:`train_policy` builds the policy from f_0 and trains it. The
-names below are re-exported so ``from cpo_fast.pipeline.train import ...`` keeps working.
+names below are re-exported so ``from cpo_fast.pipeline.training.train import ...`` keeps working.
 """
 
 from __future__ import annotations
@@ -27,21 +27,22 @@ import numpy as np
 import torch
 
 from cpo_fast.objectives import method_of, top_quantile_mask
-from cpo_fast.pipeline.batches import (  # noqa: F401  (re-exported)
-    TrainData,
-    batch_indices,
-    make_batch,
-    ref_tokens,
-)
-from cpo_fast.pipeline.config import RunConfig
-from cpo_fast.pipeline.loop import lr_lambda, train  # noqa: F401  (re-exported)
-from cpo_fast.pipeline.policy import (  # noqa: F401  (re-exported)
+from cpo_fast.pipeline.run.config import RunConfig
+from cpo_fast.pipeline.run.runtime import pick_device, seed_everything  # noqa: F401
+from cpo_fast.pipeline.stages.policy import (  # noqa: F401  (re-exported)
     load_causal_lm,
     lora_targets,
     make_policy,
     save_model,
 )
-from cpo_fast.pipeline.prepare import (  # noqa: F401  (re-exported)
+from cpo_fast.pipeline.training.batches import (  # noqa: F401  (re-exported)
+    TrainData,
+    batch_indices,
+    make_batch,
+    ref_tokens,
+)
+from cpo_fast.pipeline.training.loop import lr_lambda, train  # noqa: F401  (re-exported)
+from cpo_fast.pipeline.training.prepare import (  # noqa: F401  (re-exported)
     STAGES,
     Prepared,
     load_split,
@@ -49,7 +50,6 @@ from cpo_fast.pipeline.prepare import (  # noqa: F401  (re-exported)
     prepare,
     texts_features,
 )
-from cpo_fast.pipeline.runtime import pick_device, seed_everything  # noqa: F401
 
 
 def train_data(prep: Prepared, method: str) -> TrainData:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cpo_fast.pipeline.config import RunConfig
-from cpo_fast.pipeline.data import DataConfig, Encoded, OutcomeTable, encode, load_table
-from cpo_fast.pipeline.generate import decode, sample_continuations
+from cpo_fast.pipeline.run.config import RunConfig
+from cpo_fast.pipeline.stages.data import DataConfig, Encoded, OutcomeTable, encode, load_table
+from cpo_fast.pipeline.stages.generate import decode, sample_continuations
 
 
 @dataclass

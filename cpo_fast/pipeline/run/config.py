@@ -107,7 +107,7 @@ class RunConfig:
     save_every: int = _f(50, "checkpoint every N optimizer steps (0: only at the end)", "train")
     log_every: int = _f(1, "metrics line every N steps", "train")
     stop_after: int | None = _f(None, "stop after this step (simulates an interruption)", "train", local=True)
-    # issue 11: the weight-collapse guard (pipeline/guard.py, docs/validity.md)
+    # issue 11: the weight-collapse guard (pipeline/training/guard.py, docs/validity.md)
     ess_guard: float = _f(0.1, "warn when the outcome or DM ESS, as a share of its batch, "
                           "falls below this (0: off)", "train")
     stop_on_collapse: bool = _f(False, "stop training when the ESS guard fires", "train")
@@ -133,7 +133,7 @@ class RunConfig:
                                 "generate")
     bootstrap: int = _f(1000, "bootstrap resamples for the 95% intervals", "generate")
     scorer: str | None = _f(None, "extra scorer of generations, 'module:function' taking a "
-                            "list of texts (e.g. cpo_fast.pipeline.synthetic:oracle)", "generate")
+                            "list of texts (e.g. cpo_fast.pipeline.stages.synthetic:oracle)", "generate")
     # --- run
     output_dir: str = _f("runs/train", "where everything is written", "run", local=True)
     seed: int = _f(0, "seed for data order, init, sampling", "run", pins=BOTH)
@@ -226,7 +226,7 @@ class RunConfig:
     def save(self, path: str | Path) -> None:
         """Write the settings as JSON (on rank 0 only, under torchrun / accelerate)."""
         from cpo_fast.distributed import current_world
-        from cpo_fast.pipeline.persist import write_json
+        from cpo_fast.pipeline.run.persist import write_json
 
         if current_world().is_main:
             write_json(path, self.to_dict())

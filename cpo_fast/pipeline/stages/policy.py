@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from cpo_fast.pipeline.config import RunConfig
-from cpo_fast.pipeline.persist import WriteError, as_oserror, refuse_pickle
+from cpo_fast.pipeline.run.config import RunConfig
+from cpo_fast.pipeline.run.persist import WriteError, as_oserror, refuse_pickle
 
 
 def lora_targets(model) -> list[str]:

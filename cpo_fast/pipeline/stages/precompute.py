@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from cpo_fast import token_batch
-from cpo_fast.pipeline.data import Encoded, collate
-from cpo_fast.pipeline.modeling import model_fingerprint
+from cpo_fast.pipeline.stages.data import Encoded, collate
+from cpo_fast.pipeline.stages.modeling import model_fingerprint
 
 _FORMAT = "ref-logprobs-v1"
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from cpo_fast.distributed import World, current_world, launcher_env, max_over_ranks
-from cpo_fast.pipeline.config import RunConfig
+from cpo_fast.pipeline.run.config import RunConfig
 
 
 def pick_device(cfg: RunConfig) -> torch.device:

@@ -24,14 +24,14 @@ import numpy as np
 import torch
 
 from cpo_fast.objectives import method_of
-from cpo_fast.pipeline.batches import TrainData
-from cpo_fast.pipeline.config import RunConfig, pinned_values
-from cpo_fast.pipeline.data import DataConfig, Encoded, OutcomeTable, encode, load_table
-from cpo_fast.pipeline.layout import RunLayout
-from cpo_fast.pipeline.persist import WriteError, read_json, write_json
-from cpo_fast.pipeline.policy import load_causal_lm
-from cpo_fast.pipeline.preflight import check_outcomes, check_rows
-from cpo_fast.pipeline.runtime import is_main, main_first, pick_device, seed_everything
+from cpo_fast.pipeline.run.config import RunConfig, pinned_values
+from cpo_fast.pipeline.run.layout import RunLayout
+from cpo_fast.pipeline.run.persist import WriteError, read_json, write_json
+from cpo_fast.pipeline.run.preflight import check_outcomes, check_rows
+from cpo_fast.pipeline.run.runtime import is_main, main_first, pick_device, seed_everything
+from cpo_fast.pipeline.stages.data import DataConfig, Encoded, OutcomeTable, encode, load_table
+from cpo_fast.pipeline.stages.policy import load_causal_lm
+from cpo_fast.pipeline.training.batches import TrainData
 
 STAGES = ("f0", "precompute", "outcome", "all")
 
@@ -246,7 +246,7 @@ def split_held_out(table: OutcomeTable, fraction: float,
 def get_tokenizer(cfg: RunConfig, texts: list[str], lay: RunLayout):
     from transformers import AutoTokenizer
 
-    from cpo_fast.pipeline.tokenizer import for_documents, train_tokenizer
+    from cpo_fast.pipeline.stages.tokenizer import for_documents, train_tokenizer
 
     for src in (cfg.tokenizer, model_source(cfg.f0_model), model_source(cfg.base_model),
                 lay.tokenizer):
@@ -277,7 +277,7 @@ def get_tokenizer(cfg: RunConfig, texts: list[str], lay: RunLayout):
 def fit_f0(prep: Prepared, *, resume: bool) -> Path:
     """f_0 = SFT of the base model (or a new ``arch`` model) on the training texts. The SFT
     loop needs no reference log-probs: zeros stand in for the cache."""
-    from cpo_fast.pipeline.loop import train
+    from cpo_fast.pipeline.training.loop import train
 
     cfg, tok, lay = prep.cfg, prep.tokenizer, prep.layout
     if (lay.f0 / "model" / "config.json").is_file():
@@ -286,7 +286,7 @@ def fit_f0(prep: Prepared, *, resume: bool) -> Path:
     if cfg.base_model:
         base = load_causal_lm(cfg.base_model, prep.device)
     else:
-        from cpo_fast.pipeline.modeling import build_model
+        from cpo_fast.pipeline.stages.modeling import build_model
 
         base = build_model(cfg.arch, len(tok), hidden_size=cfg.hidden_size,
                            num_layers=cfg.num_layers, num_heads=cfg.num_heads,
@@ -300,7 +300,7 @@ def fit_f0(prep: Prepared, *, resume: bool) -> Path:
     zeros = [np.zeros(len(r) - 1, np.float32) for r in prep.train_enc.input_ids]
     data = TrainData(enc=prep.train_enc, rows=np.arange(len(prep.train_enc)), ref=zeros)
     if lora:
-        from cpo_fast.pipeline.policy import make_policy
+        from cpo_fast.pipeline.stages.policy import make_policy
 
         base = make_policy(base, sft_cfg)  # LoRA adapters on f_0's base (a copy)
     train(base, data, sft_cfg, lay.f0, pad_id=tok.pad_token_id, resume=resume, desc="f_0 SFT",
@@ -308,7 +308,7 @@ def fit_f0(prep: Prepared, *, resume: bool) -> Path:
     if lora:  # f_0 is a plain model: the adapters merged into the base weights
         import shutil
 
-        from cpo_fast.pipeline.policy import save_model
+        from cpo_fast.pipeline.stages.policy import save_model
 
         tmp, dest = lay.f0 / "model.merged", lay.f0 / "model"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -320,7 +320,7 @@ def fit_f0(prep: Prepared, *, resume: bool) -> Path:
 
 def ref_logprobs(prep: Prepared, enc: Encoded, key: str) -> list[np.ndarray]:
     """Stage precompute: f_0's per-token log-probs of ``enc``, from the cache when it has them."""
-    from cpo_fast.pipeline.precompute import precompute_ref_logprobs
+    from cpo_fast.pipeline.stages.precompute import precompute_ref_logprobs
 
     cfg = prep.cfg
     return precompute_ref_logprobs(prep.load_f0(), enc, cache_dir=prep.layout.cache,
@@ -333,8 +333,8 @@ def texts_features(prep: Prepared, enc: Encoded) -> np.ndarray:
     """ghat's features (``cfg.outcome_features``): f_0's hidden states mean-pooled over the
     text (every layer side by side: on a small LM the last layer alone says little about
     content) and/or bag-of-token counts."""
-    from cpo_fast.pipeline.generate import bf16_pays
-    from cpo_fast.pipeline.outcome import bag_of_words_features, mean_pooled_features
+    from cpo_fast.pipeline.stages.generate import bf16_pays
+    from cpo_fast.pipeline.stages.outcome import bag_of_words_features, mean_pooled_features
 
     parts = []
     if prep.cfg.outcome_features in ("f0", "both"):
@@ -352,7 +352,7 @@ def texts_features(prep: Prepared, enc: Encoded) -> np.ndarray:
 def fit_outcome(prep: Prepared) -> None:
     """Stage outcome: ghat cross-fitted on the training rows (out-of-fold predictions),
     refit per fold for new texts; its quality goes to outcome_model.json."""
-    from cpo_fast.pipeline.outcome import fit_outcome_model
+    from cpo_fast.pipeline.stages.outcome import fit_outcome_model
 
     cfg = prep.cfg
     feats = texts_features(prep, prep.train_enc)
@@ -376,7 +376,7 @@ def predict_outcome(prep: Prepared, texts: list[str], prompts: list[str] | None 
 
 def build_dm(prep: Prepared) -> None:
     """Stage dm: the DM set (reloaded when cached), its reference log-probs and ghat."""
-    from cpo_fast.pipeline.dm import build_dm_set, load_dm_set, save_dm_set
+    from cpo_fast.pipeline.stages.dm import build_dm_set, load_dm_set, save_dm_set
 
     cfg = prep.cfg
     tag = f"{cfg.dm_size}_{cfg.dm_prefix_fraction}_{Path(cfg.dm_path or '').name}"
@@ -389,7 +389,7 @@ def build_dm(prep: Prepared) -> None:
         if is_main():
             save_dm_set(prep.dm, dm_file)
     prep.dm_ref = ref_logprobs(prep, prep.dm.encoded, f"dm_{cfg.dm_source}")
-    from cpo_fast.pipeline.support import support_report
+    from cpo_fast.pipeline.stages.support import support_report
 
     dm_feats = texts_features(prep, prep.dm.encoded)
     prep.dm_ghat = prep.outcome_fit.predict(dm_feats)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from cpo_fast.pipeline.persist import (
+from cpo_fast.pipeline.run.persist import (
     WriteError,
     fsync_dir,
     load_tensors,
@@ -36,8 +36,8 @@ from cpo_fast.pipeline.persist import (
     save_tensors,
     write_json,
 )
-from cpo_fast.pipeline.policy import load_trainable_state, save_model, trainable_state
-from cpo_fast.pipeline.runtime import rng_state, set_rng_state
+from cpo_fast.pipeline.run.runtime import rng_state, set_rng_state
+from cpo_fast.pipeline.stages.policy import load_trainable_state, save_model, trainable_state
 
 FORMAT = "cpo_fast-checkpoint-v2"
 

@@ -19,8 +19,8 @@ import torch
 
 from cpo_fast.distributed import World
 from cpo_fast.objectives import method_of
-from cpo_fast.pipeline.config import RunConfig
-from cpo_fast.pipeline.data import Encoded, collate
+from cpo_fast.pipeline.run.config import RunConfig
+from cpo_fast.pipeline.stages.data import Encoded, collate
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""After training: generation, evaluation, off-policy estimates, plots, the demo."""

@@ -1,0 +1,1 @@
+"""Run state: settings, paths, processes, persistence, checkpoints, signals, preflight checks."""
