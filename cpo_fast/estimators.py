@@ -190,40 +190,40 @@ def _check_seq(name: str, t: Tensor, ref_name: str | None = None, ref: Tensor | 
         check_same_shape(name, t, ref_name, ref)
 
 
+def _log_weights(prefix: str, policy_logp: Tensor, ref_logp: Tensor, what: str,
+                 **values: Tensor) -> Tensor:
+    """Validated log weights ell = s - log P^R of one row set (names carry ``prefix``), with
+    its per-row ``values`` checked the same way."""
+    p, r = prefix + "policy_logp", prefix + "ref_logp"
+    _check_seq(p, policy_logp)
+    if policy_logp.shape[0] == 0:
+        raise ValueError(f"{p} is empty: {what} has no rows.")
+    for name, t in {r: ref_logp, **values}.items():
+        _check_seq(name, t, p, policy_logp)
+    check_finite_seq(p, policy_logp)
+    for name, t in {r: ref_logp, **values}.items():
+        check_finite(name, t)
+    ell = policy_logp - ref_logp.to(policy_logp.dtype)
+    check_finite_seq(f"{p} - {r} (the log weight)", ell)
+    return ell
+
+
 def _outcome_rows(policy_logp: Tensor, ref_logp: Tensor, outcome: Tensor,
                   outcome_pred: Tensor | None, sign: float) -> tuple[Tensor, Tensor]:
     """Validated (ell_i, a_i) of the outcome rows: a = y - ghat (signed)."""
-    _check_seq("policy_logp", policy_logp)
-    if policy_logp.shape[0] == 0:
-        raise ValueError("policy_logp is empty: the batch has no rows.")
-    _check_seq("ref_logp", ref_logp, "policy_logp", policy_logp)
-    _check_seq("outcome", outcome, "policy_logp", policy_logp)
-    check_finite_seq("policy_logp", policy_logp)
-    check_finite("outcome", outcome)
-    check_finite("ref_logp", ref_logp)
+    pred = {} if outcome_pred is None else {"outcome_pred": outcome_pred}
+    ell = _log_weights("", policy_logp, ref_logp, "the batch", outcome=outcome, **pred)
     a = sign * outcome.to(policy_logp.dtype)
     if outcome_pred is not None:
-        _check_seq("outcome_pred", outcome_pred, "policy_logp", policy_logp)
-        check_finite("outcome_pred", outcome_pred)
         a = a - sign * outcome_pred.to(policy_logp.dtype)
-    ell = policy_logp - ref_logp.to(policy_logp.dtype)
-    check_finite_seq("policy_logp - ref_logp (the log weight)", ell)
     return ell, a
 
 
 def _dm_rows(dm_policy_logp: Tensor, dm_ref_logp: Tensor, dm_outcome_pred: Tensor,
              sign: float) -> tuple[Tensor, Tensor]:
     """Validated (ell'_j, ghat'_j) of the direct-method set (signed)."""
-    _check_seq("dm_policy_logp", dm_policy_logp)
-    if dm_policy_logp.shape[0] == 0:
-        raise ValueError("dm_policy_logp is empty: the direct-method set has no rows.")
-    _check_seq("dm_ref_logp", dm_ref_logp, "dm_policy_logp", dm_policy_logp)
-    _check_seq("dm_outcome_pred", dm_outcome_pred, "dm_policy_logp", dm_policy_logp)
-    check_finite_seq("dm_policy_logp", dm_policy_logp)
-    check_finite("dm_ref_logp", dm_ref_logp)
-    check_finite("dm_outcome_pred", dm_outcome_pred)
-    ell = dm_policy_logp - dm_ref_logp.to(dm_policy_logp.dtype)
-    check_finite_seq("dm_policy_logp - dm_ref_logp (the log weight)", ell)
+    ell = _log_weights("dm_", dm_policy_logp, dm_ref_logp, "the direct-method set",
+                       dm_outcome_pred=dm_outcome_pred)
     return ell, sign * dm_outcome_pred.to(dm_policy_logp.dtype)
 
 
