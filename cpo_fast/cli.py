@@ -157,7 +157,8 @@ def cmd_demo(args) -> int:
 
 def cmd_train(args) -> int:
     from cpo_fast.pipeline.report.plots import training_curves, weight_histogram
-    from cpo_fast.pipeline.training.train import prepare, train_policy
+    from cpo_fast.pipeline.training.prepare import prepare
+    from cpo_fast.pipeline.training.train import train_policy
 
     cfg = run_config(args)
     t0 = time.perf_counter()

@@ -168,8 +168,3 @@ def causal_lm_token_logprobs(
 
 __all__ = ["HeadTransform", "causal_lm_token_logprobs", "decoder", "head_transform",
            "last_hidden", "output_weight"]
-
-
-# Pretrained models by name (packaged, converted once and cached) or from a directory: the
-# loader lives in its own module (cpo_fast/pretrained.py); re-exported here as documented.
-from cpo_fast.pretrained import load_pretrained  # noqa: E402, F401

@@ -1,6 +1,6 @@
 """Pretrained causal LMs by name, offline: packaged models converted once and cached.
 
-    from cpo_fast.models import load_pretrained
+    from cpo_fast.pretrained import load_pretrained
     model, tokenizer = load_pretrained("smollm2-135m")   # or a local HF directory, or a hub id
 
 ``"smollm2-135m"`` is SmolLM2-135M-Instruct (Apache-2.0), shipped as a 4-bit GGUF file by

@@ -46,7 +46,7 @@ CASES = [(m, w) for m in ("cpo", "dr_cpo") for w in ("self_normalized", "clipped
 
 @pytest.fixture(scope="module")
 def prep(tmp_path_factory):
-    from cpo_fast.pipeline.training.train import prepare
+    from cpo_fast.pipeline.training.prepare import prepare
 
     d = tmp_path_factory.mktemp("dist")
     write_corpus(make_corpus(120, seed=1), d / "corpus.csv")
@@ -65,8 +65,8 @@ def _config(prep, method: str, weighting: str, *, world: int = 1, accum: int = A
 
 def _train(f0, data, cfg: RunConfig, out_dir: Path, pad_id: int) -> dict[str, torch.Tensor]:
     from cpo_fast.pipeline.run.runtime import seed_everything
+    from cpo_fast.pipeline.stages.policy import make_policy
     from cpo_fast.pipeline.training.loop import train
-    from cpo_fast.pipeline.training.train import make_policy
 
     seed_everything(cfg.seed)
     policy = make_policy(f0, cfg)
@@ -131,9 +131,10 @@ def test_step_gradient_is_the_full_batch_gradient_with_dropout(prep, weighting):
     from cpo_fast.effective_batch import token_pair
     from cpo_fast.estimators import cap_log_weights
     from cpo_fast.pipeline.run.runtime import seed_everything
+    from cpo_fast.pipeline.stages.policy import make_policy
     from cpo_fast.pipeline.training.batches import step_micro_batches
     from cpo_fast.pipeline.training.loop import effective_gradient
-    from cpo_fast.pipeline.training.train import make_policy, train_data
+    from cpo_fast.pipeline.training.train import train_data
 
     sn = weighting == "self_normalized"  # the cap centres on the median there, on 0 otherwise
     cfg = dataclasses.replace(_config(prep, "dr_cpo", weighting), lora_dropout=0.3,

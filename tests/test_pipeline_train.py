@@ -10,14 +10,11 @@ import pytest
 import torch
 
 from cpo_fast.pipeline.run.config import METHODS, RunConfig, config_from
+from cpo_fast.pipeline.stages.policy import make_policy
 from cpo_fast.pipeline.stages.synthetic import make_corpus, oracle, write_corpus
-from cpo_fast.pipeline.training.train import (
-    batch_indices,
-    make_policy,
-    prepare,
-    train_data,
-    train_policy,
-)
+from cpo_fast.pipeline.training.batches import batch_indices
+from cpo_fast.pipeline.training.prepare import prepare
+from cpo_fast.pipeline.training.train import train_data, train_policy
 
 TINY = dict(text_column="text", outcome_column="outcome", group_column="group", id_column="id",
             max_tokens=40, vocab_size=200, hidden_size=32, num_layers=1, num_heads=2,
@@ -168,7 +165,8 @@ def test_log_propensity_column_is_used(corpus_csv, tmp_path):
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
 def test_other_architectures_lora_step(arch, prep, tmp_path):
     from cpo_fast.pipeline.stages.modeling import build_model
-    from cpo_fast.pipeline.training.train import TrainData, train
+    from cpo_fast.pipeline.training.batches import TrainData
+    from cpo_fast.pipeline.training.loop import train
 
     tok = prep.tokenizer
     f0 = build_model(arch, len(tok), hidden_size=32, num_layers=1, num_heads=2, max_positions=64,

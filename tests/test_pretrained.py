@@ -24,7 +24,7 @@ needs_model = pytest.mark.skipif(not packaged_available("smollm2-135m"),
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer), converted once (cached on disk) and loaded once per session."""
-    from cpo_fast.models import load_pretrained
+    from cpo_fast.pretrained import load_pretrained
 
     model, tok = load_pretrained("smollm2-135m")
     return model, tok

@@ -103,7 +103,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def cli_prep(corpus):
-    from cpo_fast.pipeline.training.train import prepare
+    from cpo_fast.pipeline.training.prepare import prepare
 
     d, _ = corpus
     cfg = RunConfig(data=str(d / "corpus.csv"), output_dir=str(d / "cli"), tokenizer=str(d / "tok"),
@@ -139,7 +139,8 @@ def test_trainer_equals_the_cli(corpus, cli_prep, tmp_path, method):
 
 def test_given_model_as_f0_equals_the_cli(corpus, tmp_path):
     """f0_steps=0: the model object is f_0 (the CLI's --f0-model on the same weights)."""
-    from cpo_fast.pipeline.training.train import prepare, train_policy
+    from cpo_fast.pipeline.training.prepare import prepare
+    from cpo_fast.pipeline.training.train import train_policy
 
     d, ds = corpus
     cfg = RunConfig(data=str(d / "corpus.csv"), output_dir=str(tmp_path / "cli"),

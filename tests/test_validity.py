@@ -120,7 +120,7 @@ def test_weight_stats_dm_max_share():
 
 @pytest.fixture(scope="module")
 def prep(tmp_path_factory):
-    from cpo_fast.pipeline.training.train import prepare
+    from cpo_fast.pipeline.training.prepare import prepare
 
     data = tmp_path_factory.mktemp("data") / "corpus.csv"
     write_corpus(make_corpus(120, seed=1), data)

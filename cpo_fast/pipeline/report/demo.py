@@ -76,7 +76,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
     from cpo_fast.pipeline.run.persist import write_json, write_text
     from cpo_fast.pipeline.run.preflight import preflight
     from cpo_fast.pipeline.stages.synthetic import corpus_csv, make_corpus, oracle
-    from cpo_fast.pipeline.training.train import prepare
+    from cpo_fast.pipeline.training.prepare import prepare
 
     t0 = time.perf_counter()
     bad = [m for m in methods if m not in METHODS]

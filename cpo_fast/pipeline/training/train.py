@@ -1,22 +1,9 @@
 """Training a policy: f_0 -> ``cfg.method`` (CPO, DR-CPO, OO-RLHF, SFT-all, SFT-top).
 
-The pipeline, by concern (read in this order to follow one batch from the file to the
-gradient):
-
-    config.py      RunConfig: every setting, and which ones pin caches and resumes
-    data.py        load and validate the data file, tokenize, collate
-    prepare.py     the shared stages: tokenizer, f_0, reference cache, ghat, DM set
-    batches.py     micro-batch k of a run: rows, token ids, cached reference log-probs
-    loss.py        a micro-batch's loss (fused-linear token log-probs -> objective)
-    step.py        one step's exact gradient over the effective batch (all micro-batches,
-                   all ranks: docs/scale-out.md)
-    loop.py        the optimization loop, phase by phase
-    checkpoint.py  safe, atomic checkpoints (safetensors + JSON) and exact resume
-    policy.py      loading f_0, making the policy (LoRA), saving/loading models
-    layout.py      where every file of a run lives
-
-This module joins them: :func:`train_policy` builds the policy from f_0 and trains it. The
-names below are re-exported so ``from cpo_fast.pipeline.training.train import ...`` keeps working.
+:func:`train_data` picks the rows the method trains on (and the DM set) from the prepared
+stages (prepare.py); :func:`train_policy` makes the policy from f_0 (LoRA or full,
+stages/policy.py) and runs the loop (loop.py). docs/architecture.md walks one micro-batch
+from here to its gradient.
 """
 
 from __future__ import annotations
@@ -28,28 +15,11 @@ import torch
 
 from cpo_fast.objectives import method_of, top_quantile_mask
 from cpo_fast.pipeline.run.config import RunConfig
-from cpo_fast.pipeline.run.runtime import pick_device, seed_everything  # noqa: F401
-from cpo_fast.pipeline.stages.policy import (  # noqa: F401  (re-exported)
-    load_causal_lm,
-    lora_targets,
-    make_policy,
-    save_model,
-)
-from cpo_fast.pipeline.training.batches import (  # noqa: F401  (re-exported)
-    TrainData,
-    batch_indices,
-    make_batch,
-    ref_tokens,
-)
-from cpo_fast.pipeline.training.loop import lr_lambda, train  # noqa: F401  (re-exported)
-from cpo_fast.pipeline.training.prepare import (  # noqa: F401  (re-exported)
-    STAGES,
-    Prepared,
-    load_split,
-    predict_outcome,
-    prepare,
-    texts_features,
-)
+from cpo_fast.pipeline.run.runtime import seed_everything
+from cpo_fast.pipeline.stages.policy import make_policy
+from cpo_fast.pipeline.training.batches import TrainData
+from cpo_fast.pipeline.training.loop import train
+from cpo_fast.pipeline.training.prepare import Prepared
 
 
 def train_data(prep: Prepared, method: str) -> TrainData:
