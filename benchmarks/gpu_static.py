@@ -42,7 +42,7 @@ def _our_cases(torch) -> list[tuple[str, dict, Callable[[], None]]]:
     ``tf=`` in a tag is the head transform the launcher gets: none without it (HAS_TRANSFORM
     off: the untransformed build, tags as in earlier reports), ``tf=scale`` temperature and
     logit_scale only (HAS_TRANSFORM on), ``tf=1`` a softcap as well (HAS_SOFTCAP on)."""
-    from cpo_fast._backend import HeadTransform
+    from cpo_fast._transform import HeadTransform
     from cpo_fast.kernels import linear_token_logprobs as LK
     from cpo_fast.kernels import token_logprobs as TK
 

@@ -115,8 +115,8 @@ def run_group(job: dict[str, Any], judges: dict, log=print) -> list[dict[str, An
         from cpo_fast.bench.emobank import confounded_emobank, write_table
         from cpo_fast.pipeline.report.demo import demo_config
         from cpo_fast.pipeline.report.evaluate import evaluate_model
+        from cpo_fast.pipeline.training.loop import train_policy
         from cpo_fast.pipeline.training.prepare import prepare
-        from cpo_fast.pipeline.training.train import train_policy
 
         warnings.simplefilter("ignore", FutureWarning)
         out = Path(job["out"])

@@ -130,10 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             new = sum(len(tok.encode(t)) + 1 for t in texts)  # approx.: re-encoded + EOS
             add("eval generation", dt, s, new, f"{args.samples} samples, batch {bs}")
     # training: DR-CPO steps through the pipeline's own step function
-    from cpo_fast.pipeline.step import effective_gradient
-
-    from cpo_fast.pipeline.run.runtime import SINGLE
+    from cpo_fast.distributed import SINGLE
     from cpo_fast.pipeline.training.batches import TrainData, step_micro_batches
+    from cpo_fast.pipeline.training.loop import effective_gradient
 
     ref = precompute_ref_logprobs(model, sub, cache_dir=tmp / "fp32")
     y = np.asarray(table.outcomes[:len(sub)], np.float64)

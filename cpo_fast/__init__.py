@@ -5,6 +5,8 @@ Public API:
     linear_token_logprobs(hidden, weight, labels)    same, logits never materialized
     causal_lm_token_logprobs(model, input_ids, labels)  same for a HF causal LM (head transforms read
                                                      from its config), logits never built
+    HeadTransform(temperature, softcap, logit_scale)  the logit transform the ops apply;
+                                                     HeadTransform.from_model(model) reads it
     dr_cpo_loss / cpo_loss / oo_rlhf_loss            importance-weighted objectives
     Objective(method, ...).loss(TokenBatch, dm)      a training step's loss, one place
     assemble_loss(method, TokenBatch, dm=...)        the same as a function
@@ -14,9 +16,10 @@ Public API:
 ``cpo_fast.reference`` holds the plain-PyTorch ground truth under the same names.
 """
 
+from cpo_fast._transform import HeadTransform
 from cpo_fast.constants import IGNORE_INDEX, WEIGHTINGS
 from cpo_fast.estimators import LossOutput, cpo_loss, dr_cpo_loss, oo_rlhf_loss
-from cpo_fast.models import causal_lm_token_logprobs, head_transform
+from cpo_fast.models import causal_lm_token_logprobs
 from cpo_fast.objectives import (
     DRCPOLoss,
     Objective,
@@ -35,7 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "IGNORE_INDEX", "WEIGHTINGS", "DRCPOLoss", "LossOutput", "Objective", "TokenBatch",
     "assemble_loss",
-    "causal_lm_token_logprobs", "head_transform",
+    "HeadTransform", "causal_lm_token_logprobs",
     "cpo_loss", "dr_cpo_loss", "entropy_bonus", "kl_penalty", "linear_token_logprobs",
     "oo_rlhf_loss", "sequence_logprobs", "sft_loss", "token_logprobs", "top_quantile_mask",
 ]

@@ -136,9 +136,6 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import Tensor
 
-# The head transform's one definition; backends (and benchmarks/gpu_static.py) import it here.
-from cpo_fast._transform import HeadTransform, active  # noqa: F401
-
 BACKENDS = ("triton", "cpu", "reference")
 OPS = ("token_logprobs", "linear_token_logprobs")
 

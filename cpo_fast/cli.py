@@ -94,13 +94,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_policy(prep, model_dir: str | Path):
-    """A trained policy: a peft adapter on f_0, or a full model directory."""
-    from cpo_fast.pipeline.stages.policy import load_policy as _load
-
-    return _load(prep.f0_dir, model_dir, prep.device)
-
-
 def _policy_dir(cfg, model_dir: str | None) -> str:
     """The policy a generate / evaluate command reads; checked before any stage runs."""
     if model_dir == "f0":
@@ -115,9 +108,12 @@ def _policy_dir(cfg, model_dir: str | None) -> str:
 
 
 def _policy(prep, cfg, model_dir: str):
+    """f_0, or a trained policy: a peft adapter on f_0 or a full model directory."""
+    from cpo_fast.pipeline.stages.policy import load_policy
+
     if model_dir == "f0":
         return prep.load_f0(), "f_0"
-    return load_policy(prep, model_dir), cfg.method
+    return load_policy(prep.f0_dir, model_dir, prep.device), cfg.method
 
 
 def _explicit(args) -> set[str]:
@@ -157,8 +153,9 @@ def cmd_demo(args) -> int:
 
 def cmd_train(args) -> int:
     from cpo_fast.pipeline.report.plots import training_curves, weight_histogram
+    from cpo_fast.pipeline.run.persist import update_json
+    from cpo_fast.pipeline.training.loop import train_policy
     from cpo_fast.pipeline.training.prepare import prepare
-    from cpo_fast.pipeline.training.train import train_policy
 
     cfg = run_config(args)
     t0 = time.perf_counter()
@@ -185,7 +182,7 @@ def cmd_train(args) -> int:
     if summary["finished"] and not args.no_eval:
         result.update(_evaluate_pair(prep, policy, cfg))
     result["seconds"] = time.perf_counter() - t0
-    update_results(mdir / "results.json", result)
+    update_json(mdir / "results.json", result)
     evaluated = summary["finished"] and not args.no_eval
     print(f"[train] wrote {mdir}/ (model/, checkpoint/, metrics.jsonl, plots/, results.json)"
           + (f" and {prep.layout.root / 'eval'}/" if evaluated else ""))
@@ -194,17 +191,6 @@ def cmd_train(args) -> int:
 
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4g}"
-
-
-def update_results(path: Path, new: dict) -> dict:
-    """results.json is only extended: this run's fields replace theirs, every other field
-    (an earlier evaluation, say) is kept; the file is rewritten whole, atomically."""
-    from cpo_fast.pipeline.run.persist import read_json, write_json
-
-    old = read_json(path) if path.is_file() else {}
-    merged = {**old, **new}
-    write_json(path, merged)
-    return merged
 
 
 def _evaluate_pair(prep, policy, cfg) -> dict:

@@ -49,9 +49,6 @@ from cpo_fast._transform import HeadTransform
 from cpo_fast.constants import IGNORE_INDEX
 from cpo_fast.ops import linear_token_logprobs
 
-# Kept as a name: cpo_fast.head_transform(model_or_config) is the public spelling of it.
-head_transform = HeadTransform.from_model
-
 
 def _base(model: Any) -> Any:
     """Unwrap peft (PeftModel -> the transformers model)."""
@@ -166,5 +163,5 @@ def causal_lm_token_logprobs(
                                  transform=transform)
 
 
-__all__ = ["HeadTransform", "causal_lm_token_logprobs", "decoder", "head_transform",
+__all__ = ["HeadTransform", "causal_lm_token_logprobs", "decoder",
            "last_hidden", "output_weight"]

@@ -158,7 +158,7 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
     def __init__(self, model: Any, args: DRCPOConfig | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, processing_class: Any = None, peft_config: Any = None,
                  **kwargs: Any):
-        from cpo_fast.pipeline.training.train import train_data
+        from cpo_fast.pipeline.training.loop import train_data
 
         args = args if args is not None else DRCPOConfig(output_dir="drcpo-output")
         if not isinstance(args, DRCPOConfig):

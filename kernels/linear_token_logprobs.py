@@ -79,8 +79,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cpo_fast._backend import HeadTransform, Knobs, triton_interpreting
+from cpo_fast._backend import Knobs, triton_interpreting
 from cpo_fast._linear_common import addmm_out_dtype_ok, consume_dz
+from cpo_fast._transform import HeadTransform
 from cpo_fast.kernels._head import _head_apply, _head_apply_grad, head_args
 
 # Initial running max: finite, so (m_old - m_new) * s never forms -inf * 0. A constexpr:

@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from cpo_fast._backend import HeadTransform, Knobs
+from cpo_fast._backend import Knobs
+from cpo_fast._transform import HeadTransform
 from cpo_fast.kernels._head import _head_apply, _head_apply_grad, head_args
 
 

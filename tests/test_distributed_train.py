@@ -86,7 +86,7 @@ def _moved(f0_params: dict, p: dict) -> float:
 @pytest.mark.parametrize("method,weighting", CASES)
 def test_accumulation_equals_one_big_batch(prep, tmp_path, method, weighting):
     """(a) A micro-batches of B rows == one batch of A*B rows (the plain loss on it)."""
-    from cpo_fast.pipeline.training.train import train_data
+    from cpo_fast.pipeline.training.loop import train_data
 
     data, f0 = train_data(prep, method), prep.load_f0()
     cfg = _config(prep, method, weighting)
@@ -110,7 +110,7 @@ def test_accumulation_equals_one_big_batch(prep, tmp_path, method, weighting):
 def test_accumulation_with_regularizers_cap_and_sft(prep, tmp_path, method, extra):
     """(a) with the token-level terms (KL, entropy: token means over the effective batch), the
     log-weight cap (the effective batch's median) and SFT (no coupling, token mean)."""
-    from cpo_fast.pipeline.training.train import train_data
+    from cpo_fast.pipeline.training.loop import train_data
 
     data, f0 = train_data(prep, method), prep.load_f0()
     cfg = dataclasses.replace(_config(prep, method, "self_normalized"), **extra)
@@ -133,8 +133,7 @@ def test_step_gradient_is_the_full_batch_gradient_with_dropout(prep, weighting):
     from cpo_fast.pipeline.run.runtime import seed_everything
     from cpo_fast.pipeline.stages.policy import make_policy
     from cpo_fast.pipeline.training.batches import step_micro_batches
-    from cpo_fast.pipeline.training.loop import effective_gradient
-    from cpo_fast.pipeline.training.train import train_data
+    from cpo_fast.pipeline.training.loop import effective_gradient, train_data
 
     sn = weighting == "self_normalized"  # the cap centres on the median there, on 0 otherwise
     cfg = dataclasses.replace(_config(prep, "dr_cpo", weighting), lora_dropout=0.3,
@@ -180,7 +179,7 @@ def test_per_micro_batch_losses_would_fail(prep, tmp_path, monkeypatch):
     divided by A) lands far outside TOL of the big batch, so test (a) can fail."""
     import cpo_fast.pipeline.training.loop as loop
     from cpo_fast.effective_batch import token_pair
-    from cpo_fast.pipeline.training.train import train_data
+    from cpo_fast.pipeline.training.loop import train_data
 
     def per_micro_batch(model, micro, cfg, world, autocast, step):
         obj = cfg.objective()
@@ -222,7 +221,7 @@ def _rank_worker(rank: int, world: int, port: int, job: dict, q) -> None:
 def test_two_ranks_with_accumulation_equal_one_process(prep, tmp_path):
     """(b) 2 gloo ranks x B rows x A micro-batches == one process with 2*A*B rows, for CPO and
     DR-CPO, self-normalized and clipped. Only rank 0 writes metrics and checkpoints."""
-    from cpo_fast.pipeline.training.train import train_data
+    from cpo_fast.pipeline.training.loop import train_data
 
     job = {"f0": str(prep.f0_dir), "pad_id": prep.pad_id, "out": str(tmp_path),
            "cases": {c: (_config(prep, *c), train_data(prep, c[0])) for c in CASES}}

@@ -8,8 +8,9 @@ import torch
 import transformers as tf
 
 import cpo_fast
+from cpo_fast import HeadTransform
 from cpo_fast.constants import IGNORE_INDEX
-from cpo_fast.models import HeadTransform, head_transform, output_weight
+from cpo_fast.models import output_weight
 
 V, D = 97, 32
 _SMALL = dict(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=1,
@@ -93,7 +94,7 @@ def test_gemma2_softcap_is_applied():
     """Gemma-2 caps its logits at 30: the drop-in reads that and is reference-exact; without
     the cap the result would differ (so the check can fail)."""
     model = _model("gemma2", _head_gain=300.0)
-    assert head_transform(model) == HeadTransform(logit_scale=1.0, softcap=30.0)
+    assert HeadTransform.from_model(model) == HeadTransform(logit_scale=1.0, softcap=30.0)
     got = _check_equal(model)
     ids, mask, labels = _batch()
     with torch.no_grad():
@@ -105,25 +106,25 @@ def test_gemma2_softcap_is_applied():
 
 def test_cohere_and_granite_scales():
     cohere = _model("cohere", logit_scale=0.25)
-    assert head_transform(cohere).logit_scale == 0.25
+    assert HeadTransform.from_model(cohere).logit_scale == 0.25
     _check_equal(cohere)
     granite = _model("granite", logits_scaling=4.0)
-    assert head_transform(granite).logit_scale == 0.25
+    assert HeadTransform.from_model(granite).logit_scale == 0.25
     _check_equal(granite)
 
 
 def test_config_fields_read():
-    assert head_transform(tf.FalconH1Config(lm_head_multiplier=0.5)).logit_scale == 0.5
+    assert HeadTransform.from_model(tf.FalconH1Config(lm_head_multiplier=0.5)).logit_scale == 0.5
     mpt = tf.MptConfig(d_model=64, logit_scale="inv_sqrt_d_model")
-    assert head_transform(mpt).logit_scale == pytest.approx(1 / 8)
-    assert head_transform(tf.LlamaConfig()).is_identity
+    assert HeadTransform.from_model(mpt).logit_scale == pytest.approx(1 / 8)
+    assert HeadTransform.from_model(tf.LlamaConfig()).is_identity
 
 
 def test_unsupported_head_field_is_named():
     cfg = tf.LlamaConfig()
     cfg.mup_width_multiplier = 8.0
     with pytest.raises(NotImplementedError, match="mup_width_multiplier"):
-        head_transform(cfg)
+        HeadTransform.from_model(cfg)
 
 
 def test_lora_backbone_and_lora_head():

@@ -13,8 +13,8 @@ from cpo_fast.pipeline.run.config import METHODS, RunConfig, config_from
 from cpo_fast.pipeline.stages.policy import make_policy
 from cpo_fast.pipeline.stages.synthetic import make_corpus, oracle, write_corpus
 from cpo_fast.pipeline.training.batches import batch_indices
+from cpo_fast.pipeline.training.loop import train_data, train_policy
 from cpo_fast.pipeline.training.prepare import prepare
-from cpo_fast.pipeline.training.train import train_data, train_policy
 
 TINY = dict(text_column="text", outcome_column="outcome", group_column="group", id_column="id",
             max_tokens=40, vocab_size=200, hidden_size=32, num_layers=1, num_heads=2,

@@ -118,7 +118,7 @@ def cli_prep(corpus):
 def test_trainer_equals_the_cli(corpus, cli_prep, tmp_path, method):
     """Same data, seed and settings: the trainer's LoRA parameters after K steps equal
     `cpo-fast train`'s (f_0 = 2 SFT steps of the model, DM set of f_0's completions)."""
-    from cpo_fast.pipeline.training.train import train_policy
+    from cpo_fast.pipeline.training.loop import train_policy
 
     d, ds = corpus
     cfg = dataclasses.replace(cli_prep.cfg, method=method, weighting="clipped", clip_eps=0.05)
@@ -139,8 +139,8 @@ def test_trainer_equals_the_cli(corpus, cli_prep, tmp_path, method):
 
 def test_given_model_as_f0_equals_the_cli(corpus, tmp_path):
     """f0_steps=0: the model object is f_0 (the CLI's --f0-model on the same weights)."""
+    from cpo_fast.pipeline.training.loop import train_policy
     from cpo_fast.pipeline.training.prepare import prepare
-    from cpo_fast.pipeline.training.train import train_policy
 
     d, ds = corpus
     cfg = RunConfig(data=str(d / "corpus.csv"), output_dir=str(tmp_path / "cli"),

@@ -132,7 +132,7 @@ def prep(tmp_path_factory):
 def test_dm_diagnostics_and_support_in_outputs(prep, tmp_path):
     from cpo_fast.pipeline.report.evaluate import evaluate_model, support_note
     from cpo_fast.pipeline.report.plots import training_curves
-    from cpo_fast.pipeline.training.train import train_policy
+    from cpo_fast.pipeline.training.loop import train_policy
 
     info = json.loads((prep.out / "outcome_model.json").read_text())
     lo, hi = info["bound"]
@@ -161,7 +161,7 @@ def test_dm_diagnostics_and_support_in_outputs(prep, tmp_path):
 
 
 def test_guard_in_the_loop_warns_and_stops(prep, tmp_path):
-    from cpo_fast.pipeline.training.train import train_policy
+    from cpo_fast.pipeline.training.loop import train_policy
 
     # a threshold above any reachable ESS share fires at the first full window
     cfg = dataclasses.replace(prep.cfg, ess_guard=0.999, stop_on_collapse=True, steps=8,

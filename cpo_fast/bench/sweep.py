@@ -97,8 +97,8 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
 
     from cpo_fast.pipeline.report.demo import demo_config
     from cpo_fast.pipeline.report.evaluate import evaluate_model
+    from cpo_fast.pipeline.training.loop import train_policy
     from cpo_fast.pipeline.training.prepare import prepare
-    from cpo_fast.pipeline.training.train import train_policy
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", FutureWarning)

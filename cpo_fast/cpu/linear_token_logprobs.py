@@ -27,8 +27,9 @@ import torch
 from torch import Tensor
 
 from cpo_fast import _C
-from cpo_fast._backend import HeadTransform, Knobs, active
+from cpo_fast._backend import Knobs
 from cpo_fast._linear_common import consume_dz
+from cpo_fast._transform import HeadTransform, active
 from cpo_fast.cpu import _common as c
 
 

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from cpo_fast import _C
-from cpo_fast._backend import HeadTransform, Knobs
+from cpo_fast._backend import Knobs
+from cpo_fast._transform import HeadTransform
 from cpo_fast.cpu import _common as c
 
 

@@ -153,7 +153,7 @@ def _train_and_evaluate(prep, cfg: RunConfig, methods, print_fn, judge: bool = F
 
     from cpo_fast.pipeline.report.evaluate import evaluate_model, format_row, write_eval
     from cpo_fast.pipeline.stages.synthetic import oracle
-    from cpo_fast.pipeline.training.train import train_policy
+    from cpo_fast.pipeline.training.loop import train_policy
 
     lay, scorers = prep.layout, {"oracle": oracle}
     if judge and importlib.util.find_spec("vaderSentiment") is not None:

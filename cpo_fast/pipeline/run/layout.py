@@ -26,6 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+class _Under:
+    """A fixed file or folder under the run folder, read as an attribute of RunLayout."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, layout: RunLayout, owner: type | None = None) -> Path:
+        return layout.root / self.name
+
+
 @dataclass(frozen=True)
 class RunLayout:
     root: Path
@@ -33,29 +43,12 @@ class RunLayout:
     def __init__(self, root: str | Path):
         object.__setattr__(self, "root", Path(root))
 
-    @property
-    def config(self) -> Path:
-        return self.root / "config.json"
-
-    @property
-    def prepare(self) -> Path:
-        return self.root / "prepare.json"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / "tokenizer"
-
-    @property
-    def f0(self) -> Path:
-        return self.root / "f0"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "cache"
-
-    @property
-    def outcome_model(self) -> Path:
-        return self.root / "outcome_model.json"
+    config = _Under("config.json")
+    prepare = _Under("prepare.json")
+    tokenizer = _Under("tokenizer")
+    f0 = _Under("f0")
+    cache = _Under("cache")
+    outcome_model = _Under("outcome_model.json")
 
     def dm_set(self, source: str, tag: str) -> Path:
         return self.root / f"dm_{source}_{tag}.jsonl"

@@ -99,6 +99,15 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{path}: not valid JSON ({e}); delete it or restore it.") from None
 
 
+def update_json(path: str | Path, new: dict) -> dict:
+    """Extend a JSON object file (results.json): ``new``'s fields replace theirs, every other
+    field (an earlier evaluation, say) is kept; the file is rewritten whole, atomically."""
+    path = Path(path)
+    merged = {**(read_json(path) if path.is_file() else {}), **new}
+    write_json(path, merged)
+    return merged
+
+
 def as_oserror(e: Exception) -> OSError:
     """safetensors reports I/O failures (a full disk) as ``SafetensorError`` whose text holds
     the OS error code (``Os { code: 28, ...``): the same failure as an ``OSError``."""

@@ -1,5 +1,8 @@
-"""The optimization loop, used for f_0's SFT and for every policy method. Read top to bottom:
-it follows one optimizer step from the data file to the parameter update.
+"""Training a policy, and the optimization loop it runs (also f_0's SFT). Read top to bottom:
+
+:func:`train_policy` makes the policy from f_0 (LoRA or full, stages/policy.py) and trains
+the rows :func:`train_data` picks for ``cfg.method`` (and the DM set); :func:`train` is the
+loop, which follows one optimizer step from the data to the parameter update:
 
     1. setup       the ranks (one process, or those of torchrun / accelerate launch), the
                    trainable parameters, AdamW, the warmup + cosine schedule
@@ -10,10 +13,10 @@ it follows one optimizer step from the data file to the parameter update.
                                 picked by (seed, step), token ids collated, f_0's cached
                                 log-probs attached (batches.py)
                    b. gradient  the exact gradient of the effective batch's loss, with the
-                                memory of one micro-batch (step.py: a no-grad pass for the
-                                rows' scalars, their coefficients over all ranks, then a
-                                backward pass per micro-batch; the [B, T, V] logits are never
-                                built), averaged over the ranks
+                                memory of one micro-batch (cpo_fast/effective_batch.py: a
+                                no-grad pass for the rows' scalars, their coefficients over
+                                all ranks, then a backward pass per micro-batch; the
+                                [B, T, V] logits are never built), averaged over the ranks
                    c. update    clip, step, schedule; one metrics line (rank 0); a checkpoint
                                 every ``save_every`` steps, or at once on SIGINT/SIGTERM
                                 (signals.py; all ranks stop after the same step)
@@ -32,8 +35,9 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -47,17 +51,51 @@ from cpo_fast.distributed import (
     sum_over_ranks,
 )
 from cpo_fast.estimators import LossOutput
-from cpo_fast.objectives import method_of
+from cpo_fast.objectives import method_of, top_quantile_mask
 from cpo_fast.pipeline.run.config import RunConfig, pinned_values
-from cpo_fast.pipeline.run.runtime import barrier, broadcast_params
+from cpo_fast.pipeline.run.runtime import barrier, broadcast_params, seed_everything
 from cpo_fast.pipeline.run.signals import StopRequested, TrainingInterrupted
-from cpo_fast.pipeline.stages.policy import save_model
+from cpo_fast.pipeline.stages.policy import make_policy, save_model
 from cpo_fast.pipeline.training.batches import TrainData, step_micro_batches
 from cpo_fast.pipeline.training.checkpoint import Resumed, find_checkpoint, load_checkpoint, save_checkpoint
 from cpo_fast.pipeline.training.guard import WeightGuard, weight_stats
 from cpo_fast.pipeline.training.metrics import MetricsLog, step_metrics
 
+if TYPE_CHECKING:  # prepare.py runs f_0's SFT through train() below
+    from cpo_fast.pipeline.training.prepare import Prepared
+
 SHOWN = ("loss", "ess", "max_weight_share", "dm_ess", "dm_max_weight_share", "grad_norm")
+
+
+def train_data(prep: Prepared, method: str) -> TrainData:
+    """The rows ``method`` trains on (``sft_top``: the top quantile) and the DM set."""
+    cfg = prep.cfg
+    rows = np.arange(len(prep.train_enc))
+    y = np.asarray(prep.train_table.outcomes, np.float64)
+    if method_of(method).top_quantile:
+        m = top_quantile_mask(torch.as_tensor(y), cfg.top_quantile,
+                              higher_is_better=cfg.higher_is_better)
+        rows = rows[m.numpy()]
+    if method_of(method).dm_rows and prep.dm is None:
+        raise ValueError(f"method={method!r} needs the DM set: call prepare(..., need_dm=True).")
+    lp = prep.train_table.log_propensity
+    return TrainData(enc=prep.train_enc, rows=rows, ref=prep.train_ref, outcomes=y,
+                     log_propensity=lp, ghat=prep.ghat_train,
+                     dm_enc=prep.dm.encoded if prep.dm is not None else None,
+                     dm_ref=prep.dm_ref, dm_ghat=prep.dm_ghat)
+
+
+def train_policy(prep: Prepared, cfg: RunConfig | None = None, *, out_dir: str | Path | None = None,
+                 resume: bool = False):
+    """Train ``cfg.method`` from f_0; returns (policy model, summary dict)."""
+    cfg = cfg or prep.cfg
+    out_dir = Path(out_dir or prep.layout.method(cfg.method))
+    seed_everything(cfg.seed)
+    policy = make_policy(prep.load_f0(), cfg)
+    prep.f0 = None  # no reference model in memory while training (the cache stands in)
+    summary = train(policy, train_data(prep, cfg.method), cfg, out_dir, pad_id=prep.pad_id,
+                    resume=resume, desc=cfg.method, tokenizer=prep.tokenizer)
+    return policy, summary
 
 
 def train(model, data: TrainData, cfg: RunConfig, out_dir: str | Path, *, pad_id: int,
