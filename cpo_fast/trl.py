@@ -26,14 +26,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from cpo_fast.constants import WEIGHTINGS
+from cpo_fast.distributed import average_gradients, current_world
 from cpo_fast.hf import LogsDiagnostics
 from cpo_fast.objectives import METHODS, method_of
-from cpo_fast.pipeline.run.config import RunConfig
+from cpo_fast.pipeline.report.evaluate import evaluate_model
+from cpo_fast.pipeline.run.config import FIELDS, RunConfig
 from cpo_fast.pipeline.stages.data import encode
+from cpo_fast.pipeline.training.batches import step_micro_batches
+from cpo_fast.pipeline.training.guard import WeightGuard
 from cpo_fast.pipeline.training.in_memory import build_stages, dataset_table, make_trainable, split_held_out
+from cpo_fast.pipeline.training.loop import effective_gradient, effective_rows, metrics_line, train_data
+from cpo_fast.pipeline.training.prepare import ref_logprobs, texts_features
 
 _STAGE_FIELDS = ("method", "weighting", "length_normalize", "entropy_coef", "kl_coef",
                  "max_log_weight", "truncation", "clip_eps", "top_quantile", "log_weight_cap",
@@ -113,8 +120,6 @@ class DRCPOConfig(TrainingArguments):
     def run_config(self, stages: Path, peft_config: Any = None) -> RunConfig:
         """The CLI's RunConfig of these settings (what the pipeline functions read); a LoRA
         ``peft_config`` also gives the rank, alpha and dropout of f_0's LoRA SFT."""
-        from cpo_fast.pipeline.run.config import FIELDS
-
         same = {k: getattr(self, k) for k in _STAGE_FIELDS}
         if "f0_lora" in FIELDS:
             same["f0_lora"] = self.f0_lora
@@ -158,8 +163,6 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
     def __init__(self, model: Any, args: DRCPOConfig | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, processing_class: Any = None, peft_config: Any = None,
                  **kwargs: Any):
-        from cpo_fast.pipeline.training.loop import train_data
-
         args = args if args is not None else DRCPOConfig(output_dir="drcpo-output")
         if not isinstance(args, DRCPOConfig):
             raise TypeError(f"args must be a DRCPOConfig, got {type(args).__name__}.")
@@ -190,12 +193,6 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
     def get_train_dataloader(self):
         """Placeholders, one per micro-batch: the rows of step t are the CLI's (seed, t) slice,
         built in get_batch_samples, so skipping batches on resume needs no data."""
-        from torch.utils.data import DataLoader
-
-        from cpo_fast.distributed import current_world
-        from cpo_fast.pipeline.training.guard import WeightGuard
-        from cpo_fast.pipeline.training.loop import effective_rows
-
         world = current_world()
         rows, dm_rows = effective_rows(self.cfg, world)
         self._guard = WeightGuard(self.cfg.ess_guard, self.cfg.stop_on_collapse, rows, dm_rows,
@@ -207,9 +204,6 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
         return dataloader  # placeholders: the data of a step depends on the step alone
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        from cpo_fast.distributed import current_world
-        from cpo_fast.pipeline.training.batches import step_micro_batches
-
         if not [s for _, s in zip(range(num_batches), epoch_iterator, strict=False)]:
             return [], None
         self._micro = step_micro_batches(self._data, self.state.global_step, cfg=self.cfg,
@@ -221,9 +215,6 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
         """The first micro-batch of a step accumulates the whole effective batch's exact
         gradient (loop.effective_gradient, averaged over the ranks as the CLI does); the
         others add nothing. Returns the step's loss once, so Trainer logs the CLI's loss."""
-        from cpo_fast.distributed import average_gradients, current_world
-        from cpo_fast.pipeline.training.loop import effective_gradient, effective_rows, metrics_line
-
         if inputs["cpo_slot"]:
             return torch.zeros((), device=self.args.device)
         t0, world, dev = time.perf_counter(), current_world(), self.args.device
@@ -248,8 +239,6 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
         """The CLI's evaluation (pipeline/report/evaluate.py) of the policy: off-policy estimates of
         V on the held-out rows (naive, IPW, SNIPS, DM, DR with 95% bootstrap intervals, ESS)
         and ghat's mean over ``num_samples`` generations; logged and returned."""
-        from cpo_fast.pipeline.report.evaluate import evaluate_model
-
         prep = self._prep if eval_dataset is None else self._held_out(eval_dataset)
         if prep.eval_enc is None:
             raise ValueError("evaluate(): no held-out rows; pass eval_dataset= (to DRCPOTrainer or "
@@ -264,8 +253,6 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
         return metrics
 
     def _held_out(self, ds: Any):
-        from cpo_fast.pipeline.training.prepare import ref_logprobs, texts_features
-
         table = dataset_table(ds, self.args, "eval_dataset")
         prep = dataclasses.replace(self._prep, eval_table=table, eval_enc=encode(
             table, self._prep.tokenizer, self.cfg.max_tokens, "truncate"))

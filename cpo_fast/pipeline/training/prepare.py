@@ -16,6 +16,7 @@ The settings a cached tokenizer/f_0 depends on are the config fields declared wi
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,16 @@ from cpo_fast.pipeline.run.persist import WriteError, read_json, write_json
 from cpo_fast.pipeline.run.preflight import check_outcomes, check_rows
 from cpo_fast.pipeline.run.runtime import is_main, main_first, pick_device, seed_everything
 from cpo_fast.pipeline.stages.data import DataConfig, Encoded, OutcomeTable, encode, load_table
-from cpo_fast.pipeline.stages.policy import load_causal_lm
+from cpo_fast.pipeline.stages.dm import build_dm_set, load_dm_set, save_dm_set
+from cpo_fast.pipeline.stages.generate import bf16_pays
+from cpo_fast.pipeline.stages.modeling import build_model
+from cpo_fast.pipeline.stages.outcome import bag_of_words_features, fit_outcome_model, mean_pooled_features
+from cpo_fast.pipeline.stages.policy import load_causal_lm, make_policy, save_model
+from cpo_fast.pipeline.stages.precompute import precompute_ref_logprobs
+from cpo_fast.pipeline.stages.support import support_report
+from cpo_fast.pipeline.stages.tokenizer import for_documents, train_tokenizer
 from cpo_fast.pipeline.training.batches import TrainData
+from cpo_fast.pipeline.training.loop import train
 
 STAGES = ("f0", "precompute", "outcome", "all")
 
@@ -246,8 +255,6 @@ def split_held_out(table: OutcomeTable, fraction: float,
 def get_tokenizer(cfg: RunConfig, texts: list[str], lay: RunLayout):
     from transformers import AutoTokenizer
 
-    from cpo_fast.pipeline.stages.tokenizer import for_documents, train_tokenizer
-
     for src in (cfg.tokenizer, model_source(cfg.f0_model), model_source(cfg.base_model),
                 lay.tokenizer):
         if src and ((Path(src) / "tokenizer_config.json").is_file() or _hub_id(src)):
@@ -277,8 +284,6 @@ def get_tokenizer(cfg: RunConfig, texts: list[str], lay: RunLayout):
 def fit_f0(prep: Prepared, *, resume: bool) -> Path:
     """f_0 = SFT of the base model (or a new ``arch`` model) on the training texts. The SFT
     loop needs no reference log-probs: zeros stand in for the cache."""
-    from cpo_fast.pipeline.training.loop import train
-
     cfg, tok, lay = prep.cfg, prep.tokenizer, prep.layout
     if (lay.f0 / "model" / "config.json").is_file():
         return lay.f0 / "model"
@@ -286,8 +291,6 @@ def fit_f0(prep: Prepared, *, resume: bool) -> Path:
     if cfg.base_model:
         base = load_causal_lm(cfg.base_model, prep.device)
     else:
-        from cpo_fast.pipeline.stages.modeling import build_model
-
         base = build_model(cfg.arch, len(tok), hidden_size=cfg.hidden_size,
                            num_layers=cfg.num_layers, num_heads=cfg.num_heads,
                            max_positions=max(cfg.max_tokens, cfg.max_new_tokens + 8) + 8,
@@ -300,16 +303,10 @@ def fit_f0(prep: Prepared, *, resume: bool) -> Path:
     zeros = [np.zeros(len(r) - 1, np.float32) for r in prep.train_enc.input_ids]
     data = TrainData(enc=prep.train_enc, rows=np.arange(len(prep.train_enc)), ref=zeros)
     if lora:
-        from cpo_fast.pipeline.stages.policy import make_policy
-
         base = make_policy(base, sft_cfg)  # LoRA adapters on f_0's base (a copy)
     train(base, data, sft_cfg, lay.f0, pad_id=tok.pad_token_id, resume=resume, desc="f_0 SFT",
           tokenizer=tok, distributed=False)  # rank 0 alone (prepare's main_first)
     if lora:  # f_0 is a plain model: the adapters merged into the base weights
-        import shutil
-
-        from cpo_fast.pipeline.stages.policy import save_model
-
         tmp, dest = lay.f0 / "model.merged", lay.f0 / "model"
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(base.merge_and_unload(), tok, tmp)
@@ -320,8 +317,6 @@ def fit_f0(prep: Prepared, *, resume: bool) -> Path:
 
 def ref_logprobs(prep: Prepared, enc: Encoded, key: str) -> list[np.ndarray]:
     """Stage precompute: f_0's per-token log-probs of ``enc``, from the cache when it has them."""
-    from cpo_fast.pipeline.stages.precompute import precompute_ref_logprobs
-
     cfg = prep.cfg
     return precompute_ref_logprobs(prep.load_f0(), enc, cache_dir=prep.layout.cache,
                                    data_key=key, batch_size=cfg.batch_size_eval,
@@ -333,9 +328,6 @@ def texts_features(prep: Prepared, enc: Encoded) -> np.ndarray:
     """ghat's features (``cfg.outcome_features``): f_0's hidden states mean-pooled over the
     text (every layer side by side: on a small LM the last layer alone says little about
     content) and/or bag-of-token counts."""
-    from cpo_fast.pipeline.stages.generate import bf16_pays
-    from cpo_fast.pipeline.stages.outcome import bag_of_words_features, mean_pooled_features
-
     parts = []
     if prep.cfg.outcome_features in ("f0", "both"):
         # features only feed a regression: bf16 (1.8x on SmolLM2 here) is exact enough
@@ -352,8 +344,6 @@ def texts_features(prep: Prepared, enc: Encoded) -> np.ndarray:
 def fit_outcome(prep: Prepared) -> None:
     """Stage outcome: ghat cross-fitted on the training rows (out-of-fold predictions),
     refit per fold for new texts; its quality goes to outcome_model.json."""
-    from cpo_fast.pipeline.stages.outcome import fit_outcome_model
-
     cfg = prep.cfg
     feats = texts_features(prep, prep.train_enc)
     fit = fit_outcome_model(feats, np.asarray(prep.train_table.outcomes, np.float64),
@@ -376,8 +366,6 @@ def predict_outcome(prep: Prepared, texts: list[str], prompts: list[str] | None 
 
 def build_dm(prep: Prepared) -> None:
     """Stage dm: the DM set (reloaded when cached), its reference log-probs and ghat."""
-    from cpo_fast.pipeline.stages.dm import build_dm_set, load_dm_set, save_dm_set
-
     cfg = prep.cfg
     tag = f"{cfg.dm_size}_{cfg.dm_prefix_fraction}_{Path(cfg.dm_path or '').name}"
     dm_file = prep.layout.dm_set(cfg.dm_source, tag)
@@ -389,8 +377,6 @@ def build_dm(prep: Prepared) -> None:
         if is_main():
             save_dm_set(prep.dm, dm_file)
     prep.dm_ref = ref_logprobs(prep, prep.dm.encoded, f"dm_{cfg.dm_source}")
-    from cpo_fast.pipeline.stages.support import support_report
-
     dm_feats = texts_features(prep, prep.dm.encoded)
     prep.dm_ghat = prep.outcome_fit.predict(dm_feats)
     prep.dm_support = support_report(prep.outcome_fit, dm_feats)
