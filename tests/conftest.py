@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import settings
+from hypothesis import strategies as st
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -23,11 +24,19 @@ settings.register_profile("ci", deadline=None, print_blob=True,
 settings.register_profile("dev", deadline=None, max_examples=10)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-EMOBANK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "emobank.csv"
+from cpo_fast.constants import IGNORE_INDEX  # noqa: E402  (imports triton: after TRITON_INTERPRET)
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+EMOBANK = ROOT.parent / "shared" / "data" / "emobank.csv"
 
 
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def dev(backend: str) -> str:
+    """The device a backend's tensors live on (the C++ backend: the CPU)."""
+    return "cpu" if backend == "cpu" else device()
 
 
 def triton_usable() -> bool:
@@ -53,3 +62,43 @@ def emobank_path() -> Path:
     if not EMOBANK.exists():
         pytest.skip(f"EmoBank not found at {EMOBANK}")
     return EMOBANK
+
+
+# ---- shared by the op tests (tests/ops, tests/cpu, tests/test_transform.py) -------------------
+
+ISAS = ["avx512", "avx2", "generic"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Run a test on each kernel build of the C++ core (skipped where this CPU cannot run it)."""
+    from cpo_fast import _C
+
+    if request.param not in _C.isas():
+        pytest.skip(f"this CPU cannot run the {request.param} build")
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa("best")
+
+
+def draw_labels(B, T, V, ignore, seed):
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    if ignore == "all":
+        labels[:] = IGNORE_INDEX
+    elif ignore == "some":
+        labels[torch.rand(B, T, generator=g) < 0.4] = IGNORE_INDEX
+    return labels
+
+
+def head(temperature, softcap, logit_scale) -> dict:
+    return dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+
+
+@st.composite
+def transforms(draw):
+    temperature = draw(st.floats(0.3, 3.0))
+    softcap = draw(st.sampled_from([None, 5.0, 30.0]))
+    sign = draw(st.sampled_from([1.0, 1.0, -1.0]))
+    logit_scale = sign * draw(st.floats(0.1, 4.0))
+    return head(temperature, softcap, logit_scale)

@@ -1,8 +1,9 @@
 """Adversarial cases for the ops and the objectives, and the property each must satisfy.
 
-Shared by tests/test_fuzz.py (CI, modest example counts) and its long run (10,000 drawn
-cases per op per dtype, enabled with CPO_FAST_FUZZ_LONG=1, result in
-benchmarks/results/fuzz-ops.md).
+Shared by the CI-sized runs (modest example counts: the ``*_adversarial`` tests of
+tests/ops/test_token_logprobs.py, tests/ops/test_linear_token_logprobs.py and
+tests/test_estimators.py) and the long run (tests/test_fuzz.py: 10,000 drawn cases per op
+per dtype, enabled with CPO_FAST_FUZZ_LONG=1, result in benchmarks/results/fuzz-ops.md).
 
 The property: a call gives either a correct result or a clear error, never a silent NaN.
   * bad input (an out-of-range label, an empty set for an objective, a NaN/inf where the
@@ -22,6 +23,7 @@ import warnings
 from collections import Counter
 
 import torch
+from hypothesis import HealthCheck
 from hypothesis import strategies as st
 
 import cpo_fast
@@ -35,6 +37,10 @@ SPECIALS = [math.nan, math.inf, -math.inf, 1e30, -1e30, 6e4, -6e4, 0.0, 1e-30]
 SCALES = [1.0, 1e-30, 30.0, 1e4, 1e30]
 IGNORE_MODES = ["none", "some", "all", "alternate", "first", "last", "bad_label"]
 TALLY: Counter = Counter()
+# The dtypes every run draws for, and the CI-sized runs' hypothesis settings.
+FUZZ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+               "float64": torch.float64}
+FUZZ_SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck))
 
 
 # ---- drawing -------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Hypothesis-drawn adversarial tensors for both ops and all objectives (issue 12, item 5).
+"""The long property run of both ops and all objectives (issue 12, item 5), outside CI.
 
 NaN / inf anywhere, magnitudes from 1e-30 to 1e30, empty and single-row batches, every
 ignore pattern, out-of-range labels: each call gives a correct result or a clear error,
-never a silent NaN (the property is written in tests/fuzz_cases.py). CI runs modest
-example counts; the long run (10,000 cases per op per dtype on the cpu and reference
-backends, fewer on Triton's interpreter) is
+never a silent NaN (the property is written in tests/fuzz_cases.py). The CI-sized runs of
+the same property are the ``*_adversarial`` tests next to each op's and the objectives'
+other tests (tests/ops/, tests/test_estimators.py). The long run (10,000 cases per op per
+dtype on the cpu and reference backends, fewer on Triton's interpreter) is
 
     CPO_FAST_FUZZ_LONG=1 python -m pytest -q -p no:cacheprovider tests/test_fuzz.py -k long
 
@@ -23,8 +24,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kernel_backends
+from conftest import ROOT, kernel_backends
 from fuzz_cases import (
+    FUZZ_DTYPES,
     check_linear_case,
     check_objective_case,
     check_token_case,
@@ -35,39 +37,13 @@ from fuzz_cases import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
 BACKENDS = ["reference", *kernel_backends()]
-CI = dict(deadline=None, suppress_health_check=list(HealthCheck))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@settings(max_examples=15, **CI)
-@given(data=st.data())
-def test_token_logprobs_adversarial(backend, dtype, data):
-    check_token_case(data.draw(token_cases(DTYPES[dtype])), backend)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@settings(max_examples=15, **CI)
-@given(data=st.data())
-def test_linear_token_logprobs_adversarial(backend, dtype, data):
-    check_linear_case(data.draw(linear_cases(DTYPES[dtype])), backend)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
-@settings(max_examples=60, **CI)
-@given(data=st.data())
-def test_objectives_adversarial(dtype, data):
-    check_objective_case(data.draw(objective_cases(DTYPES[dtype])))
 
 
 # ---- the long run (outside CI) ---------------------------------------------------------------
 
 LONG = os.environ.get("CPO_FAST_FUZZ_LONG") == "1"
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "fuzz-ops.md"
+RESULTS = ROOT / "benchmarks" / "results" / "fuzz-ops.md"
 # One JSON per finished run, so that several pytest processes (e.g. -k token / -k linear in
 # parallel) can share the results file: it is recomposed from all of them after each run.
 ROWS_DIR = Path(os.environ.get("CPO_FAST_FUZZ_ROWS", "/tmp/cpo_fast_fuzz_rows"))
@@ -138,7 +114,7 @@ def _long_params():
     n = int(os.environ.get("CPO_FAST_FUZZ_EXAMPLES", "10000"))
     n_triton = int(os.environ.get("CPO_FAST_FUZZ_TRITON_EXAMPLES", "300"))
     for op in ("token_logprobs", "linear_token_logprobs"):
-        for dtype in DTYPES:
+        for dtype in FUZZ_DTYPES:
             yield pytest.param(op, ("reference", "cpu"), dtype, n, id=f"{op}-{dtype}")
         if "triton" in BACKENDS:
             for dtype in ("float32", "bfloat16", "float16"):
@@ -151,7 +127,7 @@ def _long_params():
 @pytest.mark.skipif(not LONG, reason="the long property run: set CPO_FAST_FUZZ_LONG=1")
 @pytest.mark.parametrize(("op", "backends", "dtype", "n"), list(_long_params()))
 def test_long_property_run(op, backends, dtype, n):
-    dt = DTYPES[dtype]
+    dt = FUZZ_DTYPES[dtype]
     backends = [b for b in backends if b in BACKENDS]
     if op == "objectives":
         _run(f"dr_cpo/cpo/oo_rlhf losses {dtype}", objective_cases(dt),

@@ -113,20 +113,6 @@ def test_cohere_and_granite_scales():
     _check_equal(granite)
 
 
-def test_config_fields_read():
-    assert HeadTransform.from_model(tf.FalconH1Config(lm_head_multiplier=0.5)).logit_scale == 0.5
-    mpt = tf.MptConfig(d_model=64, logit_scale="inv_sqrt_d_model")
-    assert HeadTransform.from_model(mpt).logit_scale == pytest.approx(1 / 8)
-    assert HeadTransform.from_model(tf.LlamaConfig()).is_identity
-
-
-def test_unsupported_head_field_is_named():
-    cfg = tf.LlamaConfig()
-    cfg.mup_width_multiplier = 8.0
-    with pytest.raises(NotImplementedError, match="mup_width_multiplier"):
-        HeadTransform.from_model(cfg)
-
-
 def test_lora_backbone_and_lora_head():
     peft = pytest.importorskip("peft")
     model = _model("llama")
@@ -155,3 +141,17 @@ def test_default_labels_and_shape_error():
     assert out[1, 5:].abs().sum() == 0 and out[1, :5].abs().sum() > 0
     with pytest.raises(ValueError, match="labels has shape"):
         cpo_fast.causal_lm_token_logprobs(model, ids, ids[:, 1:])
+
+
+def test_token_ids_outside_the_vocabulary():
+    import transformers as tf
+
+    import cpo_fast
+
+    cfg = tf.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    model = tf.LlamaForCausalLM(cfg)
+    with pytest.raises(ValueError, match=r"token id 40, outside the model's vocabulary \[0, 32\)"):
+        cpo_fast.causal_lm_token_logprobs(model, torch.tensor([[1, 2, 40]]))
+    with pytest.raises(ValueError, match="token id -3"):
+        cpo_fast.causal_lm_token_logprobs(model, torch.tensor([[1, -3, 4]]))

@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from cpo_fast.bench import harness
 from cpo_fast.bench.environment import environment
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
+BENCH = ROOT / "benchmarks" / "bench_cpu.py"
 
 
 @pytest.fixture(scope="module")

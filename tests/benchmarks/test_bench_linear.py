@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_linear.py"
+BENCH = ROOT / "benchmarks" / "bench_linear.py"
 
 
 def test_bench_linear_smallest(tmp_path: Path) -> None:
