@@ -2,6 +2,13 @@
 
 TRITON_INTERPRET must be set before triton is first imported, so it happens here, at
 collection time, before any test module imports cpo_fast.kernels.
+
+Also what several test modules share (they import it: ``from conftest import ...``, the
+tests/ folder being on sys.path under pytest's default import mode): the repository's
+paths, the backends this machine can test, the op tests' helpers (the ``isa`` fixture, label
+and head-transform draws) and the pipeline tests' tiny settings. Helper modules next to it:
+_dist.py (gloo ranks), fuzz_cases.py (the adversarial property); fixtures of the pipeline
+tests are in tests/pipeline/conftest.py.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ settings.register_profile("ci", deadline=None, print_blob=True,
 settings.register_profile("dev", deadline=None, max_examples=10)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-from cpo_fast.constants import IGNORE_INDEX  # noqa: E402  (imports triton: after TRITON_INTERPRET)
+# These import triton: after TRITON_INTERPRET is set.
+from cpo_fast.constants import IGNORE_INDEX  # noqa: E402
+from cpo_fast.token_batch import from_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 EMOBANK = ROOT.parent / "shared" / "data" / "emobank.csv"
@@ -102,3 +111,22 @@ def transforms(draw):
     sign = draw(st.sampled_from([1.0, 1.0, -1.0]))
     logit_scale = sign * draw(st.floats(0.1, 4.0))
     return head(temperature, softcap, logit_scale)
+
+
+# ---- shared by the pipeline tests (tests/pipeline) -------------------------------------------
+
+# A tiny run (RunConfig fields): the prepared run of tests/pipeline/conftest.py and others.
+TINY_RUN = dict(text_column="text", outcome_column="outcome", group_column="group", id_column="id",
+                max_tokens=40, vocab_size=200, hidden_size=32, num_layers=1, num_heads=2,
+                f0_steps=6, f0_batch_size=16, steps=3, batch_size=8, dm_batch_size=8, dm_size=24,
+                num_samples=12, max_new_tokens=12, bootstrap=50, outcome_folds=3, warmup_steps=1,
+                save_every=0, progress=False, batch_size_eval=32, eval_fraction=0.2, lora_r=4,
+                threads=None)
+# A tiny model (build_model's keywords).
+TINY_MODEL = dict(hidden_size=32, num_layers=1, num_heads=2, max_positions=64)
+
+
+def sequence_token_logprobs(model, b, **kw):
+    """The fused route: token log-probs [B, T-1] aligned with labels[:, 1:]."""
+    tb = from_inputs(model, b, **kw)
+    return (tb.logp, tb.entropy) if kw.get("with_entropy") else tb.logp

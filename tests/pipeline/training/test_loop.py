@@ -1,5 +1,7 @@
-"""`cpo-fast train` is exact over the effective batch (issue 13): gradient accumulation and
-ranks change how the batch is split, never the parameters it trains (up to float rounding).
+"""Training a policy (cpo_fast/pipeline/training/loop.py) on tiny models: all five methods,
+the rows each trains on, exact resume, other architectures; and exactness over the effective
+batch (issue 13): gradient accumulation and ranks change how the batch is split, never the
+parameters it trains (up to float rounding).
 
 (a) one process, grad_accum A x batch B == one process, batch A*B;
 (b) 2 gloo ranks x B x A == one process, batch 2*A*B (the loop function, spawned);
@@ -26,31 +28,138 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _dist import free_port, spawn_ranks
+from conftest import ROOT, TINY_RUN
 
-from cpo_fast.pipeline.run.config import RunConfig
+from cpo_fast.pipeline.run.config import METHODS, RunConfig
+from cpo_fast.pipeline.stages.policy import make_policy
 from cpo_fast.pipeline.stages.synthetic import make_corpus, write_corpus
+from cpo_fast.pipeline.training.loop import train_data, train_policy
+from cpo_fast.pipeline.training.prepare import prepare
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(text_column="text", outcome_column="outcome", group_column="group", id_column="id",
-            max_tokens=40, vocab_size=200, hidden_size=32, num_layers=1, num_heads=2,
-            f0_steps=6, f0_batch_size=16, dm_size=24, outcome_folds=3, warmup_steps=0,
-            save_every=0, progress=False, batch_size_eval=32, eval_fraction=0.2, lora_r=4,
-            lr=1e-2, grad_clip=0.0, threads=1)
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains(prep, method, tmp_path):
+    cfg = dataclasses.replace(prep.cfg, method=method)
+    policy, summary = train_policy(prep, cfg, out_dir=tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and summary["finished"]
+    for r in rows:
+        assert np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) and r["tokens_per_s"] > 0
+        if method in ("cpo", "dr_cpo", "oo_rlhf"):
+            assert 1.0 <= r["ess"] <= cfg.batch_size + 1e-4
+            assert 0 < r["max_weight_share"] <= 1
+            assert r["clip_fraction"] in ((None, 0.0) if method == "oo_rlhf" else (0.0,))
+        else:
+            assert r["ess"] is None
+    assert (tmp_path / "model" / "adapter_config.json").is_file()
+    # LoRA starts at f_0 (B = 0) and training moved the adapters only.
+    lora_b = [p for n, p in policy.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
+    assert all("lora_" in n for n, p in policy.named_parameters() if p.requires_grad)
+
+
+def test_sft_top_uses_top_quantile_rows(prep):
+    d = train_data(prep, "sft_top")
+    y = prep.train_table.outcomes
+    assert len(d.rows) < len(y) and y[d.rows].min() >= np.quantile(y, prep.cfg.top_quantile) - 1e-9
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method,lora", [("dr_cpo", True), ("cpo", False)])
+def test_resume_equals_uninterrupted(prep, tmp_path, method, lora):
+    cfg = dataclasses.replace(prep.cfg, method=method, lora=lora, steps=5, grad_accum=2,
+                              save_every=2, lora_dropout=0.1 if lora else 0.0)
+    full, _ = train_policy(prep, cfg, out_dir=tmp_path / "full")
+    stopped, s1 = train_policy(prep, dataclasses.replace(cfg, stop_after=3),
+                               out_dir=tmp_path / "cut")
+    assert s1["steps_done"] == 3 and not s1["finished"]
+    torch.manual_seed(12345)  # a resumed process starts from a different global RNG state
+    resumed, s2 = train_policy(prep, cfg, out_dir=tmp_path / "cut", resume=True)
+    assert s2["steps_done"] == 5 and s2["finished"]
+    a, b = _params(full), _params(resumed)
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(b[n], a[n]), n  # bitwise: same batches, same RNG, same ops
+    m_full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    m_cut = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in m_cut] == [1, 2, 3, 4, 5]
+    assert [json.loads(x)["loss"] for x in m_cut] == pytest.approx(
+        [json.loads(x)["loss"] for x in m_full], abs=1e-6)
+
+
+def test_resume_refuses_other_settings(prep, tmp_path):
+    cfg = dataclasses.replace(prep.cfg, method="cpo", steps=2)
+    train_policy(prep, cfg, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="other settings .*'lr'"):
+        train_policy(prep, dataclasses.replace(cfg, lr=0.5), out_dir=tmp_path, resume=True)
+
+
+def test_log_propensity_column_is_used(corpus_csv, tmp_path):
+    import csv
+
+    rows = list(csv.DictReader(corpus_csv.open()))
+    path = tmp_path / "lp.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*rows[0].keys(), "logp"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "logp": -30.0})
+    cfg = RunConfig(data=str(path), output_dir=str(tmp_path / "o"), log_propensity_column="logp",
+                    method="cpo", **TINY_RUN).validate()
+    p = prepare(cfg)
+    d = train_data(p, "cpo")
+    assert np.all(d.log_propensity == -30.0)
+    _, summary = train_policy(p, cfg)
+    # With P^R = e^-30 the weights are f_0's own probabilities: far from uniform.
+    assert summary["ess"] < cfg.batch_size
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_other_architectures_lora_step(arch, prep, tmp_path):
+    from cpo_fast.pipeline.stages.modeling import build_model
+    from cpo_fast.pipeline.training.batches import TrainData
+    from cpo_fast.pipeline.training.loop import train
+
+    tok = prep.tokenizer
+    f0 = build_model(arch, len(tok), hidden_size=32, num_layers=1, num_heads=2, max_positions=64,
+                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                     eos_token_id=tok.eos_token_id, seed=0)
+    cfg = dataclasses.replace(prep.cfg, method="cpo", steps=2, gradient_checkpointing=True)
+    policy = make_policy(f0, cfg)
+    data = TrainData(enc=prep.train_enc, rows=np.arange(len(prep.train_enc)),
+                     ref=prep.train_ref, outcomes=prep.train_table.outcomes)
+    before = _params(policy)
+    summary = train(policy, data, cfg, tmp_path, pad_id=prep.pad_id)
+    assert summary["finished"] and np.isfinite(summary["loss"])
+    assert any(not torch.equal(before[n], p) for n, p in _params(policy).items())
+
+
+# ---- exact over the effective batch: (a) accumulation (its own prepared run) --------------
+
+TINY_EXACT = dict(text_column="text", outcome_column="outcome", group_column="group", id_column="id",
+                  max_tokens=40, vocab_size=200, hidden_size=32, num_layers=1, num_heads=2,
+                  f0_steps=6, f0_batch_size=16, dm_size=24, outcome_folds=3, warmup_steps=0,
+                  save_every=0, progress=False, batch_size_eval=32, eval_fraction=0.2, lora_r=4,
+                  lr=1e-2, grad_clip=0.0, threads=1)
 A, B, K = 2, 4, 3  # accumulation, micro-batch rows, optimizer steps
 TOL = 2e-5  # max |parameter difference| after K steps (lr = 1e-2)
 CASES = [(m, w) for m in ("cpo", "dr_cpo") for w in ("self_normalized", "clipped")]
 
 
 @pytest.fixture(scope="module")
-def prep(tmp_path_factory):
+def exact_prep(tmp_path_factory):
     from cpo_fast.pipeline.training.prepare import prepare
 
     d = tmp_path_factory.mktemp("dist")
     write_corpus(make_corpus(120, seed=1), d / "corpus.csv")
-    cfg = RunConfig(data=str(d / "corpus.csv"), output_dir=str(d / "run"), **TINY).validate()
+    cfg = RunConfig(data=str(d / "corpus.csv"), output_dir=str(d / "run"), **TINY_EXACT).validate()
     threads = torch.get_num_threads()
     yield prepare(cfg, need_dm=True)
     torch.set_num_threads(threads)
@@ -84,15 +193,15 @@ def _moved(f0_params: dict, p: dict) -> float:
 
 
 @pytest.mark.parametrize("method,weighting", CASES)
-def test_accumulation_equals_one_big_batch(prep, tmp_path, method, weighting):
+def test_accumulation_equals_one_big_batch(exact_prep, tmp_path, method, weighting):
     """(a) A micro-batches of B rows == one batch of A*B rows (the plain loss on it)."""
     from cpo_fast.pipeline.training.loop import train_data
 
-    data, f0 = train_data(prep, method), prep.load_f0()
-    cfg = _config(prep, method, weighting)
-    acc = _train(f0, data, cfg, tmp_path / "acc", prep.pad_id)
-    big = _train(f0, data, _config(prep, method, weighting, accum=1, rows=A * B),
-                 tmp_path / "big", prep.pad_id)
+    data, f0 = train_data(exact_prep, method), exact_prep.load_f0()
+    cfg = _config(exact_prep, method, weighting)
+    acc = _train(f0, data, cfg, tmp_path / "acc", exact_prep.pad_id)
+    big = _train(f0, data, _config(exact_prep, method, weighting, accum=1, rows=A * B),
+                 tmp_path / "big", exact_prep.pad_id)
     print(f"max |acc - big| {method} {weighting}: {_max_diff(acc, big):.3g}")
     assert _max_diff(acc, big) < TOL
     assert _moved({}, big) > 100 * TOL  # the runs trained: the test can fail
@@ -107,22 +216,22 @@ def test_accumulation_equals_one_big_batch(prep, tmp_path, method, weighting):
     ("dr_cpo", dict(kl_coef=0.1, entropy_coef=0.01, log_weight_cap=0.3)),
     ("cpo", dict(kl_coef=0.1, log_weight_cap=0.3, length_normalize=True)),
     ("sft_all", dict(entropy_coef=0.01))])
-def test_accumulation_with_regularizers_cap_and_sft(prep, tmp_path, method, extra):
+def test_accumulation_with_regularizers_cap_and_sft(exact_prep, tmp_path, method, extra):
     """(a) with the token-level terms (KL, entropy: token means over the effective batch), the
     log-weight cap (the effective batch's median) and SFT (no coupling, token mean)."""
     from cpo_fast.pipeline.training.loop import train_data
 
-    data, f0 = train_data(prep, method), prep.load_f0()
-    cfg = dataclasses.replace(_config(prep, method, "self_normalized"), **extra)
-    acc = _train(f0, data, cfg, tmp_path / "acc", prep.pad_id)
+    data, f0 = train_data(exact_prep, method), exact_prep.load_f0()
+    cfg = dataclasses.replace(_config(exact_prep, method, "self_normalized"), **extra)
+    acc = _train(f0, data, cfg, tmp_path / "acc", exact_prep.pad_id)
     big = _train(f0, data, dataclasses.replace(cfg, grad_accum=1, batch_size=A * B,
-                                               dm_batch_size=A * B), tmp_path / "big", prep.pad_id)
+                                               dm_batch_size=A * B), tmp_path / "big", exact_prep.pad_id)
     print(f"max |acc - big| {method} {extra}: {_max_diff(acc, big):.3g}")
     assert _max_diff(acc, big) < TOL
 
 
 @pytest.mark.parametrize("weighting", ["self_normalized", "clipped"])
-def test_step_gradient_is_the_full_batch_gradient_with_dropout(prep, weighting):
+def test_step_gradient_is_the_full_batch_gradient_with_dropout(exact_prep, weighting):
     """The two-pass step's .grad equals autograd through the effective batch's objective
     (all micro-batches' rows concatenated, same dropout masks), with LoRA dropout on: the
     RNG replay gives the backward pass the masks of the no-grad pass."""
@@ -136,17 +245,17 @@ def test_step_gradient_is_the_full_batch_gradient_with_dropout(prep, weighting):
     from cpo_fast.pipeline.training.loop import effective_gradient, train_data
 
     sn = weighting == "self_normalized"  # the cap centres on the median there, on 0 otherwise
-    cfg = dataclasses.replace(_config(prep, "dr_cpo", weighting), lora_dropout=0.3,
+    cfg = dataclasses.replace(_config(exact_prep, "dr_cpo", weighting), lora_dropout=0.3,
                               log_weight_cap=0.5 if sn else 0.0, clip_eps=0.2)
     seed_everything(0)
-    model = make_policy(prep.load_f0(), cfg)
+    model = make_policy(exact_prep.load_f0(), cfg)
     with torch.no_grad():  # move off f_0 so that weights, cap and clipping are not trivial
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
     model.train()
-    micro = step_micro_batches(train_data(prep, "dr_cpo"), 1, cfg=cfg, world=SINGLE,
-                               pad_id=prep.pad_id, device=torch.device("cpu"))
+    micro = step_micro_batches(train_data(exact_prep, "dr_cpo"), 1, cfg=cfg, world=SINGLE,
+                               pad_id=exact_prep.pad_id, device=torch.device("cpu"))
     params = [p for p in model.parameters() if p.requires_grad]
     snap = rng_snapshot(torch.device("cpu"))
     effective_gradient(model, micro, cfg, SINGLE, dict(device_type="cpu", enabled=False), 2)
@@ -174,7 +283,7 @@ def test_step_gradient_is_the_full_batch_gradient_with_dropout(prep, weighting):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_per_micro_batch_losses_would_fail(prep, tmp_path, monkeypatch):
+def test_per_micro_batch_losses_would_fail(exact_prep, tmp_path, monkeypatch):
     """The control: the loop before issue 13 (each micro-batch's own self-normalized loss,
     divided by A) lands far outside TOL of the big batch, so test (a) can fail."""
     import cpo_fast.pipeline.training.loop as loop
@@ -188,12 +297,12 @@ def test_per_micro_batch_losses_would_fail(prep, tmp_path, monkeypatch):
             (out.loss / len(micro)).backward()
         return loop.StepResult(float(out.loss.detach()), out, 1)
 
-    data, f0 = train_data(prep, "dr_cpo"), prep.load_f0()
-    big = _train(f0, data, _config(prep, "dr_cpo", "self_normalized", accum=1, rows=A * B),
-                 tmp_path / "big", prep.pad_id)
+    data, f0 = train_data(exact_prep, "dr_cpo"), exact_prep.load_f0()
+    big = _train(f0, data, _config(exact_prep, "dr_cpo", "self_normalized", accum=1, rows=A * B),
+                 tmp_path / "big", exact_prep.pad_id)
     monkeypatch.setattr(loop, "effective_gradient", per_micro_batch)
-    naive = _train(f0, data, _config(prep, "dr_cpo", "self_normalized"), tmp_path / "naive",
-                   prep.pad_id)
+    naive = _train(f0, data, _config(exact_prep, "dr_cpo", "self_normalized"), tmp_path / "naive",
+                   exact_prep.pad_id)
     assert _max_diff(naive, big) > 100 * TOL
 
 
@@ -218,18 +327,18 @@ def _rank_worker(rank: int, world: int, port: int, job: dict, q) -> None:
         dist.destroy_process_group()
 
 
-def test_two_ranks_with_accumulation_equal_one_process(prep, tmp_path):
+def test_two_ranks_with_accumulation_equal_one_process(exact_prep, tmp_path):
     """(b) 2 gloo ranks x B rows x A micro-batches == one process with 2*A*B rows, for CPO and
     DR-CPO, self-normalized and clipped. Only rank 0 writes metrics and checkpoints."""
     from cpo_fast.pipeline.training.loop import train_data
 
-    job = {"f0": str(prep.f0_dir), "pad_id": prep.pad_id, "out": str(tmp_path),
-           "cases": {c: (_config(prep, *c), train_data(prep, c[0])) for c in CASES}}
+    job = {"f0": str(exact_prep.f0_dir), "pad_id": exact_prep.pad_id, "out": str(tmp_path),
+           "cases": {c: (_config(exact_prep, *c), train_data(exact_prep, c[0])) for c in CASES}}
     results = spawn_ranks(_rank_worker, 2, job, timeout=300)
-    f0 = prep.load_f0()
+    f0 = exact_prep.load_f0()
     for case in CASES:
-        one = _train(f0, train_data(prep, case[0]), _config(prep, *case, accum=1, rows=2 * A * B),
-                     tmp_path / "one", prep.pad_id)
+        one = _train(f0, train_data(exact_prep, case[0]), _config(exact_prep, *case, accum=1, rows=2 * A * B),
+                     tmp_path / "one", exact_prep.pad_id)
         for rank in (0, 1):
             got = {k: torch.from_numpy(v) for k, v in results[rank][case].items()}
             print(f"max |2 ranks - 1 process| {case} rank {rank}: {_max_diff(got, one):.3g}")

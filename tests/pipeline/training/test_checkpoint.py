@@ -1,6 +1,7 @@
-"""Crash safety of training (issue 12, items 5-6 and deliverable 4): kill -9 anywhere, then
---resume equals the uninterrupted run bitwise; SIGINT/SIGTERM checkpoint and say how to
-resume; a full disk keeps the previous checkpoint; pickled checkpoints are refused."""
+"""Checkpoints (cpo_fast/pipeline/training/checkpoint.py) and the crash safety of training
+(issue 12, items 5-6 and deliverable 4): kill -9 anywhere, then --resume equals the
+uninterrupted run bitwise; SIGINT/SIGTERM checkpoint and say how to resume; a full disk
+keeps the previous checkpoint; pickled checkpoints are refused."""
 
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 from cpo_fast.cli import main
 from cpo_fast.pipeline.run.persist import load_tensors
 from cpo_fast.pipeline.stages.synthetic import make_corpus, write_corpus
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--max-tokens", "40", "--vocab-size", "200", "--hidden-size", "32", "--num-layers", "1",
         "--num-heads", "2", "--f0-steps", "6", "--f0-batch-size", "16", "--steps", "3",
         "--batch-size", "8", "--outcome-folds", "3", "--warmup-steps", "1", "--progress", "false",
@@ -203,12 +204,3 @@ def test_pickled_checkpoint_is_refused(prepared, tmp_path, capsys):
     (ckpt / "state.json").write_text("{}")
     assert main(["train", "--output-dir", str(run), *RUN, "--resume"]) == 2
     assert "pickle" in capsys.readouterr().err and not marker.exists()
-
-
-def test_pickled_model_weights_are_refused(tmp_path):
-    from cpo_fast.pipeline.stages.policy import load_causal_lm
-
-    (tmp_path / "config.json").write_text("{}")
-    torch.save({}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="safetensors"):
-        load_causal_lm(tmp_path, torch.device("cpu"))

@@ -1,7 +1,7 @@
 """Test helper (not a test): run ``cpo-fast ARGS`` and SIGKILL this very process at a chosen
 point, to check that a run killed anywhere resumes exactly.
 
-    python tests/crash_driver.py KIND N ARGS...
+    python tests/pipeline/training/crash_driver.py KIND N ARGS...
 
 KIND, N: ``step`` (inside the N-th forward of a micro-batch: the loop's two passes over
 the effective batch make two per micro-batch), ``tensors`` (halfway through

@@ -1,13 +1,20 @@
-"""Pipeline statistics: cross-fitted outcome models, bootstrap intervals, off-policy
-estimates of V on toys with a known answer."""
+"""The outcome model ghat (cpo_fast/pipeline/stages/outcome.py): cross-fitted ridge and MLP
+fits on toys with a known answer, its errors, its bound to the training outcomes' range,
+and its features (from a callable, mean-pooled hidden states, bag of words)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import TINY_MODEL
 
-from cpo_fast.pipeline.report.estimate import bootstrap_ci, off_policy_estimates
-from cpo_fast.pipeline.stages.outcome import features_from_callable, fit_outcome_model
+from cpo_fast.pipeline.stages.modeling import build_model
+from cpo_fast.pipeline.stages.outcome import (
+    bag_of_words_features,
+    features_from_callable,
+    fit_outcome_model,
+    mean_pooled_features,
+)
 
 
 def _linear(n=600, d=20, noise=0.3, seed=0):
@@ -92,70 +99,40 @@ def test_features_from_callable():
         features_from_callable(lambda ts: np.zeros(len(ts)), texts)
 
 
-def test_bootstrap_ci_covers_truth():
-    rng = np.random.default_rng(0)
-    hits = 0
-    for s in range(40):
-        v = rng.exponential(2.0, size=200)  # skewed, mean 2
-        m, lo, hi = bootstrap_ci(v, n_boot=400, seed=s)
-        assert lo < m < hi and m == pytest.approx(v.mean())
-        hits += lo <= 2.0 <= hi
-    assert hits >= 33  # nominal 95%: 38 of 40 expected
-    with pytest.raises(ValueError):
-        bootstrap_ci(np.array([]))
-
-
-def _toy(n, seed):
-    """P^R uniform over 5 texts, a known policy P^f, g known: V = sum_x P^f(x) g(x)."""
+def _linear_data(n=200, d=5, seed=0):
     rng = np.random.default_rng(seed)
-    g = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
-    pr = np.full(5, 0.2)
-    pf = np.array([0.05, 0.1, 0.15, 0.3, 0.4])
-    x = rng.integers(0, 5, n)
-    y = g[x] + rng.normal(size=n)
-    return x, y, g, np.log(pf[x]) - np.log(pr[x]), float(pf @ g), pf
+    x = rng.standard_normal((n, d))
+    y = np.clip(x @ np.arange(1, d + 1) * 0.3 + 2.5 + 0.3 * rng.standard_normal(n), 0.0, 5.0)
+    return x, y
 
 
-def test_off_policy_estimates_close_to_truth():
-    x, y, g, lw, truth, pf = _toy(4000, 0)
-    ghat_bad = g[x] * 0.7 + 0.5  # a wrong outcome model: DR must still be right
-    res = off_policy_estimates(lw, y, ghat_bad, float(pf @ (g * 0.7 + 0.5)), n_boot=500,
-                               alpha=0.01)
-    assert res["naive"]["estimate"] == pytest.approx(3.0, abs=0.1)  # not the policy's V
-    for k in ("ipw", "snips", "dr", "dr_snips"):
-        e = res[k]
-        assert e["lo"] <= truth <= e["hi"], (k, e, truth)
-        assert abs(e["estimate"] - truth) < 0.1
-    assert abs(res["dm"]["estimate"] - truth) > 0.3  # the outcome model alone is biased
-    assert 0 < res["ess"] <= 4000 and 0 < res["max_weight_share"] < 0.01
-    # with the right ghat, DR has a tighter interval than IPW
-    res2 = off_policy_estimates(lw, y, g[x], float(pf @ g), n_boot=500)
-    assert res2["dr"]["hi"] - res2["dr"]["lo"] < res2["ipw"]["hi"] - res2["ipw"]["lo"]
-    # dm term as per-sample values on policy draws: resampled, so it gets an interval
-    rng = np.random.default_rng(1)
-    draws = g[rng.choice(5, size=3000, p=pf)]
-    res3 = off_policy_estimates(lw, y, g[x], draws, n_boot=500)
-    assert res3["dm"]["lo"] < res3["dm"]["estimate"] < res3["dm"]["hi"]
-    assert "dr" not in off_policy_estimates(lw, y, g[x], n_boot=10)
+def test_ghat_predictions_stay_in_the_training_outcome_range():
+    x, y = _linear_data()
+    fit = fit_outcome_model(x, y, alpha=1.0, bound=True)
+    far = np.full((3, x.shape[1]), 40.0)  # far outside the features seen in training
+    raw = fit.predict(far, clip=False)
+    assert raw.max() > y.max() + 10  # ridge extrapolates linearly ...
+    bounded = fit.predict(far)
+    assert np.all(bounded <= y.max()) and np.all(bounded >= y.min())  # ... ghat does not
+    assert fit.y_range == (y.min(), y.max())
+    assert fit.summary()["bound"] == [y.min(), y.max()]
+    unbounded = fit_outcome_model(x, y, alpha=1.0, support=False)  # the library default
+    assert unbounded.predict(far).max() > y.max() + 10 and unbounded.support is None
 
 
-def test_off_policy_unbiased_monte_carlo():
-    """IPW and DR are unbiased on the toy: the mean over replications hits V."""
-    ests = {"ipw": [], "dr": []}
-    for s in range(200):
-        x, y, g, lw, truth, pf = _toy(200, s)
-        r = off_policy_estimates(lw, y, g[x] * 0.5, float(pf @ (g * 0.5)), n_boot=1)
-        for k in ests:
-            ests[k].append(r[k]["estimate"])
-    for k, v in ests.items():
-        assert abs(np.mean(v) - truth) < 3 * np.std(v) / np.sqrt(len(v)) + 1e-3, k
-
-
-def test_off_policy_overflow_and_errors():
-    lw = np.array([0.0, 800.0, 1.0])
-    y = np.array([1.0, 2.0, 3.0])
-    with pytest.warns(UserWarning, match="overflow"):
-        r = off_policy_estimates(lw, y, n_boot=20)
-    assert r["snips"]["estimate"] == pytest.approx(2.0) and np.isinf(r["ipw"]["estimate"])
-    with pytest.raises(ValueError, match="equally long"):
-        off_policy_estimates(lw, y[:2])
+def test_mean_pooled_features_ignore_padding(encoded_corpus):
+    t, tok, enc = encoded_corpus
+    m = build_model("gpt2", len(tok), seed=0, **TINY_MODEL)
+    f_small = mean_pooled_features(m, enc, batch_size=1)
+    f_big = mean_pooled_features(m, enc, batch_size=16)
+    assert f_small.shape == (len(enc), 32)
+    np.testing.assert_allclose(f_small, f_big, atol=1e-4)
+    assert m.training  # mode restored
+    f_all = mean_pooled_features(m, enc, batch_size=16, layers="all")
+    assert f_all.shape == (len(enc), 32 * 2)  # embeddings + 1 layer
+    np.testing.assert_allclose(f_all[:, 32:], f_big, atol=1e-5)  # last = ln_f output
+    f_emb = mean_pooled_features(m, enc, batch_size=16, layers=[0])
+    np.testing.assert_allclose(f_emb, f_all[:, :32], atol=1e-6)
+    bow = bag_of_words_features(enc, len(tok))
+    assert bow.shape == (len(enc), len(tok))
+    assert bow.sum(1).tolist() == [len(r) for r in enc.input_ids]

@@ -1,0 +1,1 @@
+"""Tests of cpo_fast/pipeline/report."""
