@@ -206,8 +206,7 @@ def test_errors_name_flags_and_leave_no_empty_dir(corpus, tmp_path, capsys):
     assert not out.exists()
 
 
-# ----------------------------------------------------------------------------- every failure a new
-# user hit (the error tests' own tiny flags, one thread, and corpus)
+# ------------------------------------------- every failure a new user hit (own flags and corpus)
 
 TINY_ERRORS = ["--max-tokens", "40", "--vocab-size", "200", "--hidden-size", "32", "--num-layers", "1",
                "--num-heads", "2", "--f0-steps", "4", "--f0-batch-size", "16", "--steps", "3",
