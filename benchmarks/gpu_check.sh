@@ -59,7 +59,7 @@ fail() { echo; echo "!!!! $1 !!!!" >&2; exit "$2"; }
 
 cd "$ROOT"
 for f in benchmarks/bench_logits.py benchmarks/bench_linear.py benchmarks/bench_e2e.py \
-         tests/test_token_logprobs.py tests/test_linear_triton.py tests/test_head_transforms.py; do
+         tests/ops/test_token_logprobs.py tests/ops/test_linear_token_logprobs.py tests/test_transform.py; do
     [ -f "$f" ] || fail "missing $f: run from a full checkout" 2
 done
 
@@ -131,7 +131,7 @@ EOF
 
 step "numerics: native test files (hypothesis, ci profile)"
 run "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -x \
-    tests/test_token_logprobs.py tests/test_linear_triton.py tests/test_head_transforms.py \
+    tests/ops/test_token_logprobs.py tests/ops/test_linear_token_logprobs.py tests/test_transform.py \
     || fail "NUMERICS MISMATCH or failing GPU test (see the pytest output above)" 1
 
 status=0
