@@ -39,7 +39,13 @@ from cpo_fast.pipeline.stages.data import encode
 from cpo_fast.pipeline.training.batches import step_micro_batches
 from cpo_fast.pipeline.training.guard import WeightGuard
 from cpo_fast.pipeline.training.in_memory import build_stages, dataset_table, make_trainable, split_held_out
-from cpo_fast.pipeline.training.loop import effective_gradient, effective_rows, metrics_line, train_data
+from cpo_fast.pipeline.training.loop import (
+    autocast_args,
+    effective_gradient,
+    effective_rows,
+    metrics_line,
+    train_data,
+)
 from cpo_fast.pipeline.training.prepare import ref_logprobs, texts_features
 
 _STAGE_FIELDS = ("method", "weighting", "length_normalize", "entropy_coef", "kl_coef",
@@ -219,8 +225,7 @@ class DRCPOTrainer(LogsDiagnostics, Trainer):
             return torch.zeros((), device=self.args.device)
         t0, world, dev = time.perf_counter(), current_world(), self.args.device
         self.model.train()
-        autocast = dict(device_type=dev.type, dtype=torch.bfloat16,
-                        enabled=self.cfg.bf16 and dev.type == "cuda")
+        autocast = autocast_args(self.model, self.cfg)
         step = self.state.global_step + 1
         res = effective_gradient(self.model, self._micro, self.cfg, world, autocast, step)
         average_gradients([p for p in self.model.parameters() if p.requires_grad], world)

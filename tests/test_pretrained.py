@@ -257,3 +257,44 @@ def test_tiny_demo_on_smollm2(smollm2, tmp_path, capsys):
     assert res["model"] == "smollm2-135m"
     assert all(r["judge"] is not None for r in res["table"])
     assert json.loads((out / "config.json").read_text())["f0"]["option"] == "sft"
+
+
+@needs_model
+def test_policy_equal_to_f0_starts_near_weight_one_in_bf16(smollm2):
+    """f_0's cached log-probs (precompute, length-sorted batches) against the training pass
+    (other batches, loop.autocast_args) for a policy equal to f_0: in fp32 the log-weights
+    are 0; under bf16 on both sides they scatter by rounding alone (on 128 EmoBank rows here:
+    sd 0.10 nats, ESS 99.0%), which stays far below what training moves."""
+    from cpo_fast import token_batch
+    from cpo_fast.pipeline.run.config import RunConfig
+    from cpo_fast.pipeline.stages.data import Encoded, collate
+    from cpo_fast.pipeline.stages.generate import bf16_pays
+    from cpo_fast.pipeline.stages.precompute import precompute_ref_logprobs
+    from cpo_fast.pipeline.training.loop import autocast_args
+
+    model, tok = smollm2
+    texts = ["What a lovely morning, I feel great.", "The train was late and I was soaked.",
+             "I am so happy with my new bike, it is the best thing I bought this year.",
+             "Dinner was delicious.", "The meeting was boring and far too long for anyone.",
+             "I lost my keys again.", "The concert was wonderful.", "Worst coffee ever."]
+    eos = tok.eos_token_id
+    enc = Encoded([[eos, *tok(t)["input_ids"], eos] for t in texts], [1] * len(texts))
+    rows = [5, 2, 0, 7, 1]
+    b = collate(enc, rows, pad_id=eos)  # another batching than the cache's
+
+    def log_weights(cfg: RunConfig) -> np.ndarray:
+        auto = autocast_args(model, cfg)
+        ref = precompute_ref_logprobs(model, enc, cache_dir=None, batch_size=3,
+                                      progress=False, bf16=auto["enabled"])
+        with torch.no_grad(), torch.autocast(**auto):
+            tb = token_batch.from_inputs(model, b)
+        s = tb.logp.float().masked_fill(~tb.mask, 0).sum(-1).numpy()
+        return s - np.array([ref[i].sum() for i in rows])
+
+    assert np.abs(log_weights(RunConfig(bf16=False))).max() < 1e-3
+    if not bf16_pays(model, "cpu"):
+        pytest.skip("this CPU has no native bf16: training and the cache run in fp32")
+    d = log_weights(RunConfig())
+    w = np.exp(d - d.max())
+    assert 0 < np.abs(d).max() < 1.0, d  # bf16 did run, and rounding stays small
+    assert w.sum() ** 2 / (w ** 2).sum() > 0.95 * len(w), d

@@ -93,7 +93,9 @@ class RunConfig:
     lora_r: int = _f(8, "LoRA rank", "train", pins=RESUME)
     lora_alpha: float = _f(16.0, "LoRA alpha", "train", pins=RESUME)
     lora_dropout: float = _f(0.0, "LoRA dropout", "train", pins=RESUME)
-    bf16: bool = _f(True, "bf16 autocast (GPU only; ignored on CPU)", "train")
+    bf16: bool = _f(True, "bf16 autocast where it pays: a GPU, or a CPU with native bf16 "
+                          "(AVX512-BF16/AMX) and a model of >= 20M parameters; f_0's cached "
+                          "log-probs use the same precision", "train")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward", "train")
     length_normalize: bool = _f(False, "mean instead of sum of token log-probs", "train", pins=RESUME)
     entropy_coef: float = _f(0.0, "entropy bonus coefficient", "train", pins=RESUME)

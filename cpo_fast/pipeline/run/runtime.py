@@ -9,6 +9,8 @@ tensors (safetensors), Python's and NumPy's Mersenne Twister states are lists of
 from __future__ import annotations
 
 import atexit
+import ctypes
+import gc
 import os
 import random
 from contextlib import contextmanager
@@ -33,6 +35,17 @@ def pick_device(cfg: RunConfig) -> torch.device:
     if device.type == "cuda" and device.index is None and world.distributed:
         device = torch.device("cuda", world.local_rank)
     return device
+
+
+def release_free_memory() -> None:
+    """Hand the memory freed so far back to the OS: glibc keeps freed heap pages mapped, and
+    the set-up stages free about 0.6 GB (SmolLM2, 2,000 rows) that training would otherwise
+    count on top of its own peak. A no-op where the C library is not glibc."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def seed_everything(seed: int) -> None:

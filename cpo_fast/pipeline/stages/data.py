@@ -332,8 +332,10 @@ def encode(table: OutcomeTable, tokenizer: Any, max_tokens: int = 128,
 
 def collate(encoded: Encoded, indices: Sequence[int], pad_id: int,
             outcomes: np.ndarray | None = None,
-            log_propensity: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-    """Right-padded batch of rows ``indices`` (positions into ``encoded``).
+            log_propensity: np.ndarray | None = None,
+            pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-padded batch of rows ``indices`` (positions into ``encoded``), ``T`` rounded
+    up to a multiple of ``pad_to_multiple``.
 
     Returns the batch dictionary of cpo_fast/token_batch.py: ``input_ids``/``attention_mask``
     [B, T], ``labels`` [B, T] (HF convention, unshifted: ``input_ids`` with IGNORE_INDEX on
@@ -344,7 +346,7 @@ def collate(encoded: Encoded, indices: Sequence[int], pad_id: int,
     if not idx:
         raise ValueError("collate: empty batch (indices is empty).")
     rows = [encoded.input_ids[i] for i in idx]
-    T = max(len(r) for r in rows)
+    T = -(-max(len(r) for r in rows) // pad_to_multiple) * pad_to_multiple
     B = len(rows)
     input_ids = torch.full((B, T), int(pad_id), dtype=torch.long)
     attn = torch.zeros((B, T), dtype=torch.long)

@@ -40,7 +40,7 @@ from cpo_fast.pipeline.stages.precompute import precompute_ref_logprobs
 from cpo_fast.pipeline.stages.support import support_report
 from cpo_fast.pipeline.stages.tokenizer import for_documents, train_tokenizer
 from cpo_fast.pipeline.training.batches import TrainData
-from cpo_fast.pipeline.training.loop import train
+from cpo_fast.pipeline.training.loop import autocast_args, train
 
 STAGES = ("f0", "precompute", "outcome", "all")
 
@@ -317,11 +317,11 @@ def fit_f0(prep: Prepared, *, resume: bool) -> Path:
 
 def ref_logprobs(prep: Prepared, enc: Encoded, key: str) -> list[np.ndarray]:
     """Stage precompute: f_0's per-token log-probs of ``enc``, from the cache when it has them."""
-    cfg = prep.cfg
-    return precompute_ref_logprobs(prep.load_f0(), enc, cache_dir=prep.layout.cache,
+    cfg, f0 = prep.cfg, prep.load_f0()
+    return precompute_ref_logprobs(f0, enc, cache_dir=prep.layout.cache,
                                    data_key=key, batch_size=cfg.batch_size_eval,
                                    device=prep.device, backend=cfg.backend,
-                                   progress=cfg.progress)
+                                   progress=cfg.progress, bf16=autocast_args(f0, cfg)["enabled"])
 
 
 def texts_features(prep: Prepared, enc: Encoded) -> np.ndarray:

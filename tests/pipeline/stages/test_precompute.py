@@ -10,6 +10,7 @@ from conftest import TINY_MODEL, sequence_token_logprobs
 from cpo_fast.pipeline.stages.data import OutcomeTable, collate, encode
 from cpo_fast.pipeline.stages.modeling import build_model
 from cpo_fast.pipeline.stages.precompute import (
+    cache_key,
     data_fingerprint,
     precompute_ref_logprobs,
     sequence_ref_logprob,
@@ -55,3 +56,18 @@ def test_reference_cache_hit_and_stale_miss(encoded_corpus, tmp_path):
     assert len(list(tmp_path.glob("*.npz"))) == 4
     np.testing.assert_allclose(sequence_ref_logprob(ref),
                                [float(r.sum(dtype=np.float64)) for r in ref])
+
+
+def test_precision_is_part_of_the_cache_key(encoded_corpus, tmp_path):
+    """bf16 and fp32 reference log-probs are cached apart: switching ``--bf16`` never reuses
+    the other precision's numbers (the weights would not start at 1)."""
+    t, tok, enc = encoded_corpus
+    m = build_model("llama", len(tok), seed=0, **TINY_MODEL)
+    assert cache_key(m, enc, "d", bf16=True) != cache_key(m, enc, "d")
+    fp32 = precompute_ref_logprobs(m, enc, cache_dir=tmp_path, data_key="d", progress=False)
+    bf16 = precompute_ref_logprobs(m, enc, cache_dir=tmp_path, data_key="d", progress=False,
+                                   bf16=True)
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+    # the bf16 passes really ran in bf16: rounding moves the log-probs, but not far
+    diff = np.abs(np.concatenate(fp32) - np.concatenate(bf16))
+    assert 0 < diff.max() < 0.5

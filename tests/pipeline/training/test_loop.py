@@ -422,3 +422,19 @@ def test_torchrun_sigterm_then_resume_on_other_rank_counts(tmp_path, capsys):
     assert _max_diff(a, b) < TOL
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(
         range(1, steps + 1))
+
+
+def test_autocast_follows_bf16_and_the_model_size(monkeypatch):
+    """bf16 autocast only where --bf16 is on and it pays: native bf16, >= 20M parameters."""
+    from cpo_fast.pipeline.stages import generate
+    from cpo_fast.pipeline.training.loop import autocast_args
+
+    small = torch.nn.Linear(4, 4)
+    big = torch.nn.Linear(5000, 4001)  # 20.0M parameters
+    monkeypatch.setattr(generate, "_cpu_bf16", lambda: True)
+    assert autocast_args(big, RunConfig())["enabled"]
+    assert autocast_args(big, RunConfig())["device_type"] == "cpu"
+    assert not autocast_args(big, RunConfig(bf16=False))["enabled"]
+    assert not autocast_args(small, RunConfig())["enabled"]
+    monkeypatch.setattr(generate, "_cpu_bf16", lambda: False)
+    assert not autocast_args(big, RunConfig())["enabled"]
