@@ -19,7 +19,7 @@ Public API:
 from cpo_fast._transform import HeadTransform
 from cpo_fast.constants import IGNORE_INDEX, WEIGHTINGS
 from cpo_fast.estimators import LossOutput, cpo_loss, dr_cpo_loss, oo_rlhf_loss
-from cpo_fast.models import causal_lm_token_logprobs
+from cpo_fast.models import TokenBatch, causal_lm_token_logprobs
 from cpo_fast.objectives import (
     DRCPOLoss,
     Objective,
@@ -31,7 +31,6 @@ from cpo_fast.objectives import (
     top_quantile_mask,
 )
 from cpo_fast.ops import linear_token_logprobs, token_logprobs
-from cpo_fast.token_batch import TokenBatch
 
 __version__ = "0.1.0"
 

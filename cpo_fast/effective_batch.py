@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cpo_fast import token_batch
+from cpo_fast import models
 from cpo_fast.distributed import (
     SINGLE,
     World,
@@ -53,8 +53,8 @@ from cpo_fast.distributed import (
     sum_over_ranks,
 )
 from cpo_fast.estimators import LossOutput
+from cpo_fast.models import TokenBatch
 from cpo_fast.objectives import Objective
-from cpo_fast.token_batch import TokenBatch
 
 Micro = tuple[dict | None, dict | None]  # batch dictionaries: (outcome rows, DM rows)
 Pair = tuple[TokenBatch | None, TokenBatch | None]  # the same as TokenBatches
@@ -69,7 +69,7 @@ def token_pair(model: Any, micro: Micro, objective: Objective, *, with_entropy: 
     spec, want_h = objective.spec, objective.entropy_coef > 0 if with_entropy is None else with_entropy
 
     def tokens(b: dict) -> TokenBatch:
-        return token_batch.from_inputs(model, b, with_entropy=want_h, backend=backend)
+        return models.token_batch(model, b, with_entropy=want_h, backend=backend)
 
     # The DM rows first: the order of the forward passes is part of bitwise resume.
     dm = tokens(dm_inputs) if spec.dm_rows and dm_inputs is not None else None
@@ -239,7 +239,7 @@ def effective_gradient(model: Any, micro: Sequence[Micro], objective: Objective,
 
 def _token_mean_gradient(micro, objective, world, pairs, context, check) -> float:
     """SFT: the mean token NLL (and regularizers) over all the effective batch's tokens."""
-    counts = [token_batch.counted(m[0]) for m in micro]
+    counts = [models.counted(m[0]) for m in micro]
     total = max(sum_over_ranks(world, [float(sum(counts))])[0], 1.0)
     value = 0.0
     for m, n in zip(micro, counts, strict=True):

@@ -36,10 +36,28 @@ The first scale field found wins, in that order (as TRL 1.16 reads them). Fields
 transform the head in ways this function does not model (``mup_width_multiplier``,
 ``dim_model_base``) raise an error naming the field. ``temperature`` is the sampler's (the
 logits are divided by it after the model's own transforms), as in TRL's trainers.
+
+The batch dictionary, and :func:`token_batch`, its one reader (the pipeline's ``collate``, the
+Hugging Face mixin and ``DRCPOTrainer`` all build it):
+
+    input_ids        [B, T]    token ids
+    attention_mask   [B, T]    optional
+    labels           [B, T]    HF convention: unshifted, IGNORE_INDEX (-100) on the prompt
+                               and padding; shifted once, in causal_lm_token_logprobs, and
+                               the counted tokens are ``labels[:, 1:] != -100``
+    outcome          [B]       y (outcome rows)
+    outcome_pred     [B]       ghat, cross-fitted (DR-CPO's outcome rows, and the DM rows)
+    ref_token_logp   [B, T-1]  f_0's token log-probs aligned with ``labels[:, 1:]``
+    ref_logp         [B]       a known log P^R(x) (e.g. a logged propensity); replaces the
+                               sum of ``ref_token_logp`` in the weights
+
+Every per-token tensor of a :class:`TokenBatch` (what the objectives read) is ``[B, T-1]``
+and aligned with ``labels[:, 1:]``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -163,5 +181,47 @@ def causal_lm_token_logprobs(
                                  transform=transform)
 
 
-__all__ = ["HeadTransform", "causal_lm_token_logprobs", "decoder",
-           "last_hidden", "output_weight"]
+
+@dataclass
+class TokenBatch:
+    """Per-token tensors of one set of sequences, ``[B, T-1]`` and aligned, plus its per-row
+    values: what :class:`cpo_fast.objectives.Objective` reads."""
+
+    logp: Tensor  # the policy's token log-probs (differentiable)
+    mask: Tensor  # True on the tokens that count (completion, not prompt or padding)
+    ref_logp: Tensor | None = None  # the reference model's (f_0's) token log-probs
+    entropy: Tensor | None = None  # the policy's token entropies (for entropy_coef)
+    outcome: Tensor | None = None  # y [B]
+    outcome_pred: Tensor | None = None  # ghat [B] (cross-fitted)
+    log_propensity: Tensor | None = None  # [B] log P^R(x), replaces sum_t ref_logp
+
+
+def counted_tokens(labels: Tensor) -> Tensor:
+    """``[B, T-1]``: True where an unshifted HF label counts (the next token is scored)."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def counted(inputs: dict[str, Tensor] | None) -> int:
+    """How many tokens of a batch dictionary count (0 for None)."""
+    return 0 if inputs is None else int(counted_tokens(inputs["labels"]).sum())
+
+
+def token_batch(model: Any, inputs: dict[str, Tensor], *, with_entropy: bool = False,
+                backend: str | None = None) -> TokenBatch:
+    """The policy's token log-probs of ``inputs`` (fused-linear op, logits never built) with
+    the batch's reference log-probs and per-row values, all in float32."""
+    out = causal_lm_token_logprobs(model, inputs["input_ids"], inputs["labels"],
+                                   attention_mask=inputs.get("attention_mask"),
+                                   with_entropy=with_entropy, backend=backend)
+    logp, entropy = out if with_entropy else (out, None)
+
+    def row(key: str) -> Tensor | None:
+        v = inputs.get(key)
+        return None if v is None else v.to(logp.dtype)
+
+    return TokenBatch(logp, counted_tokens(inputs["labels"]),
+                      ref_logp=row("ref_token_logp"), entropy=entropy, outcome=row("outcome"),
+                      outcome_pred=row("outcome_pred"), log_propensity=row("ref_logp"))
+
+__all__ = ["HeadTransform", "TokenBatch", "causal_lm_token_logprobs", "counted", "counted_tokens",
+           "decoder", "last_hidden", "output_weight", "token_batch"]

@@ -24,7 +24,7 @@ from cpo_fast.estimators import (
     dr_cpo_loss,
     oo_rlhf_loss,
 )
-from cpo_fast.token_batch import TokenBatch
+from cpo_fast.models import TokenBatch
 
 
 @dataclass(frozen=True)

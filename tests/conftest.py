@@ -33,7 +33,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # These import triton: after TRITON_INTERPRET is set.
 from cpo_fast.constants import IGNORE_INDEX  # noqa: E402
-from cpo_fast.token_batch import from_inputs  # noqa: E402
+from cpo_fast.models import token_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 EMOBANK = ROOT.parent / "shared" / "data" / "emobank.csv"
@@ -128,5 +128,5 @@ TINY_MODEL = dict(hidden_size=32, num_layers=1, num_heads=2, max_positions=64)
 
 def sequence_token_logprobs(model, b, **kw):
     """The fused route: token log-probs [B, T-1] aligned with labels[:, 1:]."""
-    tb = from_inputs(model, b, **kw)
+    tb = token_batch(model, b, **kw)
     return (tb.logp, tb.entropy) if kw.get("with_entropy") else tb.logp

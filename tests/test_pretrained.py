@@ -265,7 +265,7 @@ def test_policy_equal_to_f0_starts_near_weight_one_in_bf16(smollm2):
     (other batches, loop.autocast_args) for a policy equal to f_0: in fp32 the log-weights
     are 0; under bf16 on both sides they scatter by rounding alone (on 128 EmoBank rows here:
     sd 0.10 nats, ESS 99.0%), which stays far below what training moves."""
-    from cpo_fast import token_batch
+    from cpo_fast.models import token_batch
     from cpo_fast.pipeline.run.config import RunConfig
     from cpo_fast.pipeline.stages.data import Encoded, collate
     from cpo_fast.pipeline.stages.generate import bf16_pays
@@ -287,7 +287,7 @@ def test_policy_equal_to_f0_starts_near_weight_one_in_bf16(smollm2):
         ref = precompute_ref_logprobs(model, enc, cache_dir=None, batch_size=3,
                                       progress=False, bf16=auto["enabled"])
         with torch.no_grad(), torch.autocast(**auto):
-            tb = token_batch.from_inputs(model, b)
+            tb = token_batch(model, b)
         s = tb.logp.float().masked_fill(~tb.mask, 0).sum(-1).numpy()
         return s - np.array([ref[i].sum() for i in rows])
 

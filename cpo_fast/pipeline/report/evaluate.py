@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpo_fast import token_batch
+from cpo_fast.models import token_batch
 from cpo_fast.objectives import sequence_logprobs
 from cpo_fast.pipeline.run.scorers import Scorer, load_scorer, run_scorer
 from cpo_fast.pipeline.stages.data import collate
@@ -38,7 +38,7 @@ def sequence_logprobs_of(model, encoded, *, pad_id: int, batch_size: int = 64,
     for s in range(0, len(encoded), batch_size):
         idx = list(range(s, min(s + batch_size, len(encoded))))
         b = {k: v.to(dev) for k, v in collate(encoded, idx, pad_id).items()}
-        tb = token_batch.from_inputs(model, b, backend=backend)
+        tb = token_batch(model, b, backend=backend)
         v = sequence_logprobs(tb.logp.float(), tb.mask, length_normalize=length_normalize)
         out[s:s + len(idx)] = v.double().cpu().numpy()
     model.train(was)

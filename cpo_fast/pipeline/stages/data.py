@@ -337,7 +337,7 @@ def collate(encoded: Encoded, indices: Sequence[int], pad_id: int,
     """Right-padded batch of rows ``indices`` (positions into ``encoded``), ``T`` rounded
     up to a multiple of ``pad_to_multiple``.
 
-    Returns the batch dictionary of cpo_fast/token_batch.py: ``input_ids``/``attention_mask``
+    Returns the batch dictionary of cpo_fast/models.py: ``input_ids``/``attention_mask``
     [B, T], ``labels`` [B, T] (HF convention, unshifted: ``input_ids`` with IGNORE_INDEX on
     the prompt and padding), ``index`` [B], and ``outcome`` / ``ref_logp`` (the known log
     propensity) [B] float32 when the full-length arrays are given (indexed by ``indices``).

@@ -3,7 +3,7 @@
 Models are never downloaded: :func:`build_model` makes a Llama-, Qwen2- or GPT-2-style
 decoder from a config (the same code path works on any Hugging Face causal LM loaded by
 the user). Token log-probabilities of any of them come from
-:func:`cpo_fast.token_batch.from_inputs` (backbone, then the fused-linear op: the
+:func:`cpo_fast.models.token_batch` (backbone, then the fused-linear op: the
 [B, T, V] logits are never built).
 """
 

@@ -3,7 +3,7 @@
 docs/math.md: the per-token log-probs of f_0 over the dataset are computed once
 (no reference model in memory during training); their masked sum is log P^R(x) when f_0
 estimates P^R, and per token they feed the KL penalty. The forward runs under
-``torch.no_grad`` through :func:`cpo_fast.token_batch.from_inputs`
+``torch.no_grad`` through :func:`cpo_fast.models.token_batch`
 (backbone + fused-linear op, logits never built).
 
 ``bf16=True`` runs the passes under bf16 autocast, as the training passes do where bf16
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpo_fast import token_batch
+from cpo_fast.models import token_batch
 from cpo_fast.pipeline.stages.data import Encoded, collate
 from cpo_fast.pipeline.stages.modeling import model_fingerprint
 
@@ -108,7 +108,7 @@ def precompute_ref_logprobs(
             for idx in tqdm(batches, desc="reference log-probs", disable=not progress):
                 b = collate(encoded, idx, pad_id=0)
                 b = {k: v.to(dev) for k, v in b.items()}
-                lp = token_batch.from_inputs(model, b, backend=backend).logp.float().cpu().numpy()
+                lp = token_batch(model, b, backend=backend).logp.float().cpu().numpy()
                 for j, i in enumerate(idx):
                     out[i] = lp[j, :len(encoded.input_ids[i]) - 1].copy()
     finally:

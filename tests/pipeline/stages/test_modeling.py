@@ -1,5 +1,5 @@
 """Small causal LMs of every architecture (cpo_fast/pipeline/stages/modeling.py): the fused-linear
-route (cpo_fast.token_batch.from_inputs) equals the logits route (also through peft), and
+route (cpo_fast.models.token_batch) equals the logits route (also through peft), and
 the fingerprint the caches key on."""
 
 from __future__ import annotations
