@@ -181,7 +181,6 @@ def causal_lm_token_logprobs(
                                  transform=transform)
 
 
-
 @dataclass
 class TokenBatch:
     """Per-token tensors of one set of sequences, ``[B, T-1]`` and aligned, plus its per-row
@@ -222,6 +221,7 @@ def token_batch(model: Any, inputs: dict[str, Tensor], *, with_entropy: bool = F
     return TokenBatch(logp, counted_tokens(inputs["labels"]),
                       ref_logp=row("ref_token_logp"), entropy=entropy, outcome=row("outcome"),
                       outcome_pred=row("outcome_pred"), log_propensity=row("ref_logp"))
+
 
 __all__ = ["HeadTransform", "TokenBatch", "causal_lm_token_logprobs", "counted", "counted_tokens",
            "decoder", "last_hidden", "output_weight", "token_batch"]

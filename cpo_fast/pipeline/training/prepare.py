@@ -32,7 +32,6 @@ from cpo_fast.pipeline.run.preflight import check_outcomes, check_rows
 from cpo_fast.pipeline.run.runtime import is_main, main_first, pick_device, seed_everything
 from cpo_fast.pipeline.stages.data import DataConfig, Encoded, OutcomeTable, encode, load_table
 from cpo_fast.pipeline.stages.dm import build_dm_set, load_dm_set, save_dm_set
-from cpo_fast.pipeline.stages.generate import bf16_pays
 from cpo_fast.pipeline.stages.modeling import build_model
 from cpo_fast.pipeline.stages.outcome import bag_of_words_features, fit_outcome_model, mean_pooled_features
 from cpo_fast.pipeline.stages.policy import load_causal_lm, make_policy, save_model
@@ -331,8 +330,7 @@ def texts_features(prep: Prepared, enc: Encoded) -> np.ndarray:
     parts = []
     if prep.cfg.outcome_features in ("f0", "both"):
         # features only feed a regression: bf16 (1.8x on SmolLM2 here) is exact enough
-        fast = prep.cfg.bf16 and bf16_pays(prep.load_f0(), prep.device)
-        with torch.autocast(prep.device.type, dtype=torch.bfloat16, enabled=fast):
+        with torch.autocast(**autocast_args(prep.load_f0(), prep.cfg)):
             parts.append(mean_pooled_features(prep.load_f0(), enc,
                                               batch_size=prep.cfg.batch_size_eval,
                                               device=prep.device, layers="all"))
