@@ -21,9 +21,11 @@ held-out off-policy estimates (SNIPS, self-normalized DR) beside the judges.
 Resumable: each (dataset, level, seed, method) cell is written to
 ``<work-dir>/<tag>/cells/<dataset>_c<level>_s<seed>_<method>.json`` when it finishes and is
 skipped when the script runs again; the shared stages of a (level, seed) (f_0, reference
-cache, ghat, DM set) are reused from disk. Results: ``benchmarks/results/<tag>.{md,json}``
-(tag ``real`` or ``real-quick``) and ``benchmarks/results/real-judges.{md,json}`` (each
-judge's agreement with human ratings on held-out rows).
+cache, ghat, DM set) are reused from disk, by every tag of the same size
+(``<work-dir>/stages/``), so remedies compared under different tags train from the same
+f_0. Results: ``benchmarks/results/<tag>.{md,json}`` (tag ``real`` or ``real-quick``) and
+``benchmarks/results/real-judges.{md,json}`` (each judge's agreement with human ratings on
+held-out rows).
 
 ``--model`` takes any model cpo_fast.pretrained knows, a local HF directory, or ``scratch``
 (a tiny model built from a config, for testing this script without the packaged model).
@@ -32,6 +34,7 @@ judge's agreement with human ratings on held-out rows).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -137,11 +140,12 @@ def run_group(job: dict[str, Any], judges: dict, log=print) -> list[dict[str, An
             if m == "f_0":
                 model_m, summary = prep.load_f0(), None
             else:
-                shutil.rmtree(out / m, ignore_errors=True)  # an unfinished run starts over
+                run_dir = out / job["tag"] / m  # the shared stages are the tags' in common
+                shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
                 mcfg = dataclasses.replace(cfg, method=m, **job["remedy"]).validate()
                 with warnings.catch_warnings(record=True):  # the guard's note is in summary
                     warnings.simplefilter("always")
-                    model_m, summary = train_policy(prep, mcfg, out_dir=out / m)
+                    model_m, summary = train_policy(prep, mcfg, out_dir=run_dir)
             res = evaluate_model(prep, model_m, name=m, scorers=judges)
             rec = cell_record(res, judges, method=m, train=summary,
                               seconds=time.perf_counter() - t1)
@@ -424,11 +428,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if "f_0" not in methods:
         methods.insert(0, "f_0")  # every gain is paired with f_0's cell
     tag = a.tag or "real" + ("-quick" if a.quick else "")
-    work = Path(a.work_dir) / tag
-    jobs = [dict(dataset="emobank", data=a.data, level=lv, seed=sd, rows=a.rows or size["rows"],
+    work = Path(a.work_dir)
+    rows_n = a.rows or size["rows"]
+    # f_0, ghat and the DM set of a (level, seed) are shared by every tag (remedy) of a size
+    stages = hashlib.sha1(json.dumps([a.model, rows_n, {k: v for k, v in config.items()
+                                      if k != "steps"}], sort_keys=True).encode()).hexdigest()[:8]
+    jobs = [dict(dataset="emobank", data=a.data, level=lv, seed=sd, rows=rows_n, tag=tag,
                  config=config, methods=methods, model=a.model, remedy=json.loads(a.remedy),
-                 progress=not a.no_progress, cells=str(work / "cells"),
-                 out=str(work / f"emobank_c{lv:g}_s{sd}")) for lv in levels for sd in seeds]
+                 progress=not a.no_progress, cells=str(work / tag / "cells"),
+                 out=str(work / "stages" / f"emobank_c{lv:g}_s{sd}_{stages}"))
+            for lv in levels for sd in seeds]
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     load0 = [round(x, 2) for x in os.getloadavg()]
