@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cpo_fast.distributed import current_world, gather_rows
+
 
 def ess_share(log_w: Tensor) -> float:
     """ESS / n of the self-normalized weights exp(log_w) (1: uniform, 1/n: one row)."""
@@ -69,13 +71,16 @@ def ess_temperature(log_w: Tensor, target: float, *, tol: float = 1e-4) -> float
 
 
 def temper_log_weights(policy_logp: Tensor, ref_logp: Tensor, target: float, *,
-                       tol: float = 1e-4) -> tuple[Tensor, float]:
+                       tol: float = 1e-4, distributed: bool = False) -> tuple[Tensor, float]:
     """(``policy_logp`` with each row's log weight scaled by tau, tau): drop-in where the
     log-weight cap goes (``ref + tau * (policy - ref)``); tau from :func:`ess_temperature`
-    on the detached log weights, 1.0 when the batch already meets ``target``."""
+    on the detached log weights, 1.0 when the batch already meets ``target``.
+    ``distributed``: the batch is every rank's rows (tau from their gathered log weights,
+    the same on every rank)."""
     ref = ref_logp.to(policy_logp.dtype)
     ell = policy_logp - ref
-    tau = ess_temperature(ell, target, tol=tol)
+    whole = gather_rows(ell.detach(), current_world())[0] if distributed else ell
+    tau = ess_temperature(whole, target, tol=tol)
     if tau == 1.0:
         return policy_logp, tau
     return ref + tau * ell, tau

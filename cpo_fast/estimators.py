@@ -54,6 +54,8 @@ class LossOutput:
     dm_clip_fraction: Tensor | None = None
     value: Tensor | None = None  # estimate of V(theta) in the outcome's own units
     dm_max_weight_share: Tensor | None = None
+    ess_tau: float | None = None  # the tempering exponent of the outcome rows' log weights
+    dm_ess_tau: float | None = None  # and of the DM rows' (Objective.ess_target)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from cpo_fast._checks import index_list
 from cpo_fast.constants import CLIP_EPS, MAX_LOG_WEIGHT, TRUNCATION
+from cpo_fast.distributed import distributed_flag
+from cpo_fast.ess_control import temper_log_weights
 from cpo_fast.estimators import (
     LossOutput,
     cap_log_weights,
@@ -107,7 +109,10 @@ class Objective:
     go to :func:`~cpo_fast.estimators.dr_cpo_loss`. Sequence log-probabilities are the
     masked sums of the token ones (means with ``length_normalize``); a batch's
     ``log_propensity``, when given, is log P^R(x) as is. ``log_weight_cap > 0`` caps each
-    row's log weight around the batch median (:func:`~cpo_fast.estimators.cap_log_weights`).
+    row's log weight around the batch median (:func:`~cpo_fast.estimators.cap_log_weights`);
+    ``ess_target > 0`` then tempers each weighted set's log weights (outcome rows, DM rows)
+    by the largest tau in [0, 1] that keeps its ESS at ``ess_target`` of its rows
+    (:func:`~cpo_fast.ess_control.temper_log_weights`; tau is reported in the diagnostics).
     Regularizers, added to the loss: ``entropy_coef * entropy_bonus`` (needs entropies) and
     ``kl_coef * kl_penalty`` (needs ``ref_logp``), token means over the outcome rows, or
     over the DM rows when ``regularize_on="dm"`` and there are any (the pipeline's choice:
@@ -125,9 +130,13 @@ class Objective:
     max_log_weight: float = MAX_LOG_WEIGHT
     truncation: float = TRUNCATION
     clip_eps: float | tuple[float, float] = CLIP_EPS
+    ess_target: float = 0.0
 
     def __post_init__(self) -> None:
         method_of(self.method)
+        if not 0.0 <= self.ess_target <= 1.0:
+            raise ValueError(f"ess_target={self.ess_target} must be an ESS share in [0, 1] "
+                             "(0: no tempering; 0.5 keeps half the rows' worth of weight).")
         if self.regularize_on not in ("batch", "dm"):
             raise ValueError(f"regularize_on={self.regularize_on!r} must be 'batch' or 'dm'.")
 
@@ -179,22 +188,36 @@ class Objective:
 
     def rows_loss(self, rows: dict[str, Tensor | None], *,
                   distributed: bool | None = None) -> LossOutput:
-        """The estimator on per-row values (:meth:`row_values`' keys), log weights capped."""
-        sn = self.weighting == "self_normalized"
+        """The estimator on per-row values (:meth:`row_values`' keys), log weights capped,
+        then tempered."""
         kw = dict(weighting=self.weighting, higher_is_better=self.higher_is_better,
                   max_log_weight=self.max_log_weight, truncation=self.truncation,
                   clip_eps=self.clip_eps, distributed=distributed)
-        dm = {}
+        dm, dm_tau = {}, None
         if rows.get("dm_policy_logp") is not None:
-            dm = dict(dm_policy_logp=cap_log_weights(rows["dm_policy_logp"], rows["dm_ref_logp"],
-                                                     self.log_weight_cap, self_normalized=sn),
-                      dm_ref_logp=rows["dm_ref_logp"], dm_outcome_pred=rows["dm_outcome_pred"])
+            s_dm, dm_tau = self._log_weights(rows["dm_policy_logp"], rows["dm_ref_logp"],
+                                             distributed)
+            dm = dict(dm_policy_logp=s_dm, dm_ref_logp=rows["dm_ref_logp"],
+                      dm_outcome_pred=rows["dm_outcome_pred"])
         if rows.get("policy_logp") is None:
-            return oo_rlhf_loss(**dm, **kw)
-        s = cap_log_weights(rows["policy_logp"], rows["ref_logp"], self.log_weight_cap,
-                            self_normalized=sn)
-        return dr_cpo_loss(s, rows["ref_logp"], rows["outcome"], rows.get("outcome_pred"),
-                           **dm, **kw)
+            out = oo_rlhf_loss(**dm, **kw)
+            out.ess_tau = dm_tau  # OO-RLHF's diagnostics are its DM rows'
+            return out
+        s, tau = self._log_weights(rows["policy_logp"], rows["ref_logp"], distributed)
+        out = dr_cpo_loss(s, rows["ref_logp"], rows["outcome"], rows.get("outcome_pred"),
+                          **dm, **kw)
+        out.ess_tau, out.dm_ess_tau = tau, dm_tau
+        return out
+
+    def _log_weights(self, policy_logp: Tensor, ref_logp: Tensor,
+                     distributed: bool | None) -> tuple[Tensor, float | None]:
+        """The policy's sequence log-probs as the estimator takes them: capped, tempered."""
+        s = cap_log_weights(policy_logp, ref_logp, self.log_weight_cap,
+                            self_normalized=self.weighting == "self_normalized")
+        if not self.ess_target:
+            return s, None
+        return temper_log_weights(s, ref_logp, self.ess_target,
+                                  distributed=distributed_flag(distributed))
 
     def regularized(self, batch: TokenBatch | None, dm: TokenBatch | None) -> TokenBatch:
         """The rows the entropy and KL terms run over."""

@@ -63,7 +63,8 @@ def _full_grad(method: str, weighting: str, d: dict) -> torch.Tensor:
 
 
 def _two_pass_grad(method: str, weighting: str, d: dict, rows: torch.Tensor,
-                   dm_rows: torch.Tensor, sizes: list[int], dm_sizes: list[int]) -> torch.Tensor:
+                   dm_rows: torch.Tensor, sizes: list[int], dm_sizes: list[int],
+                   objective: Objective | None = None) -> torch.Tensor:
     """This process's rows (split into micro-batches): pass 1 no-grad, coefficients, pass 2."""
     w = d["w0"].clone().requires_grad_(True)
     use_main, use_dm = method != "oo_rlhf", method in ("dr_cpo", "oo_rlhf")
@@ -75,7 +76,7 @@ def _two_pass_grad(method: str, weighting: str, d: dict, rows: torch.Tensor,
         kw["dm_policy_logp"] = s_dm
     rc = row_coefficients({"policy_logp": s, "ref_logp": d["ref"][rows] if use_main else None,
                            "outcome": d["y"][rows] if use_main else None, **kw},
-                          Objective(method, weighting=weighting), current_world())
+                          objective or Objective(method, weighting=weighting), current_world())
     coefs = split_rows(rc.policy, sizes if use_main else [0] * len(sizes))
     dm_coefs = split_rows(rc.dm, dm_sizes if use_dm else [0] * len(dm_sizes))
     r_parts, dm_parts = torch.split(rows, sizes), torch.split(dm_rows, dm_sizes)
@@ -100,6 +101,28 @@ def test_accumulation_equals_full_batch(method, weighting):
     acc = _two_pass_grad(method, weighting, d, torch.arange(N_ROWS), torch.arange(N_DM),
                          [3, 2, 3], [4, 4, 2])
     torch.testing.assert_close(acc, full, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["cpo", "dr_cpo", "oo_rlhf"])
+def test_tempered_accumulation_equals_full_batch(method):
+    """ESS-targeted tempering: tau is the effective batch's (one per weighted set), so the
+    micro-batches' gradient is the full batch's, and tempering did act (tau < 1)."""
+    d = _data(4)
+    d["w0"] *= 4  # spread the log weights so that the target bites
+    obj = Objective(method, ess_target=0.8)
+    w = d["w0"].clone().requires_grad_(True)
+    rows = {"dm_policy_logp": _seq_logp(w, d["emb"], d["tok_dm"]), "dm_ref_logp": d["ref_dm"],
+            "dm_outcome_pred": d["ghat_dm"]} if method != "cpo" else {}
+    if method != "oo_rlhf":
+        rows.update(policy_logp=_seq_logp(w, d["emb"], d["tok"]), ref_logp=d["ref"],
+                    outcome=d["y"], outcome_pred=d["ghat"] if method == "dr_cpo" else None)
+    out = obj.rows_loss(rows)
+    out.loss.backward()
+    taus = [t for t in (out.ess_tau, out.dm_ess_tau) if t is not None]
+    assert taus and all(t < 1.0 for t in taus)
+    acc = _two_pass_grad(method, "self_normalized", d, torch.arange(N_ROWS), torch.arange(N_DM),
+                         [3, 2, 3], [4, 4, 2], objective=obj)
+    torch.testing.assert_close(acc, w.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_naive_micro_batch_normalization_differs():

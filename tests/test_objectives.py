@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cpo_fast
 from cpo_fast import reference
@@ -140,3 +142,79 @@ def test_assemble_loss_errors_name_the_fix():
         cpo_fast.assemble_loss("cpo", cpo_fast.TokenBatch(t, t > -1, outcome=torch.zeros(2)))
     with pytest.raises(ValueError, match="kl_coef > 0 needs"):
         cpo_fast.assemble_loss("sft_all", cpo_fast.TokenBatch(t, t > -1), kl_coef=0.1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 12), st.integers(2, 12), st.floats(0.05, 0.95), st.floats(0.1, 20.0),
+       st.sampled_from(["cpo", "dr_cpo", "oo_rlhf"]), st.integers(0, 2**31 - 1))
+def test_ess_target_tempers_each_weight_set_against_the_reference(n, m, target, spread,
+                                                                  method, seed):
+    """``ess_target``: each weighted set's log weights are scaled by its own tau, the largest
+    in [0, 1] meeting the target (the float64 reference's ESS says so), and the loss and its
+    gradient are the reference estimator's at the tempered log weights."""
+    from cpo_fast.ess_control import ess_temperature
+
+    g = torch.Generator().manual_seed(seed)
+    ref, ref_dm = -5 - torch.rand(n, generator=g, **f64), -5 - torch.rand(m, generator=g, **f64)
+    pol = (ref + spread * torch.randn(n, generator=g, **f64)).requires_grad_(True)
+    pol_dm = (ref_dm + spread * torch.randn(m, generator=g, **f64)).requires_grad_(True)
+    y, ghat, ghat_dm = (torch.randn(k, generator=g, **f64) for k in (n, n, m))
+    rows = {"dm_policy_logp": pol_dm, "dm_ref_logp": ref_dm, "dm_outcome_pred": ghat_dm}
+    if method != "oo_rlhf":
+        rows.update(policy_logp=pol, ref_logp=ref, outcome=y,
+                    outcome_pred=ghat if method == "dr_cpo" else None)
+    if method == "cpo":
+        rows = {k: v for k, v in rows.items() if not k.startswith("dm_")}
+    out = cpo_fast.Objective(method, ess_target=target).rows_loss(rows)
+    taus = {"": out.dm_ess_tau if method == "oo_rlhf" else out.ess_tau, "dm_": out.dm_ess_tau}
+    tempered = {}
+    for pre, (p, r) in {"": (pol, ref), "dm_": (pol_dm, ref_dm)}.items():
+        if rows.get(f"{pre}policy_logp") is None:
+            continue
+        tau = taus[pre]
+        assert tau == ess_temperature(p - r, target)  # the largest tau meeting the target
+        tempered[f"{pre}policy_logp"] = r + tau * (p - r).detach()
+        w = torch.exp(tau * (p - r).detach())
+        assert float(w.sum() ** 2 / (w * w).sum()) >= target * p.numel() * (1 - 1e-9)
+    if method == "oo_rlhf":
+        assert out.ess_tau == out.dm_ess_tau
+    want = reference.dr_cpo_loss(tempered.get("policy_logp"), rows.get("ref_logp"),
+                                 rows.get("outcome"), rows.get("outcome_pred"),
+                                 dm_policy_logp=tempered.get("dm_policy_logp"),
+                                 dm_ref_logp=rows.get("dm_ref_logp"),
+                                 dm_outcome_pred=rows.get("dm_outcome_pred"))
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-9, atol=1e-12)
+    leaves = [t for t in (pol, pol_dm) if any(t is v for v in rows.values())]
+    got = torch.autograd.grad(out.loss, leaves)
+    for leaf, gr in zip(leaves, got, strict=True):  # d/ds of the tempered loss: tau * reference
+        pre = "dm_" if leaf is pol_dm else ""
+        x = tempered[f"{pre}policy_logp"].clone().requires_grad_(True)
+        kw = {f"{pre}policy_logp": x}
+        other = "policy_logp" if pre else "dm_policy_logp"
+        if other in tempered:
+            kw[other] = tempered[other]
+        ref_out = reference.dr_cpo_loss(kw.get("policy_logp"), rows.get("ref_logp"),
+                                        rows.get("outcome"), rows.get("outcome_pred"),
+                                        dm_policy_logp=kw.get("dm_policy_logp"),
+                                        dm_ref_logp=rows.get("dm_ref_logp"),
+                                        dm_outcome_pred=rows.get("dm_outcome_pred"))
+        (g_ref,) = torch.autograd.grad(ref_out.loss, x)
+        torch.testing.assert_close(gr, taus[pre] * g_ref, rtol=1e-8, atol=1e-12)
+
+
+def test_ess_target_off_is_the_plain_estimator_and_bad_targets_are_named():
+    g = torch.Generator().manual_seed(3)
+    ref = -torch.rand(6, generator=g, **f64)
+    rows = {"policy_logp": ref + 5 * torch.randn(6, generator=g, **f64), "ref_logp": ref,
+            "outcome": torch.randn(6, generator=g, **f64)}
+    plain = cpo_fast.Objective("cpo").rows_loss(rows)
+    assert plain.ess_tau is None and plain.dm_ess_tau is None
+    torch.testing.assert_close(plain.loss, reference.dr_cpo_loss(
+        rows["policy_logp"], ref, rows["outcome"]).loss)
+    easy = cpo_fast.Objective("cpo", ess_target=1e-6).rows_loss(rows)  # already met
+    assert easy.ess_tau == 1.0 and float(easy.loss) == pytest.approx(float(plain.loss))
+    hard = cpo_fast.Objective("cpo", ess_target=0.9).rows_loss(rows)
+    assert hard.ess_tau < 1.0 and float(hard.ess) >= 0.9 * 6 - 1e-6 > float(plain.ess)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="ess_target"):
+            cpo_fast.Objective("cpo", ess_target=bad)

@@ -115,6 +115,9 @@ class RunConfig:
     stop_on_collapse: bool = _f(False, "stop training when the ESS guard fires", "train")
     log_weight_cap: float = _f(0.0, "cap each row's log weight to the batch median +- this "
                                "(0: off; cpo_fast.estimators.cap_log_weights)", "train", pins=RESUME)
+    ess_target: float = _f(0.0, "temper the log weights so the outcome and DM ESS each stay at "
+                           "this share of the effective batch (0: off; cpo_fast.ess_control)",
+                           "train", pins=RESUME)
     # --- outcome model
     outcome_model: str = _f("ridge", "ridge | mlp on f_0's mean-pooled features", "outcome")
     outcome_folds: int = _f(5, "cross-fitting folds", "outcome")
@@ -185,7 +188,8 @@ class RunConfig:
                ("f0_steps", 0, True), ("f0_batch_size", 1, True), ("dm_size", 1, True),
                ("batch_size_eval", 1, True), ("bootstrap", 1, True), ("top_k", 0, True),
                ("outcome_folds", 2, True), ("vocab_size", 8, True), ("hidden_size", 1, True),
-               ("num_layers", 1, True), ("num_heads", 1, True), ("ess_guard", 0.0, True))
+               ("num_layers", 1, True), ("num_heads", 1, True), ("ess_guard", 0.0, True),
+               ("ess_target", 0.0, True))
 
     def _check_ranges(self) -> None:
         import math
@@ -205,6 +209,8 @@ class RunConfig:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}.")
         if not 0.0 < self.top_quantile < 1.0:
             raise ValueError(f"--top-quantile must be in (0, 1), got {self.top_quantile}.")
+        if self.ess_target > 1.0:
+            raise ValueError(f"--ess-target is a share of the batch in [0, 1], got {self.ess_target}.")
         if self.ess_guard >= 1.0:
             raise ValueError(f"--ess-guard is a share of the batch in [0, 1), got {self.ess_guard}.")
         if self.threads is not None and self.threads < 1:
@@ -220,7 +226,8 @@ class RunConfig:
                          length_normalize=self.length_normalize, entropy_coef=self.entropy_coef,
                          kl_coef=self.kl_coef, regularize_on="dm",
                          log_weight_cap=self.log_weight_cap, max_log_weight=self.max_log_weight,
-                         truncation=self.truncation, clip_eps=self.clip_eps)
+                         truncation=self.truncation, clip_eps=self.clip_eps,
+                         ess_target=self.ess_target)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,7 +17,8 @@ import torch
 from cpo_fast.pipeline.run.persist import write_text
 
 # LossOutput fields of the step's effective batch (None when a method has none).
-DIAGNOSTICS = ("ess", "max_weight_share", "clip_fraction", "value", "dm_ess")
+DIAGNOSTICS = ("ess", "max_weight_share", "clip_fraction", "value", "dm_ess", "ess_tau",
+               "dm_ess_tau")
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -41,6 +41,6 @@ def test_pins_are_declared_on_the_config_fields():
         "warmup_steps", "grad_clip", "lora", "lora_r", "lora_alpha", "lora_dropout",
         "length_normalize", "entropy_coef", "kl_coef", "max_log_weight", "truncation",
         "clip_eps", "top_quantile", "dm_batch_size", "seed", "higher_is_better",
-        "log_weight_cap"}  # the remedy changes the loss: pinned like kl_coef
+        "log_weight_cap", "ess_target"}  # the remedies change the loss: pinned like kl_coef
     assert {n for n, f in FIELDS.items() if f.metadata.get("local")} == {
         "stop_after", "progress", "threads", "device", "output_dir"}

@@ -215,6 +215,8 @@ def test_accumulation_equals_one_big_batch(exact_prep, tmp_path, method, weighti
 @pytest.mark.parametrize("method,extra", [
     ("dr_cpo", dict(kl_coef=0.1, entropy_coef=0.01, log_weight_cap=0.3)),
     ("cpo", dict(kl_coef=0.1, log_weight_cap=0.3, length_normalize=True)),
+    ("dr_cpo", dict(ess_target=0.995)),
+    ("oo_rlhf", dict(ess_target=0.995)),
     ("sft_all", dict(entropy_coef=0.01))])
 def test_accumulation_with_regularizers_cap_and_sft(exact_prep, tmp_path, method, extra):
     """(a) with the token-level terms (KL, entropy: token means over the effective batch), the
@@ -228,6 +230,11 @@ def test_accumulation_with_regularizers_cap_and_sft(exact_prep, tmp_path, method
                                                dm_batch_size=A * B), tmp_path / "big", exact_prep.pad_id)
     print(f"max |acc - big| {method} {extra}: {_max_diff(acc, big):.3g}")
     assert _max_diff(acc, big) < TOL
+    if extra.get("ess_target"):  # tempering acted, and held the ESS at its target
+        rows = [json.loads(x) for x in (tmp_path / "acc" / "metrics.jsonl").read_text().splitlines()]
+        assert any(r["ess_tau"] < 1.0 for r in rows)
+        assert all(r["ess"] >= extra["ess_target"] * r["batch_rows"] * (1 - 1e-6) for r in rows
+                   if method != "oo_rlhf")
 
 
 @pytest.mark.parametrize("weighting", ["self_normalized", "clipped"])
