@@ -79,6 +79,23 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def step_weights(metrics_path: Path) -> dict[str, Any]:
+    """Per-step weight diagnostics of a training run (its metrics.jsonl): the smallest
+    single-step ESS of the outcome and DM rows in rows (the guard's shares are 5-step
+    means), the rows per step, and the tempering exponents when ``--ess-target`` was on."""
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] \
+        if metrics_path.is_file() else []
+
+    def pick(key: str, f) -> float | None:
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return float(f(vals)) if vals else None
+
+    return {"min_ess_rows": pick("ess", min), "min_dm_ess_rows": pick("dm_ess", min),
+            "batch_rows": pick("batch_rows", max), "min_tau": pick("ess_tau", min),
+            "mean_tau": pick("ess_tau", np.mean), "min_dm_tau": pick("dm_ess_tau", min),
+            "mean_dm_tau": pick("dm_ess_tau", np.mean)}
+
+
 def cell_record(res: dict, judges: dict, *, method: str, train: dict | None,
                 seconds: float) -> dict[str, Any]:
     """What one model's evaluation contributes to the tables (samples' judge scores kept)."""
@@ -111,6 +128,12 @@ def run_group(job: dict[str, Any], judges: dict, log=print) -> list[dict[str, An
     cells.mkdir(parents=True, exist_ok=True)
     paths = {m: cells / f"{cell_name(job['dataset'], job['level'], job['seed'], m)}.json"
              for m in job["methods"]}
+    out = Path(job["out"])
+    f0_shared = out / "f_0.cell.json"  # f_0's evaluation does not depend on the tag
+    if "f_0" in paths and not paths["f_0"].is_file() and f0_shared.is_file():
+        rec = json.loads(f0_shared.read_text())
+        if set(judges) <= set(rec["scores"]):
+            paths["f_0"].write_text(json.dumps(rec, indent=1, default=float))
     todo = [m for m, p in paths.items() if not p.is_file()]
     if todo:
         import torch
@@ -122,7 +145,6 @@ def run_group(job: dict[str, Any], judges: dict, log=print) -> list[dict[str, An
         from cpo_fast.pipeline.training.prepare import prepare
 
         warnings.simplefilter("ignore", FutureWarning)
-        out = Path(job["out"])
         out.mkdir(parents=True, exist_ok=True)
         table = confounded_emobank(job["data"], confounding=job["level"], rows=job["rows"],
                                    seed=job["seed"])
@@ -150,10 +172,14 @@ def run_group(job: dict[str, Any], judges: dict, log=print) -> list[dict[str, An
             rec = cell_record(res, judges, method=m, train=summary,
                               seconds=time.perf_counter() - t1)
             rec.update(dataset=job["dataset"], level=job["level"], seed=job["seed"],
-                       ghat_r2=prep.outcome_fit.r2, loadavg=list(os.getloadavg()))
-            tmp = paths[m].with_suffix(".tmp")
-            tmp.write_text(json.dumps(rec, indent=1, default=float))
-            tmp.replace(paths[m])  # a cell file is complete or absent
+                       ghat_r2=prep.outcome_fit.r2, loadavg=list(os.getloadavg()),
+                       remedy=job["remedy"] if m != "f_0" else {})
+            if m != "f_0":
+                rec.update(step_weights(run_dir / "metrics.jsonl"))
+            for dest in (paths[m], f0_shared) if m == "f_0" else (paths[m],):
+                tmp = dest.with_suffix(".tmp")
+                tmp.write_text(json.dumps(rec, indent=1, default=float))
+                tmp.replace(dest)  # a cell file is complete or absent
             log(f"[real] cell {paths[m].stem} done ({rec['seconds']:.0f}s)")
             del model_m
             torch.manual_seed(0)
@@ -323,6 +349,68 @@ def markdown(rows, judges: list[str], agree: dict, meta: dict, judge_agreement: 
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- remedies
+
+def _tau(r: dict[str, Any], mean: str, low: str) -> str:
+    return "-" if r[mean] is None else f"{r[mean]:.2f} ({r[low]:.2f})"
+
+
+def _rows_of(v: float | None, n: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}" + ("" if not n else f" ({v / n:.0%})")
+
+
+def compare_remedies(tags: list[str], work: Path, judges: list[str], level: float,
+                     methods: list[str]) -> tuple[str, list[dict[str, Any]]]:
+    """One table over remedy tags (each a run of this script with its own ``--remedy``):
+    per (method, tag), each judge's gain over f_0 (paired by seed, two-level bootstrap), ghat's
+    gain, the smallest single-step ESS of the outcome and DM rows (in rows, min over steps and
+    seeds), the guard, tau, support and the generations' diversity and length."""
+    jn = {"vader": "VADER", "textblob": "TextBlob", "minilm": "MiniLM-ridge"}
+    out_rows: list[dict[str, Any]] = []
+    for tag in tags:
+        recs = [_dm_only(json.loads(p.read_text())) for p in sorted(
+            (work / tag / "cells").glob(f"emobank_c{level:g}_s*.json"))]
+        f0 = {r["seed"]: r for r in recs if r["method"] == "f_0"}
+        for m in methods:
+            rs = [r for r in recs if r["method"] == m and r["seed"] in f0]
+            if not rs:
+                continue
+            row: dict[str, Any] = {"tag": tag, "method": m, "remedy": rs[0].get("remedy", {}),
+                                   "seeds": sorted(r["seed"] for r in rs)}
+            for j in [*judges, "ghat"]:
+                if j == "ghat":
+                    row["ghat_gain"] = _mean(r["ghat"] - f0[r["seed"]]["ghat"] for r in rs
+                                             if r.get("ghat") is not None)
+                    continue
+                pairs = [(np.asarray(r["scores"][j]), np.asarray(f0[r["seed"]]["scores"][j]))
+                         for r in rs if j in r["scores"] and j in f0[r["seed"]]["scores"]]
+                row[f"{j}_gain"] = two_level_bootstrap(pairs) if pairs else None
+            for k, f in (("min_ess_rows", min), ("min_dm_ess_rows", min), ("batch_rows", max),
+                         ("mean_tau", np.mean), ("min_tau", min), ("mean_dm_tau", np.mean),
+                         ("min_dm_tau", min), ("ghat_outside", np.mean), ("distinct_2", np.mean),
+                         ("mean_tokens", np.mean), ("min_ess_share", min),
+                         ("min_dm_ess_share", min)):
+                vals = [r[k] for r in rs if r.get(k) is not None]
+                row[k] = float(f(vals)) if vals else None
+            row["collapsed"] = sum(bool(r.get("collapsed")) for r in rs)
+            out_rows.append(row)
+    lines = ["| method | remedy (tag) | " + " | ".join(f"{jn.get(j, j)} gain" for j in judges)
+             + " | ghat gain | ESS min, rows | DM ESS min, rows | guard fired | tau mean (min) "
+             "| DM tau mean (min) | ghat outside | distinct-2 | mean tokens |",
+             "|---|---|" + "---|" * (len(judges) + 9)]
+    for r in out_rows:
+        rem = ", ".join(f"{k}={v}" for k, v in r["remedy"].items()) or "none"
+        n = r["batch_rows"]
+        lines.append(
+            f"| {NAMES[r['method']]} | {rem} ({r['tag']}) | "
+            + " | ".join(_ci(r[f"{j}_gain"], signed=True) for j in judges)
+            + f" | {_num(r['ghat_gain'], '+.3f')} | {_rows_of(r['min_ess_rows'], n)} | "
+            f"{_rows_of(r['min_dm_ess_rows'], n)} | {r['collapsed']}/{len(r['seeds'])} | "
+            f"{_tau(r, 'mean_tau', 'min_tau')} | {_tau(r, 'mean_dm_tau', 'min_dm_tau')} | "
+            f"{_pct(r['ghat_outside'])} | {_num(r['distinct_2'])} | {_num(r['mean_tokens'], '.1f')} |")
+    return "\n".join(lines), out_rows
+
+
 # --------------------------------------------------------------------------- judges' worth
 
 def judge_agreement(judges: dict, *, rows: int, log=print) -> dict[str, dict[str, Any]]:
@@ -391,6 +479,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default="runs/reproduce_real", help="models, cells, logs")
     p.add_argument("--tag", default=None, help="results name (default real[-quick])")
     p.add_argument("--collect", action="store_true", help="no training: tables from done cells")
+    p.add_argument("--compare", default=None, help="no training: one table over these tags' "
+                   "cells (comma-separated; each run with its own --remedy), at the first "
+                   "level, written as <tag>.md")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -429,6 +520,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         methods.insert(0, "f_0")  # every gain is paired with f_0's cell
     tag = a.tag or "real" + ("-quick" if a.quick else "")
     work = Path(a.work_dir)
+    if a.compare:
+        tags = [t.strip() for t in a.compare.split(",") if t.strip()]
+        table, rows = compare_remedies(tags, work, list(judges), levels[0],
+                                       [m for m in methods if m != "f_0"])
+        md = (f"# Remedies against weight collapse on {a.model}, EmoBank confounding "
+              f"{levels[0]:g}\n\n{table}\n")
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / f"{tag}.md").write_text(md)
+        (Path(a.out) / f"{tag}.json").write_text(json.dumps(rows, indent=1, default=float))
+        print(md)
+        return {"compare": rows}
     rows_n = a.rows or size["rows"]
     # f_0, ghat and the DM set of a (level, seed) are shared by every tag (remedy) of a size
     stages = hashlib.sha1(json.dumps([a.model, rows_n, {k: v for k, v in config.items()

@@ -62,7 +62,8 @@ def test_finished_cells_are_not_rerun(tmp_path):
     for m in ("f_0", "cpo"):
         (cells / f"{rr.cell_name('emobank', 0.8, 3, m)}.json").write_text(
             json.dumps({"method": m, "seed": 3}))
-    job = dict(cells=str(cells), dataset="emobank", level=0.8, seed=3, methods=["f_0", "cpo"])
+    job = dict(cells=str(cells), dataset="emobank", level=0.8, seed=3, methods=["f_0", "cpo"],
+               out=str(tmp_path / "stages"))
     # every cell is on disk: nothing is loaded or trained (the job lacks what training needs)
     recs = rr.run_group(job, {})
     assert sorted(r["method"] for r in recs) == ["cpo", "f_0"]
@@ -89,3 +90,17 @@ def test_reproduce_real_tiny_end_to_end_and_resume(tmp_path):
     after = {c.name: c.stat().st_mtime_ns for c in sorted(cells[0].parent.glob("*.json"))}
     assert set(after) == set(stamps)
     assert [n for n in after if after[n] != stamps[n]] == [cells[0].name]
+    # a remedy under its own tag: the same shared stages, f_0's cell reused (not re-evaluated)
+    f0 = json.loads(next(c for c in cells if c.stem.endswith("f_0")).read_text())
+    rem = list(args)
+    rem[rem.index("--methods") + 1] = "dr_cpo"
+    rr.main([*rem, "--tag", "tempered", "--remedy", '{"ess_target": 0.9}'])
+    tcells = tmp_path / "work" / "tempered" / "cells"
+    assert json.loads(next(tcells.glob("*f_0.json")).read_text()) == f0
+    tdr = json.loads(next(tcells.glob("*dr_cpo.json")).read_text())
+    assert tdr["remedy"] == {"ess_target": 0.9} and tdr["batch_rows"] == 8
+    assert tdr["min_ess_rows"] >= 0.9 * 8 * (1 - 1e-6) and tdr["mean_tau"] is not None
+    cmp = rr.main([*rem, "--tag", "remedies", "--compare", "real,tempered"])["compare"]
+    assert [(r["tag"], r["method"]) for r in cmp] == [("real", "dr_cpo"), ("tempered", "dr_cpo")]
+    md = (tmp_path / "res" / "remedies.md").read_text()
+    assert "ess_target=0.9 (tempered)" in md and "none (real)" in md
