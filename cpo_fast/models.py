@@ -37,8 +37,9 @@ transform the head in ways this function does not model (``mup_width_multiplier`
 ``dim_model_base``) raise an error naming the field. ``temperature`` is the sampler's (the
 logits are divided by it after the model's own transforms), as in TRL's trainers.
 
-The batch dictionary, and :func:`token_batch`, its one reader (the pipeline's ``collate``, the
-Hugging Face mixin and ``DRCPOTrainer`` all build it):
+The batch dictionary, :func:`collate`, its writer for tokenized rows (the pipeline's; the
+Hugging Face mixin and ``DRCPOTrainer`` build it from their own collators), and
+:func:`token_batch`, its one reader:
 
     input_ids        [B, T]    token ids
     attention_mask   [B, T]    optional
@@ -57,9 +58,11 @@ and aligned with ``labels[:, 1:]``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -223,5 +226,45 @@ def token_batch(model: Any, inputs: dict[str, Tensor], *, with_entropy: bool = F
                       outcome_pred=row("outcome_pred"), log_propensity=row("ref_logp"))
 
 
-__all__ = ["HeadTransform", "TokenBatch", "causal_lm_token_logprobs", "counted", "counted_tokens",
+def collate(encoded: Any, indices: Sequence[int], pad_id: int,
+            outcomes: np.ndarray | None = None,
+            log_propensity: np.ndarray | None = None,
+            pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-padded batch dictionary of rows ``indices`` (positions into ``encoded``, which
+    has ``input_ids``, one token-id list per row, and ``score_start``, the position of each
+    row's first scored token: the pipeline's ``Encoded``), ``T`` rounded up to a multiple of
+    ``pad_to_multiple``.
+
+    Returns the batch dictionary above: ``input_ids``/``attention_mask``
+    [B, T], ``labels`` [B, T] (HF convention, unshifted: ``input_ids`` with IGNORE_INDEX on
+    the prompt and padding), ``index`` [B], and ``outcome`` / ``ref_logp`` (the known log
+    propensity) [B] float32 when the full-length arrays are given (indexed by ``indices``).
+    """
+    idx = [int(i) for i in indices]
+    if not idx:
+        raise ValueError("collate: empty batch (indices is empty).")
+    rows = [encoded.input_ids[i] for i in idx]
+    T = -(-max(len(r) for r in rows) // pad_to_multiple) * pad_to_multiple
+    B = len(rows)
+    input_ids = torch.full((B, T), int(pad_id), dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    for b, (i, r) in enumerate(zip(idx, rows, strict=True)):
+        L = len(r)
+        t = torch.tensor(r, dtype=torch.long)
+        input_ids[b, :L] = t
+        attn[b, :L] = 1
+        s = encoded.score_start[i]
+        labels[b, s:L] = t[s:L]
+    out = {"input_ids": input_ids, "attention_mask": attn, "labels": labels,
+           "index": torch.tensor(idx, dtype=torch.long)}
+    if outcomes is not None:
+        out["outcome"] = torch.as_tensor(np.asarray(outcomes)[idx], dtype=torch.float32)
+    if log_propensity is not None:
+        out["ref_logp"] = torch.as_tensor(np.asarray(log_propensity)[idx],
+                                                dtype=torch.float32)
+    return out
+
+
+__all__ = ["TokenBatch", "causal_lm_token_logprobs", "collate", "counted", "counted_tokens",
            "decoder", "last_hidden", "output_weight", "token_batch"]

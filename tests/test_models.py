@@ -3,6 +3,7 @@ logits path for every supported family and wrapper, head transforms included."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -10,7 +11,7 @@ import transformers as tf
 import cpo_fast
 from cpo_fast import HeadTransform
 from cpo_fast.constants import IGNORE_INDEX
-from cpo_fast.models import output_weight
+from cpo_fast.models import collate, output_weight
 
 V, D = 97, 32
 _SMALL = dict(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=1,
@@ -155,3 +156,29 @@ def test_token_ids_outside_the_vocabulary():
         cpo_fast.causal_lm_token_logprobs(model, torch.tensor([[1, 2, 40]]))
     with pytest.raises(ValueError, match="token id -3"):
         cpo_fast.causal_lm_token_logprobs(model, torch.tensor([[1, -3, 4]]))
+
+
+@pytest.mark.parametrize("multiple", [1, 16])
+def test_collate_writes_the_batch_dictionary(multiple):
+    """Right padding, unshifted HF labels scored from each row's ``score_start`` to its end,
+    T rounded up to the multiple, the known per-row values indexed by ``indices``."""
+    from types import SimpleNamespace
+
+    enc = SimpleNamespace(input_ids=[[1, 5, 6, 7, 2], [1, 8, 2], [1, 9, 9, 9, 9, 9, 2]],
+                          score_start=[3, 1, 2])
+    y, lp = np.array([4.0, 1.0, 2.5]), np.array([-1.0, -2.0, -3.0])
+    b = collate(enc, [2, 0], pad_id=0, outcomes=y, log_propensity=lp, pad_to_multiple=multiple)
+    ids, lab, am = b["input_ids"], b["labels"], b["attention_mask"]
+    B, T = ids.shape
+    assert (B, T) == (2, 7 if multiple == 1 else 16) and lab.shape == am.shape == (B, T)
+    for row, i in enumerate([2, 0]):
+        r, s = enc.input_ids[i], enc.score_start[i]
+        L, pos = len(r), torch.arange(T)
+        assert ids[row, :L].tolist() == r and (ids[row, L:] == 0).all() and am[row].sum() == L
+        scored = lab[row] != IGNORE_INDEX
+        assert torch.equal(scored, (pos >= s) & (pos < L))  # never position 0
+        assert torch.equal(lab[row][scored], ids[row][scored])
+    assert b["outcome"].dtype == torch.float32 and b["outcome"].tolist() == [2.5, 4.0]
+    assert b["ref_logp"].tolist() == [-3.0, -1.0] and b["index"].tolist() == [2, 0]
+    with pytest.raises(ValueError, match="empty batch"):
+        collate(enc, [], pad_id=0)

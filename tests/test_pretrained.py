@@ -265,9 +265,9 @@ def test_policy_equal_to_f0_starts_near_weight_one_in_bf16(smollm2):
     (other batches, loop.autocast_args) for a policy equal to f_0: in fp32 the log-weights
     are 0; under bf16 on both sides they scatter by rounding alone (on 128 EmoBank rows here:
     sd 0.10 nats, ESS 99.0%), which stays far below what training moves."""
-    from cpo_fast.models import token_batch
+    from cpo_fast.models import collate, token_batch
     from cpo_fast.pipeline.run.config import RunConfig
-    from cpo_fast.pipeline.stages.data import Encoded, collate
+    from cpo_fast.pipeline.stages.data import Encoded
     from cpo_fast.pipeline.stages.generate import bf16_pays
     from cpo_fast.pipeline.stages.precompute import precompute_ref_logprobs
     from cpo_fast.pipeline.training.loop import autocast_args

@@ -20,10 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpo_fast.models import token_batch
+from cpo_fast.models import collate, token_batch
 from cpo_fast.objectives import sequence_logprobs
 from cpo_fast.pipeline.run.scorers import Scorer, load_scorer, run_scorer
-from cpo_fast.pipeline.stages.data import collate
 from cpo_fast.pipeline.stages.generate import generate_texts
 
 

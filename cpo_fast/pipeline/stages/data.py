@@ -1,13 +1,11 @@
-"""Direct-outcome data: load, validate, tokenize and batch.
+"""Direct-outcome data: load, validate and tokenize.
 
 A *direct outcome dataset* (docs/math.md) has one text and one number per row.
 This module reads it from CSV/TSV, JSONL or Parquet with configurable column names,
 validates every row up front (errors name the row number and the column), tokenizes it as
-``BOS + prompt + response + EOS`` and collates right-padded batches whose ``labels`` are
-``input_ids[:, 1:]`` with ``IGNORE_INDEX`` (-100) on prompt and padding positions, so both
-``token_logprobs(logits[:, :-1], labels)`` and
-``linear_token_logprobs(hidden[:, :-1], W, labels)`` score exactly the response tokens
-(plus EOS).
+``BOS + prompt + response + EOS`` and records where each row's scored tokens start;
+:func:`cpo_fast.models.collate` pads rows of it into the batch dictionary, whose unshifted
+labels score exactly the response tokens (plus EOS).
 
 Row numbers in errors are 1-based data rows (the header of a CSV is not counted).
 """
@@ -25,9 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-
-from cpo_fast.constants import IGNORE_INDEX
 
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
             ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
@@ -328,41 +323,3 @@ def encode(table: OutcomeTable, tokenizer: Any, max_tokens: int = 128,
         ids.append([bos, *p, *r, eos])
         starts.append(1 + len(p))
     return Encoded(input_ids=ids, score_start=starts, n_truncated=n_trunc)
-
-
-def collate(encoded: Encoded, indices: Sequence[int], pad_id: int,
-            outcomes: np.ndarray | None = None,
-            log_propensity: np.ndarray | None = None,
-            pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Right-padded batch of rows ``indices`` (positions into ``encoded``), ``T`` rounded
-    up to a multiple of ``pad_to_multiple``.
-
-    Returns the batch dictionary of cpo_fast/models.py: ``input_ids``/``attention_mask``
-    [B, T], ``labels`` [B, T] (HF convention, unshifted: ``input_ids`` with IGNORE_INDEX on
-    the prompt and padding), ``index`` [B], and ``outcome`` / ``ref_logp`` (the known log
-    propensity) [B] float32 when the full-length arrays are given (indexed by ``indices``).
-    """
-    idx = [int(i) for i in indices]
-    if not idx:
-        raise ValueError("collate: empty batch (indices is empty).")
-    rows = [encoded.input_ids[i] for i in idx]
-    T = -(-max(len(r) for r in rows) // pad_to_multiple) * pad_to_multiple
-    B = len(rows)
-    input_ids = torch.full((B, T), int(pad_id), dtype=torch.long)
-    attn = torch.zeros((B, T), dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    for b, (i, r) in enumerate(zip(idx, rows, strict=True)):
-        L = len(r)
-        t = torch.tensor(r, dtype=torch.long)
-        input_ids[b, :L] = t
-        attn[b, :L] = 1
-        s = encoded.score_start[i]
-        labels[b, s:L] = t[s:L]
-    out = {"input_ids": input_ids, "attention_mask": attn, "labels": labels,
-           "index": torch.tensor(idx, dtype=torch.long)}
-    if outcomes is not None:
-        out["outcome"] = torch.as_tensor(np.asarray(outcomes)[idx], dtype=torch.float32)
-    if log_propensity is not None:
-        out["ref_logp"] = torch.as_tensor(np.asarray(log_propensity)[idx],
-                                                dtype=torch.float32)
-    return out

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpo_fast.pipeline.stages.data import Encoded, collate
+from cpo_fast.models import collate
+from cpo_fast.pipeline.stages.data import Encoded
 from cpo_fast.pipeline.stages.precompute import _model_device, length_sorted_batches
 
 KINDS = ("ridge", "mlp")

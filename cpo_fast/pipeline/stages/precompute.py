@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpo_fast.models import token_batch
-from cpo_fast.pipeline.stages.data import Encoded, collate
+from cpo_fast.models import collate, token_batch
+from cpo_fast.pipeline.stages.data import Encoded
 from cpo_fast.pipeline.stages.modeling import model_fingerprint
 
 _FORMAT = "ref-logprobs-v1"

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from cpo_fast.distributed import World
+from cpo_fast.models import collate
 from cpo_fast.objectives import method_of
 from cpo_fast.pipeline.run.config import RunConfig
-from cpo_fast.pipeline.stages.data import Encoded, collate
+from cpo_fast.pipeline.stages.data import Encoded
 
 
 @dataclass

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import EMOBANK
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -23,7 +22,6 @@ from cpo_fast.pipeline.stages.data import (
     DataConfig,
     Encoded,
     OutcomeTable,
-    collate,
     encode,
     load_table,
 )
@@ -132,30 +130,15 @@ def test_encode_truncate_and_refuse(tok):
         encode(t, tok, max_tokens=6, on_too_long="error")
 
 
-def test_collate_alignment(tok):
+def test_encode_marks_where_scoring_starts(tok):
     t = OutcomeTable(texts=["was great .", "the meeting was awful ."],
-                     outcomes=np.array([4.0, 1.0]), prompts=["the soup", ""],
-                     log_propensity=np.array([-1.0, -2.0]))
+                     outcomes=np.array([4.0, 1.0]), prompts=["the soup", ""])
     enc = encode(t, tok, 32)
     assert enc.score_start[0] == 1 + len(tok("the soup", add_special_tokens=False)["input_ids"])
     assert enc.score_start[1] == 1
-    b = collate(enc, [0, 1], tok.pad_token_id, t.outcomes, t.log_propensity)
-    ids, lab, am = b["input_ids"], b["labels"], b["attention_mask"]
-    B, T = ids.shape
-    assert lab.shape == (B, T) and am.shape == (B, T)  # HF convention: unshifted
-    for i in range(B):
-        L = len(enc.input_ids[i])
-        s = enc.score_start[i]
-        assert ids[i, :L].tolist() == enc.input_ids[i]
-        assert (ids[i, L:] == tok.pad_token_id).all() and am[i].sum() == L
-        scored = lab[i] != -100
-        # label t is token t itself, scored iff s <= t < L (so never position 0)
-        pos = torch.arange(T)
-        assert torch.equal(scored, (pos >= s) & (pos < L))
-        assert torch.equal(lab[i][scored], ids[i][scored])
-    assert b["outcome"].dtype == torch.float32 and b["outcome"].tolist() == [4.0, 1.0]
-    assert b["ref_logp"].tolist() == [-1.0, -2.0]
-    assert b["index"].tolist() == [0, 1]
+    resp = tok("was great .", add_special_tokens=False)["input_ids"]
+    assert enc.input_ids[0][enc.score_start[0]:-1] == resp  # the response, then EOS
+    assert enc.input_ids[0][-1] == tok.eos_token_id
 
 
 @pytest.mark.skipif(not EMOBANK.exists(), reason="shared EmoBank data not present")

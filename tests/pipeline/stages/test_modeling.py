@@ -8,9 +8,8 @@ import pytest
 import torch
 from conftest import TINY_MODEL, sequence_token_logprobs
 
-from cpo_fast.models import last_hidden, output_weight
+from cpo_fast.models import collate, last_hidden, output_weight
 from cpo_fast.pipeline.run.config import ARCHS
-from cpo_fast.pipeline.stages.data import collate
 from cpo_fast.pipeline.stages.modeling import build_model, model_fingerprint
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from conftest import TINY_MODEL, sequence_token_logprobs
 
-from cpo_fast.pipeline.stages.data import OutcomeTable, collate, encode
+from cpo_fast.models import collate
+from cpo_fast.pipeline.stages.data import OutcomeTable, encode
 from cpo_fast.pipeline.stages.modeling import build_model
 from cpo_fast.pipeline.stages.precompute import (
     cache_key,
