@@ -50,7 +50,7 @@ from cpo_fast.pipeline.training.prepare import ref_logprobs, texts_features
 
 _STAGE_FIELDS = ("method", "weighting", "length_normalize", "entropy_coef", "kl_coef",
                  "max_log_weight", "truncation", "clip_eps", "top_quantile", "log_weight_cap",
-                 "higher_is_better", "dm_source", "dm_path", "dm_size", "dm_prefix_fraction",
+                 "ess_target", "higher_is_better", "dm_source", "dm_path", "dm_size", "dm_prefix_fraction",
                  "outcome_model", "outcome_folds", "outcome_features", "ess_guard",
                  "stop_on_collapse", "num_samples", "max_new_tokens", "bootstrap", "backend")
 
@@ -89,6 +89,8 @@ class DRCPOConfig(TrainingArguments):
     clip_eps: float = _f(0.2, "eps for weighting=clipped")
     top_quantile: float = _f(0.75, "sft_top trains on rows above this outcome quantile")
     log_weight_cap: float = _f(0.0, "cap each row's log weight to the batch median +- this (0: off)")
+    ess_target: float = _f(0.0, "temper the log weights to hold the outcome and DM ESS at this "
+                           "share of the effective batch (0: off)")
     dm_batch_size: int | None = _f(None, "DM rows per micro-batch (default: per_device_train_batch_size)")
     dm_source: str = _f("f0_completions", "f0_completions | dataset | file")
     dm_path: str | None = _f(None, "unlabeled texts file for dm_source=file")

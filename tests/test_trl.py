@@ -114,18 +114,23 @@ def cli_prep(corpus):
     return prepare(cfg, need_dm=True)
 
 
-@pytest.mark.parametrize("method", ["dr_cpo", "cpo", "oo_rlhf", "sft_all", "sft_top"])
-def test_trainer_equals_the_cli(corpus, cli_prep, tmp_path, method):
+CLIPPED = dict(weighting="clipped", clip_eps=0.05)
+
+
+@pytest.mark.parametrize("method,loss", [
+    *[(m, CLIPPED) for m in ("dr_cpo", "cpo", "oo_rlhf", "sft_all", "sft_top")],
+    ("dr_cpo", dict(ess_target=0.99))])
+def test_trainer_equals_the_cli(corpus, cli_prep, tmp_path, method, loss):
     """Same data, seed and settings: the trainer's LoRA parameters after K steps equal
     `cpo-fast train`'s (f_0 = 2 SFT steps of the model, DM set of f_0's completions)."""
     from cpo_fast.pipeline.training.loop import train_policy
 
     d, ds = corpus
-    cfg = dataclasses.replace(cli_prep.cfg, method=method, weighting="clipped", clip_eps=0.05)
+    cfg = dataclasses.replace(cli_prep.cfg, method=method, **loss)
     t0 = time.perf_counter()
     policy, _ = train_policy(cli_prep, cfg, out_dir=tmp_path / "cli")
     t_cli = time.perf_counter() - t0
-    trainer = _trainer(d, ds, tmp_path / "trl", method, weighting="clipped", clip_eps=0.05)
+    trainer = _trainer(d, ds, tmp_path / "trl", method, **loss)
     t0 = time.perf_counter()
     trainer.train()
     t_trl = time.perf_counter() - t0
