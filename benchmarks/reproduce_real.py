@@ -371,6 +371,15 @@ def compare_remedies(tags: list[str], work: Path, judges: list[str], level: floa
         recs = [_dm_only(json.loads(p.read_text())) for p in sorted(
             (work / tag / "cells").glob(f"emobank_c{level:g}_s*.json"))]
         f0 = {r["seed"]: r for r in recs if r["method"] == "f_0"}
+        if tag == tags[0] and f0:  # f_0's own scores, length and diversity, for reference
+            rs0 = list(f0.values())
+            out_rows.append({"tag": tag, "method": "f_0", "remedy": {}, "seeds": sorted(f0),
+                             **{f"{j}_score": two_level_bootstrap(
+                                 [(np.asarray(r["scores"][j]), None) for r in rs0])
+                                for j in judges if all(j in r["scores"] for r in rs0)},
+                             "ghat": _mean(r.get("ghat") for r in rs0),
+                             **{k: _mean(r.get(k) for r in rs0)
+                                for k in ("ghat_outside", "distinct_2", "mean_tokens")}})
         for m in methods:
             rs = [r for r in recs if r["method"] == m and r["seed"] in f0]
             if not rs:
@@ -392,6 +401,8 @@ def compare_remedies(tags: list[str], work: Path, judges: list[str], level: floa
                          ("min_dm_ess_share", min)):
                 vals = [r[k] for r in rs if r.get(k) is not None]
                 row[k] = float(f(vals)) if vals else None
+            if m == "oo_rlhf":  # its one weighted set is the DM rows (the "ess" metric too)
+                row["min_ess_rows"] = row["min_ess_share"] = None
             row["collapsed"] = sum(bool(r.get("collapsed")) for r in rs)
             out_rows.append(row)
     lines = ["| method | remedy (tag) | " + " | ".join(f"{jn.get(j, j)} gain" for j in judges)
@@ -399,6 +410,12 @@ def compare_remedies(tags: list[str], work: Path, judges: list[str], level: floa
              "| DM tau mean (min) | ghat outside | distinct-2 | mean tokens |",
              "|---|---|" + "---|" * (len(judges) + 9)]
     for r in out_rows:
+        if r["method"] == "f_0":
+            lines.append("| f_0 (score, not gain) | - | " + " | ".join(
+                _ci(r.get(f"{j}_score")) for j in judges) + f" | {_num(r['ghat'], '.3f')} | - | - "
+                f"| - | - | - | {_pct(r['ghat_outside'])} | {_num(r['distinct_2'])} | "
+                f"{_num(r['mean_tokens'], '.1f')} |")
+            continue
         rem = ", ".join(f"{k}={v}" for k, v in r["remedy"].items()) or "none"
         n = r["batch_rows"]
         lines.append(

@@ -101,6 +101,7 @@ def test_reproduce_real_tiny_end_to_end_and_resume(tmp_path):
     assert tdr["remedy"] == {"ess_target": 0.9} and tdr["batch_rows"] == 8
     assert tdr["min_ess_rows"] >= 0.9 * 8 * (1 - 1e-6) and tdr["mean_tau"] is not None
     cmp = rr.main([*rem, "--tag", "remedies", "--compare", "real,tempered"])["compare"]
-    assert [(r["tag"], r["method"]) for r in cmp] == [("real", "dr_cpo"), ("tempered", "dr_cpo")]
+    assert [(r["tag"], r["method"]) for r in cmp] == [
+        ("real", "f_0"), ("real", "dr_cpo"), ("tempered", "dr_cpo")]  # f_0's scores first
     md = (tmp_path / "res" / "remedies.md").read_text()
     assert "ess_target=0.9 (tempered)" in md and "none (real)" in md
