@@ -403,6 +403,8 @@ def compare_remedies(tags: list[str], work: Path, judges: list[str], level: floa
                 row[k] = float(f(vals)) if vals else None
             if m == "oo_rlhf":  # its one weighted set is the DM rows (the "ess" metric too)
                 row["min_ess_rows"] = row["min_ess_share"] = None
+                row["mean_dm_tau"], row["min_dm_tau"] = row["mean_tau"], row["min_tau"]
+                row["mean_tau"] = row["min_tau"] = None
             row["collapsed"] = sum(bool(r.get("collapsed")) for r in rs)
             out_rows.append(row)
     lines = ["| method | remedy (tag) | " + " | ".join(f"{jn.get(j, j)} gain" for j in judges)

@@ -12,5 +12,12 @@ TRUNCATION = 10.0
 CLIP_EPS = 0.2
 """Default eps of the PPO-style ``clipped`` weighting, clip(W, 1 - eps, 1 + eps)."""
 
+ESS_TARGET = 0.5
+"""Training default of ``ess_target`` (the CLI, the TRL trainer): each step tempers the
+outcome and DM log weights so their ESS stays at half the effective batch or more. Chosen
+over no remedy, clipping, the log-weight cap and KL on SmolLM2-135M by two independent
+judges (benchmarks/results/real-remedies.md). The loss objects (``Objective``,
+``DRCPOLoss``, the HF mixin) default to 0: the estimator as written."""
+
 WEIGHTINGS = ("raw", "self_normalized", "clipped", "truncated")
 """The importance-weighting schemes of the IPW objectives."""

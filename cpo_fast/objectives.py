@@ -201,7 +201,7 @@ class Objective:
                       dm_outcome_pred=rows["dm_outcome_pred"])
         if rows.get("policy_logp") is None:
             out = oo_rlhf_loss(**dm, **kw)
-            out.ess_tau = dm_tau  # OO-RLHF's diagnostics are its DM rows'
+            out.ess_tau = out.dm_ess_tau = dm_tau  # OO-RLHF's diagnostics are its DM rows'
             return out
         s, tau = self._log_weights(rows["policy_logp"], rows["ref_logp"], distributed)
         out = dr_cpo_loss(s, rows["ref_logp"], rows["outcome"], rows.get("outcome_pred"),

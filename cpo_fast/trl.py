@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from cpo_fast.constants import WEIGHTINGS
+from cpo_fast.constants import ESS_TARGET, WEIGHTINGS
 from cpo_fast.distributed import average_gradients, current_world
 from cpo_fast.hf import LogsDiagnostics
 from cpo_fast.objectives import METHODS, method_of
@@ -89,8 +89,8 @@ class DRCPOConfig(TrainingArguments):
     clip_eps: float = _f(0.2, "eps for weighting=clipped")
     top_quantile: float = _f(0.75, "sft_top trains on rows above this outcome quantile")
     log_weight_cap: float = _f(0.0, "cap each row's log weight to the batch median +- this (0: off)")
-    ess_target: float = _f(0.0, "temper the log weights to hold the outcome and DM ESS at this "
-                           "share of the effective batch (0: off)")
+    ess_target: float = _f(ESS_TARGET, "temper the log weights to hold the outcome and DM ESS "
+                           "at this share of the effective batch (0: off)")
     dm_batch_size: int | None = _f(None, "DM rows per micro-batch (default: per_device_train_batch_size)")
     dm_source: str = _f("f0_completions", "f0_completions | dataset | file")
     dm_path: str | None = _f(None, "unlabeled texts file for dm_source=file")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import cpo_fast
@@ -147,6 +147,9 @@ def test_assemble_loss_errors_name_the_fix():
 @settings(max_examples=40, deadline=None)
 @given(st.integers(2, 12), st.integers(2, 12), st.floats(0.05, 0.95), st.floats(0.1, 20.0),
        st.sampled_from(["cpo", "dr_cpo", "oo_rlhf"]), st.integers(0, 2**31 - 1))
+@example(6, 9, 0.9, 5.0, "oo_rlhf", 1)  # every method, with tau < 1, on every run
+@example(6, 9, 0.9, 5.0, "dr_cpo", 2)
+@example(6, 9, 0.9, 5.0, "cpo", 3)
 def test_ess_target_tempers_each_weight_set_against_the_reference(n, m, target, spread,
                                                                   method, seed):
     """``ess_target``: each weighted set's log weights are scaled by its own tau, the largest

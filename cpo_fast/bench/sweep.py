@@ -25,16 +25,19 @@ from typing import Any
 
 import numpy as np
 
+from cpo_fast.constants import ESS_TARGET
 from cpo_fast.objectives import METHODS
 
 WEIGHTED = tuple(name for name, m in METHODS.items() if m.weighted)
 # Remedies for weight collapse the method allows (docs/validity.md), as config overrides.
+# Each alone: the default tempering (constants.ESS_TARGET) is off except in "temper".
 REMEDIES: dict[str, dict[str, Any]] = {
-    "none": {},
-    "kl": {"kl_coef": 0.2},  # KL to f_0 on the DM set (on the outcome rows for CPO)
-    "clipped": {"weighting": "clipped"},  # PPO-style trust region on each row's weight
-    "lennorm": {"length_normalize": True},  # per-token (geometric-mean) weights
-    "cap": {"log_weight_cap": 1.4},  # per-row log-weight cap: ESS >= 21.6% by construction
+    "none": {"ess_target": 0.0},
+    "kl": {"kl_coef": 0.2, "ess_target": 0.0},  # KL to f_0 on the DM set (outcome rows for CPO)
+    "clipped": {"weighting": "clipped", "ess_target": 0.0},  # PPO-style trust region per row
+    "lennorm": {"length_normalize": True, "ess_target": 0.0},  # per-token (geometric-mean) weights
+    "cap": {"log_weight_cap": 1.4, "ess_target": 0.0},  # log-weight cap: ESS >= 21.6% by construction
+    "temper": {"ess_target": ESS_TARGET},  # ESS-targeted tempering (the training default)
 }
 
 

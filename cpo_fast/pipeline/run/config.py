@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from cpo_fast.constants import WEIGHTINGS
+from cpo_fast.constants import ESS_TARGET, WEIGHTINGS
 from cpo_fast.objectives import METHODS, Objective
 
 DM_SOURCES = ("f0_completions", "dataset", "file")
@@ -115,9 +115,9 @@ class RunConfig:
     stop_on_collapse: bool = _f(False, "stop training when the ESS guard fires", "train")
     log_weight_cap: float = _f(0.0, "cap each row's log weight to the batch median +- this "
                                "(0: off; cpo_fast.estimators.cap_log_weights)", "train", pins=RESUME)
-    ess_target: float = _f(0.0, "temper the log weights so the outcome and DM ESS each stay at "
-                           "this share of the effective batch (0: off; cpo_fast.ess_control)",
-                           "train", pins=RESUME)
+    ess_target: float = _f(ESS_TARGET, "temper the log weights so the outcome and DM ESS each "
+                           "stay at this share of the effective batch (0: off; "
+                           "cpo_fast.ess_control)", "train", pins=RESUME)
     # --- outcome model
     outcome_model: str = _f("ridge", "ridge | mlp on f_0's mean-pooled features", "outcome")
     outcome_folds: int = _f(5, "cross-fitting folds", "outcome")

@@ -44,3 +44,24 @@ def test_pins_are_declared_on_the_config_fields():
         "log_weight_cap", "ess_target"}  # the remedies change the loss: pinned like kl_coef
     assert {n for n, f in FIELDS.items() if f.metadata.get("local")} == {
         "stop_after", "progress", "threads", "device", "output_dir"}
+
+
+def test_training_defaults_to_ess_targeted_tempering():
+    """The CLI's and the TRL trainer's default remedy (constants.ESS_TARGET, chosen in
+    benchmarks/results/real-remedies.md) reaches the objective; the loss objects keep the
+    plain estimator; 0 turns it off; a share above 1 is refused by name."""
+    from cpo_fast.constants import ESS_TARGET
+    from cpo_fast.objectives import DRCPOLoss, Objective
+    from cpo_fast.pipeline.run.config import RunConfig
+
+    assert 0 < ESS_TARGET <= 1
+    assert RunConfig().objective().ess_target == ESS_TARGET
+    assert RunConfig(ess_target=0.0).objective().ess_target == 0.0
+    assert Objective().ess_target == 0.0 and DRCPOLoss().objective.ess_target == 0.0
+    with pytest.raises(ValueError, match="--ess-target"):
+        RunConfig(ess_target=1.5).validate()
+    trl = pytest.importorskip("trl")
+    assert trl is not None
+    from cpo_fast.trl import DRCPOConfig
+
+    assert DRCPOConfig(output_dir="unused", report_to=[]).ess_target == ESS_TARGET
