@@ -18,7 +18,11 @@ min(W a, clip(W, 1-eps_lo, 1+eps_hi) a); ``truncated`` min(exp(ell), tau).
 
 Diagnostics (ESS, max weight share) are computed from the log weights, relative to their
 maximum, so they never overflow: float32 with log weights of 50 gives the float64 answer.
-Token-level inputs, the methods and the regularizers are cpo_fast/objectives.py's.
+Log-weight controls, applied before any scheme: the cap (:func:`cap_log_weights`) and
+ESS-targeted tempering (:func:`temper_log_weights`; the tempered weights are those of the
+geometric bridge P_theta^tau P^R^(1 - tau), as in adaptive tempering for sequential Monte
+Carlo, Jasra et al. 2011). Token-level inputs, the methods and the regularizers are
+cpo_fast/objectives.py's.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from torch import Tensor
 
 from cpo_fast._checks import check_finite, check_finite_seq, check_same_shape
 from cpo_fast.constants import CLIP_EPS, MAX_LOG_WEIGHT, TRUNCATION, WEIGHTINGS
-from cpo_fast.distributed import all_reduce_sum, distributed_flag
+from cpo_fast.distributed import all_reduce_sum, current_world, distributed_flag, gather_rows
 
 
 @dataclass
@@ -343,4 +347,43 @@ def cap_log_weights(policy_logp: Tensor, ref_logp: Tensor, cap: float, *,
     return ref + center + torch.clamp(ell - center, -cap, cap)
 
 
-__all__ = ["LossOutput", "cap_log_weights", "cpo_loss", "dr_cpo_loss", "oo_rlhf_loss"]
+def ess_share(log_w: Tensor) -> float:
+    """ESS / n of the self-normalized weights exp(``log_w``): 1 uniform, 1/n one row."""
+    lw = log_w.detach().to(torch.float64).reshape(-1)
+    if lw.numel() == 0 or not bool(torch.isfinite(lw).all()):
+        raise ValueError(f"ess_share: log_w must be non-empty and finite (no NaN or inf), got "
+                         f"{lw.numel()} values; pass one finite log weight per row.")
+    return float(_diag(lw)[0]) / lw.numel()
+
+
+def ess_temperature(log_w: Tensor, target: float, *, tol: float = 1e-4) -> float:
+    """The largest tau in [0, 1] (to ``tol``, by bisection) with ``ess_share(tau * log_w) >=
+    target``: ESS(tau) is non-increasing in tau (docs/math.md section 5), 1 at tau = 0."""
+    if not 0.0 < target <= 1.0 or tol <= 0:
+        raise ValueError(f"ess_temperature: target is an ESS share in (0, 1] and tol > 0, got "
+                         f"target={target}, tol={tol}.")
+    lw = log_w.detach().to(torch.float64).reshape(-1)
+    if ess_share(lw) >= target:
+        return 1.0
+    lo, hi = 0.0, 1.0  # ess(lo) >= target > ess(hi)
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if ess_share(mid * lw) >= target else (lo, mid)
+    return lo
+
+
+def temper_log_weights(policy_logp: Tensor, ref_logp: Tensor, target: float, *,
+                       tol: float = 1e-4, distributed: bool = False) -> tuple[Tensor, float]:
+    """(``ref + tau (policy_logp - ref)``, tau): each row's log weight scaled by the tau of
+    :func:`ess_temperature` on the detached log weights (every rank's rows when
+    ``distributed``: the same tau everywhere); ``policy_logp`` itself when tau = 1. tau is a
+    constant of the gradient, which is therefore scaled by tau (docs/math.md section 5)."""
+    ref = ref_logp.to(policy_logp.dtype)
+    ell = policy_logp - ref
+    whole = gather_rows(ell.detach(), current_world())[0] if distributed else ell
+    tau = ess_temperature(whole, target, tol=tol)
+    return (policy_logp, tau) if tau == 1.0 else (ref + tau * ell, tau)
+
+
+__all__ = ["LossOutput", "cap_log_weights", "cpo_loss", "dr_cpo_loss", "ess_share",
+           "ess_temperature", "oo_rlhf_loss", "temper_log_weights"]

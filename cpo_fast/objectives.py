@@ -18,13 +18,13 @@ from torch import Tensor, nn
 from cpo_fast._checks import index_list
 from cpo_fast.constants import CLIP_EPS, MAX_LOG_WEIGHT, TRUNCATION
 from cpo_fast.distributed import distributed_flag
-from cpo_fast.ess_control import temper_log_weights
 from cpo_fast.estimators import (
     LossOutput,
     cap_log_weights,
     check_loss_finite,
     dr_cpo_loss,
     oo_rlhf_loss,
+    temper_log_weights,
 )
 from cpo_fast.models import TokenBatch
 
@@ -112,7 +112,7 @@ class Objective:
     row's log weight around the batch median (:func:`~cpo_fast.estimators.cap_log_weights`);
     ``ess_target > 0`` then tempers each weighted set's log weights (outcome rows, DM rows)
     by the largest tau in [0, 1] that keeps its ESS at ``ess_target`` of its rows
-    (:func:`~cpo_fast.ess_control.temper_log_weights`; tau is reported in the diagnostics).
+    (:func:`~cpo_fast.estimators.temper_log_weights`; tau is reported in the diagnostics).
     Regularizers, added to the loss: ``entropy_coef * entropy_bonus`` (needs entropies) and
     ``kl_coef * kl_penalty`` (needs ``ref_logp``), token means over the outcome rows, or
     over the DM rows when ``regularize_on="dm"`` and there are any (the pipeline's choice:

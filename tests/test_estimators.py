@@ -2,8 +2,9 @@
 ``cap_log_weights``): agreement with the row-by-row reference, closed-form gradients,
 properties, clipping, truncation and clamping diagnostics, errors that name the argument
 and the indices, diagnostics without overflow in float32, a Monte Carlo check that the IPW
-and DR estimates of V are unbiased, the self-normalization across ranks, and
-hypothesis-drawn adversarial inputs (the property in tests/fuzz_cases.py)."""
+and DR estimates of V are unbiased, the self-normalization across ranks,
+hypothesis-drawn adversarial inputs (the property in tests/fuzz_cases.py), and ESS-targeted
+tempering (``ess_share``, ``ess_temperature``, ``temper_log_weights``) against float64."""
 
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ import os
 import socket
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from fuzz_cases import FUZZ_DTYPES, FUZZ_SETTINGS, check_objective_case, objective_cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 import cpo_fast
 from cpo_fast import reference
 from cpo_fast.constants import WEIGHTINGS
+from cpo_fast.estimators import ess_share, ess_temperature, temper_log_weights
 
 f64 = dict(dtype=torch.float64)
 
@@ -358,3 +362,73 @@ def test_self_normalization_is_global_across_ranks():
 @given(data=st.data())
 def test_objectives_adversarial(dtype, data):
     check_objective_case(data.draw(objective_cases(FUZZ_DTYPES[dtype])))
+
+
+# ---- ESS-targeted tempering (the training default's log-weight control) against float64 -------
+
+log_ws = arrays(np.float64, st.integers(2, 48), elements=st.floats(-60, 60, allow_nan=False))
+targets = st.floats(0.05, 0.95)
+
+
+def ess_ref(lw: np.ndarray) -> float:
+    """ESS / n in float64 from its definition (shifted: exp of the max is 1)."""
+    w = np.exp(lw - lw.max())
+    return float(w.sum() ** 2 / (w ** 2).sum() / lw.size)
+
+
+@given(log_ws)
+def test_ess_share_matches_reference(lw):
+    assert ess_share(torch.from_numpy(lw)) == pytest.approx(ess_ref(lw), rel=1e-12, abs=1e-15)
+    assert ess_share(torch.from_numpy(lw + 123.0)) == pytest.approx(ess_ref(lw), rel=1e-9)
+
+
+@given(log_ws, targets)
+def test_temperature_meets_target_and_is_largest(lw, target):
+    tau = ess_temperature(torch.from_numpy(lw), target, tol=1e-6)
+    assert 0.0 <= tau <= 1.0
+    assert ess_ref(tau * lw) >= target - 1e-12  # the batch meets the target
+    if tau < 1.0:  # and no larger tau (beyond the tolerance) would
+        assert ess_ref(min(1.0, tau + 2e-6) * lw) < target
+    else:
+        assert ess_ref(lw) >= target
+
+
+@given(log_ws, st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+def test_ess_is_non_increasing_in_tau(lw, a, b):
+    lo, hi = sorted((a, b))
+    assert ess_ref(hi * lw) <= ess_ref(lo * lw) + 1e-12
+
+
+@given(log_ws, targets)
+def test_tempered_values_and_gradient(lw, target):
+    ref = torch.from_numpy(np.linspace(-3.0, 2.0, lw.size))
+    pol = (ref + torch.from_numpy(lw)).requires_grad_(True)
+    out, tau = temper_log_weights(pol, ref, target, tol=1e-6)
+    want = ref.numpy() + tau * lw
+    np.testing.assert_allclose(out.detach().numpy(), want, rtol=0, atol=1e-9)
+    g = torch.from_numpy(np.random.default_rng(0).normal(size=lw.size))
+    (out * g).sum().backward()
+    np.testing.assert_allclose(pol.grad.numpy(), tau * g.numpy(), rtol=1e-12, atol=1e-15)
+    assert ess_share(out - ref) >= target - 1e-9
+
+
+def test_healthy_batch_is_not_tempered():
+    pol = torch.tensor([0.1, -0.2, 0.05, 0.0])
+    out, tau = temper_log_weights(pol, torch.zeros(4), 0.5)
+    assert tau == 1.0 and out is pol
+
+
+def test_collapsed_batch_is_tempered_to_the_target():
+    lw = torch.tensor([40.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # one row holds everything
+    assert ess_share(lw) == pytest.approx(1 / 8)
+    tau = ess_temperature(lw, 0.5)
+    assert 0.0 < tau < 0.1 and ess_share(tau * lw) >= 0.5
+
+
+def test_tempering_errors_name_the_argument():
+    with pytest.raises(ValueError, match="target"):
+        ess_temperature(torch.zeros(3), 0.0)
+    with pytest.raises(ValueError, match="NaN"):
+        ess_share(torch.tensor([0.0, math.nan]))
+    with pytest.raises(ValueError, match="non-empty"):
+        ess_share(torch.zeros(0))

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cpo_fast._backend", "cpo_fast._linear_common", "cpo_fast._C", "cpo_fast.reference",
      "cpo_fast.cpu", "cpo_fast.kernels", "cpo_fast.ops"),
     ("cpo_fast.models", "cpo_fast.objectives", "cpo_fast.effective_batch",
-     "cpo_fast.ess_control", "cpo_fast.hf", "cpo_fast.judges", "cpo_fast.pretrained",
+     "cpo_fast.hf", "cpo_fast.judges", "cpo_fast.pretrained",
      "cpo_fast.integrations", "cpo_fast"),
     ("cpo_fast.pipeline.run",),
     ("cpo_fast.pipeline.stages",),

@@ -155,7 +155,7 @@ def test_ess_target_tempers_each_weight_set_against_the_reference(n, m, target, 
     """``ess_target``: each weighted set's log weights are scaled by its own tau, the largest
     in [0, 1] meeting the target (the float64 reference's ESS says so), and the loss and its
     gradient are the reference estimator's at the tempered log weights."""
-    from cpo_fast.ess_control import ess_temperature
+    from cpo_fast.estimators import ess_temperature
 
     g = torch.Generator().manual_seed(seed)
     ref, ref_dm = -5 - torch.rand(n, generator=g, **f64), -5 - torch.rand(m, generator=g, **f64)

@@ -117,7 +117,7 @@ class RunConfig:
                                "(0: off; cpo_fast.estimators.cap_log_weights)", "train", pins=RESUME)
     ess_target: float = _f(ESS_TARGET, "temper the log weights so the outcome and DM ESS each "
                            "stay at this share of the effective batch (0: off; "
-                           "cpo_fast.ess_control)", "train", pins=RESUME)
+                           "cpo_fast.estimators.temper_log_weights)", "train", pins=RESUME)
     # --- outcome model
     outcome_model: str = _f("ridge", "ridge | mlp on f_0's mean-pooled features", "outcome")
     outcome_folds: int = _f(5, "cross-fitting folds", "outcome")
