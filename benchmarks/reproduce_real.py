@@ -17,6 +17,10 @@ held-out off-policy estimates (SNIPS, self-normalized DR) beside the judges.
     python benchmarks/reproduce_real.py --quick        # 1 seed per level, small (<= ~15 min)
     python benchmarks/reproduce_real.py                # 3 seeds per level (<= ~2 h)
     python benchmarks/reproduce_real.py --collect      # tables from the cells done so far
+    python benchmarks/reproduce_real.py --levels 0.8 --methods dr_cpo --tag r-cap \
+        --remedy '{"log_weight_cap": 1.0, "ess_target": 0}'   # one remedy alone, own tag
+    python benchmarks/reproduce_real.py --levels 0.8 --tag real-remedies \
+        --compare r-none,r-temper,r-cap                # one table over the remedy tags
 
 Resumable: each (dataset, level, seed, method) cell is written to
 ``<work-dir>/<tag>/cells/<dataset>_c<level>_s<seed>_<method>.json`` when it finishes and is
@@ -539,18 +543,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         methods.insert(0, "f_0")  # every gain is paired with f_0's cell
     tag = a.tag or "real" + ("-quick" if a.quick else "")
     work = Path(a.work_dir)
+    rows_n = a.rows or size["rows"]
     if a.compare:
         tags = [t.strip() for t in a.compare.split(",") if t.strip()]
         table, rows = compare_remedies(tags, work, list(judges), levels[0],
                                        [m for m in methods if m != "f_0"])
         md = (f"# Remedies against weight collapse on {a.model}, EmoBank confounding "
-              f"{levels[0]:g}\n\n{table}\n")
+              f"{levels[0]:g}\n\nEach tag is a run of benchmarks/reproduce_real.py with its own "
+              "`--remedy` (config overrides) from the same f_0, ghat and DM set per seed. Gain = "
+              "a judge's mean over a model's generations minus f_0's, paired by seed, 95% "
+              "two-level bootstrap (seeds, then samples); `*`: the interval excludes 0. ESS "
+              "min: the smallest single-step ESS of the effective batch in rows (share of the "
+              "batch), over steps and seeds; guard fired: seeds whose 5-step mean ESS share "
+              "fell below --ess-guard; tau: the tempering exponent (mean over steps and seeds, "
+              "and its minimum).\n\n"
+              f"{table}\n\nRun: model {a.model}, rows {rows_n}, config {config}, judges "
+              f"{list(judges)}, cpus {os.cpu_count()}\n")
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / f"{tag}.md").write_text(md)
         (Path(a.out) / f"{tag}.json").write_text(json.dumps(rows, indent=1, default=float))
         print(md)
         return {"compare": rows}
-    rows_n = a.rows or size["rows"]
     # f_0, ghat and the DM set of a (level, seed) are shared by every tag (remedy) of a size
     stages = hashlib.sha1(json.dumps([a.model, rows_n, {k: v for k, v in config.items()
                                       if k != "steps"}], sort_keys=True).encode()).hexdigest()[:8]
