@@ -347,12 +347,19 @@ def cap_log_weights(policy_logp: Tensor, ref_logp: Tensor, cap: float, *,
     return ref + center + torch.clamp(ell - center, -cap, cap)
 
 
+def _host_log_weights(log_w: Tensor, fn: str) -> Tensor:
+    """``log_w`` detached, flat, float64 on the CPU (one copy: the bisection below then
+    runs without a device sync per step), checked non-empty and finite."""
+    lw = log_w.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+    if lw.numel() == 0 or not bool(torch.isfinite(lw).all()):
+        raise ValueError(f"{fn}: log_w must be non-empty and finite (no NaN or inf), got "
+                         f"{lw.numel()} values; pass one finite log weight per row.")
+    return lw
+
+
 def ess_share(log_w: Tensor) -> float:
     """ESS / n of the self-normalized weights exp(``log_w``): 1 uniform, 1/n one row."""
-    lw = log_w.detach().to(torch.float64).reshape(-1)
-    if lw.numel() == 0 or not bool(torch.isfinite(lw).all()):
-        raise ValueError(f"ess_share: log_w must be non-empty and finite (no NaN or inf), got "
-                         f"{lw.numel()} values; pass one finite log weight per row.")
+    lw = _host_log_weights(log_w, "ess_share")
     return float(_diag(lw)[0]) / lw.numel()
 
 
@@ -362,13 +369,14 @@ def ess_temperature(log_w: Tensor, target: float, *, tol: float = 1e-4) -> float
     if not 0.0 < target <= 1.0 or tol <= 0:
         raise ValueError(f"ess_temperature: target is an ESS share in (0, 1] and tol > 0, got "
                          f"target={target}, tol={tol}.")
-    lw = log_w.detach().to(torch.float64).reshape(-1)
-    if ess_share(lw) >= target:
+    lw = _host_log_weights(log_w, "ess_temperature")
+    share = lambda tau: float(_diag(tau * lw)[0]) / lw.numel()  # noqa: E731
+    if share(1.0) >= target:
         return 1.0
-    lo, hi = 0.0, 1.0  # ess(lo) >= target > ess(hi)
+    lo, hi = 0.0, 1.0  # share(lo) >= target > share(hi)
     while hi - lo > tol:
         mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if ess_share(mid * lw) >= target else (lo, mid)
+        lo, hi = (mid, hi) if share(mid) >= target else (lo, mid)
     return lo
 
 

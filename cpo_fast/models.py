@@ -261,8 +261,7 @@ def collate(encoded: Any, indices: Sequence[int], pad_id: int,
     if outcomes is not None:
         out["outcome"] = torch.as_tensor(np.asarray(outcomes)[idx], dtype=torch.float32)
     if log_propensity is not None:
-        out["ref_logp"] = torch.as_tensor(np.asarray(log_propensity)[idx],
-                                                dtype=torch.float32)
+        out["ref_logp"] = torch.as_tensor(np.asarray(log_propensity)[idx], dtype=torch.float32)
     return out
 
 
