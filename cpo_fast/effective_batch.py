@@ -60,20 +60,61 @@ Micro = tuple[dict | None, dict | None]  # batch dictionaries: (outcome rows, DM
 Pair = tuple[TokenBatch | None, TokenBatch | None]  # the same as TokenBatches
 
 
-def token_pair(model: Any, micro: Micro, objective: Objective, *, with_entropy: bool | None = None,
-               backend: str | None = None) -> Pair:
-    """A micro-batch's TokenBatches, each None where the method reads no such rows (or the
-    DM inputs are absent: DR-CPO then uses the outcome rows as its DM set). Entropies only
-    when ``objective.entropy_coef > 0`` unless ``with_entropy`` says otherwise."""
+def _pair(micro: Micro, objective: Objective, tokens: Callable[[dict, int], TokenBatch]) -> Pair:
+    """(outcome rows, DM rows) of a micro-batch, each ``tokens(batch, 0 or 1)`` or None where
+    the method reads no such rows (or the DM inputs are absent: DR-CPO then uses the outcome
+    rows as its DM set). The DM rows first: the order of the forward passes is part of
+    bitwise resume."""
     inputs, dm_inputs = micro
-    spec, want_h = objective.spec, objective.entropy_coef > 0 if with_entropy is None else with_entropy
+    spec = objective.spec
+    dm = tokens(dm_inputs, 1) if spec.dm_rows and dm_inputs is not None else None
+    return (tokens(inputs, 0) if spec.outcome_rows else None), dm
 
-    def tokens(b: dict) -> TokenBatch:
-        return models.token_batch(model, b, with_entropy=want_h, backend=backend)
 
-    # The DM rows first: the order of the forward passes is part of bitwise resume.
-    dm = tokens(dm_inputs) if spec.dm_rows and dm_inputs is not None else None
-    return (tokens(inputs) if spec.outcome_rows else None), dm
+def token_pair(model: Any, micro: Micro, objective: Objective, *, with_entropy: bool | None = None,
+               backend: str | None = None, coef: tuple | None = None) -> Pair:
+    """A micro-batch's TokenBatches (see :func:`_pair`). Entropies only when
+    ``objective.entropy_coef > 0`` unless ``with_entropy`` says otherwise. ``coef``: per
+    side, the loss's (dL/dlogp, dL/dH) when known before the forward (:func:`known_loss`)."""
+    want_h = objective.entropy_coef > 0 if with_entropy is None else with_entropy
+    return _pair(micro, objective, lambda b, i: models.token_batch(
+        model, b, with_entropy=want_h, backend=backend, grad_coef=coef[i] if coef else None))
+
+
+def known_loss(model: Any, micro: Micro, objective: Objective, loss_of: Callable[[Pair], Any], *,
+               backend: str | None = None) -> Any:
+    """``loss_of(token_pair(...))`` for a loss that is linear in the token log-probs and
+    entropies (the surrogate of pass 2, SFT's token mean), with the head's gradient formed
+    in its forward (no logits recompute when the head is trained; see
+    :func:`cpo_fast.linear_token_logprobs`'s ``grad_coef``). The coefficients
+    dL/dlogp_t and dL/dH_t do not depend on the values, so they are ``loss_of``'s gradient
+    at zeros, by the same arithmetic as the real backward. A KL term is not linear in the
+    log-probs: with ``kl_coef`` the plain forward runs. ``loss_of`` returns the loss or a
+    tuple whose first item is the loss."""
+    if objective.kl_coef:
+        return loss_of(token_pair(model, micro, objective, backend=backend))
+    want_h, leaves = objective.entropy_coef > 0, {}
+
+    def zeros(b: dict, i: int) -> TokenBatch:
+        lab = b["labels"]
+        z = lambda: torch.zeros(lab.shape[0], lab.shape[1] - 1, device=lab.device,  # noqa: E731
+                                requires_grad=True)
+        leaves[i] = (z(), z() if want_h else None)
+        return models.batch_of(b, *leaves[i])
+
+    with torch.enable_grad():
+        out = loss_of(_pair(micro, objective, zeros))
+        flat = [t for pair in leaves.values() for t in pair if t is not None]
+        grads = iter(torch.autograd.grad(out[0] if isinstance(out, tuple) else out, flat,
+                                         allow_unused=True))
+    coef: list = [None, None]
+    for i, pair in leaves.items():
+        coef[i] = tuple(None if t is None else _or_zeros(next(grads), t) for t in pair)
+    return loss_of(token_pair(model, micro, objective, backend=backend, coef=tuple(coef)))
+
+
+def _or_zeros(g: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if g is None else g
 
 
 @dataclass
@@ -212,14 +253,14 @@ def effective_gradient(model: Any, micro: Sequence[Micro], objective: Objective,
     """
     check = check or (lambda loss, m: None)
     pairs = lambda m, **kw: token_pair(model, m, objective, backend=backend, **kw)  # noqa: E731
+    if not objective.spec.weighted:
+        return _token_mean_gradient(model, micro, objective, world, backend, context, check), None
     if world.size * len(micro) == 1:
         with context():
             out = objective.loss(*pairs(micro[0]), distributed=False)
         check(out.loss, micro[0])
         out.loss.backward()
-        return float(out.loss.detach()), (out if objective.spec.weighted else None)
-    if not objective.spec.weighted:
-        return _token_mean_gradient(micro, objective, world, pairs, context, check), None
+        return float(out.loss.detach()), out
     device = next(model.parameters()).device
     rng = rng_snapshot(device)
     with torch.no_grad(), context():  # 1. the rows' scalars (no entropies needed)
@@ -228,7 +269,9 @@ def effective_gradient(model: Any, micro: Sequence[Micro], objective: Objective,
     reg_total = 0.0
     for k, m in enumerate(micro):  # 3. backward, one micro-batch at a time
         with context():
-            loss, reg = surrogate_loss(pairs(m), objective, p, k)
+            loss, reg = known_loss(model, m, objective,
+                                   lambda pair, k=k: surrogate_loss(pair, objective, p, k),
+                                   backend=backend)
         check(loss, m)
         loss.backward()
         reg_total += reg / world.size
@@ -237,19 +280,23 @@ def effective_gradient(model: Any, micro: Sequence[Micro], objective: Objective,
     return float(p.output.loss) + reg_total, p.output
 
 
-def _token_mean_gradient(micro, objective, world, pairs, context, check) -> float:
-    """SFT: the mean token NLL (and regularizers) over all the effective batch's tokens."""
+def _token_mean_gradient(model, micro, objective, world, backend, context, check) -> float:
+    """SFT: the mean token NLL (and regularizers) over all the effective batch's tokens (a
+    loss linear in the log-probs: :func:`known_loss`)."""
     counts = [models.counted(m[0]) for m in micro]
     total = max(sum_over_ranks(world, [float(sum(counts))])[0], 1.0)
     value = 0.0
     for m, n in zip(micro, counts, strict=True):
+        share = n / total * world.size
         with context():
-            loss = objective.loss(*pairs(m), distributed=False).loss
+            loss = known_loss(model, m, objective,
+                              lambda pair, s=share: objective.loss(*pair, distributed=False).loss * s,
+                              backend=backend)
         check(loss, m)
-        (loss * (n / total * world.size)).backward()
-        value += float(loss.detach()) * n / total
+        loss.backward()
+        value += float(loss.detach()) / world.size
     return sum_over_ranks(world, [value])[0]
 
 
-__all__ = ["Plan", "RowCoefficients", "effective_gradient", "plan", "row_coefficients",
-           "split_rows", "surrogate", "surrogate_loss", "token_pair"]
+__all__ = ["Plan", "RowCoefficients", "effective_gradient", "known_loss", "plan",
+           "row_coefficients", "split_rows", "surrogate", "surrogate_loss", "token_pair"]

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from cpo_fast.distributed import average_gradients, current_world, rng_replay, rng_snapshot
-from cpo_fast.effective_batch import plan, surrogate_loss, token_pair
+from cpo_fast.effective_batch import known_loss, plan, surrogate_loss, token_pair
 from cpo_fast.estimators import LossOutput
 from cpo_fast.objectives import Objective
 
@@ -112,8 +112,8 @@ def drcpo_surrogate_loss(model: Any, inputs: dict[str, Any], *, backend: str | N
     of micro-batches, so that Trainer's logged loss is the effective batch's."""
     obj, p, k = objective(**loss_kwargs), inputs[_PLAN], inputs[_INDEX]
     batch = {key: v for key, v in inputs.items() if key not in (_PLAN, _INDEX)}
-    grad_part, _ = surrogate_loss(token_pair(_unwrap(model), _checked(batch), obj, backend=backend),
-                                  obj, p, k)
+    grad_part, _ = known_loss(_unwrap(model), _checked(batch), obj,
+                              lambda pair: surrogate_loss(pair, obj, p, k), backend=backend)
     return p.output.loss.detach() / len(p.coef) + (grad_part - grad_part.detach())
 
 

@@ -150,6 +150,8 @@ def causal_lm_token_logprobs(
     temperature: float = 1.0,
     backend: str | None = None,
     hidden: Tensor | None = None,
+    grad_coef: Tensor | None = None,
+    grad_coef_entropy: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token log-probs [B, T-1] of ``labels[:, 1:]`` under ``model``, without logits.
 
@@ -163,6 +165,9 @@ def causal_lm_token_logprobs(
         temperature: divide the (transformed) logits by this, as a sampler would.
         backend: as in :func:`cpo_fast.token_logprobs`.
         hidden: the backbone's last hidden states if already computed (skips the backbone).
+        grad_coef, grad_coef_entropy: ``[B, T-1]``, the loss's gradient with respect to
+            ``logp`` (and the entropy) when known before the forward: a trained head then
+            forms its gradient in the forward (see :func:`cpo_fast.linear_token_logprobs`).
 
     Returns:
         ``logp`` float32 ``[B, T-1]`` aligned with ``labels[:, 1:]`` (0 where ignored), or
@@ -181,7 +186,8 @@ def causal_lm_token_logprobs(
     transform = HeadTransform.from_model(model, temperature=temperature)
     return linear_token_logprobs(hidden[:, :-1], weight, labels[:, 1:].to(weight.device),
                                  bias=bias, with_entropy=with_entropy, backend=backend,
-                                 transform=transform)
+                                 transform=transform, grad_coef=grad_coef,
+                                 grad_coef_entropy=grad_coef_entropy)
 
 
 @dataclass
@@ -209,13 +215,22 @@ def counted(inputs: dict[str, Tensor] | None) -> int:
 
 
 def token_batch(model: Any, inputs: dict[str, Tensor], *, with_entropy: bool = False,
-                backend: str | None = None) -> TokenBatch:
+                backend: str | None = None,
+                grad_coef: tuple[Tensor, Tensor | None] | None = None) -> TokenBatch:
     """The policy's token log-probs of ``inputs`` (fused-linear op, logits never built) with
-    the batch's reference log-probs and per-row values, all in float32."""
+    the batch's reference log-probs and per-row values, all in float32. ``grad_coef``: the
+    loss's (dL/dlogp, dL/dH or None) when known before the forward (see
+    :func:`causal_lm_token_logprobs`)."""
+    g, g_ent = grad_coef or (None, None)
     out = causal_lm_token_logprobs(model, inputs["input_ids"], inputs["labels"],
                                    attention_mask=inputs.get("attention_mask"),
-                                   with_entropy=with_entropy, backend=backend)
-    logp, entropy = out if with_entropy else (out, None)
+                                   with_entropy=with_entropy, backend=backend, grad_coef=g,
+                                   grad_coef_entropy=g_ent if with_entropy else None)
+    return batch_of(inputs, *(out if with_entropy else (out, None)))
+
+
+def batch_of(inputs: dict[str, Tensor], logp: Tensor, entropy: Tensor | None = None) -> TokenBatch:
+    """The TokenBatch of a batch dictionary with the given token log-probs (and entropies)."""
 
     def row(key: str) -> Tensor | None:
         v = inputs.get(key)
@@ -265,5 +280,5 @@ def collate(encoded: Any, indices: Sequence[int], pad_id: int,
     return out
 
 
-__all__ = ["TokenBatch", "causal_lm_token_logprobs", "collate", "counted", "counted_tokens",
+__all__ = ["TokenBatch", "batch_of", "causal_lm_token_logprobs", "collate", "counted", "counted_tokens",
            "decoder", "last_hidden", "output_weight", "token_batch"]

@@ -101,11 +101,23 @@ def _train_params(tmp_path, mixin: bool, per_device: int, accum: int, weighting:
 
 
 @pytest.mark.parametrize("weighting", ["self_normalized", "clipped"])
-def test_trainer_gradient_accumulation_equals_one_big_batch(tmp_path, weighting):
+def test_trainer_gradient_accumulation_equals_one_big_batch(tmp_path, weighting, monkeypatch):
     """gradient_accumulation_steps=4 x per_device 2 == per_device 8 (fp32, 2 AdamW steps: max
-    |parameter difference| < 1e-5, lr 1e-2); the per-micro-batch loss differs by far more."""
+    |parameter difference| < 1e-5, lr 1e-2); the per-micro-batch loss differs by far more.
+    The head is trained: pass 2 forms its gradient in the forward (no recompute warning)."""
+    import warnings
+
+    from cpo_fast.ops import linear_token_logprobs_known as known
+
+    calls = []
+    real = known.forward_with_grads
+    monkeypatch.setattr(known, "forward_with_grads", lambda *a: calls.append(1) or real(*a))
     big, tb = _train_params(tmp_path / "big", True, 8, 1, weighting)
-    acc, ta = _train_params(tmp_path / "acc", True, 2, 4, weighting)
+    calls.clear()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*recomputing it exactly")
+        acc, ta = _train_params(tmp_path / "acc", True, 2, 4, weighting)
+    assert len(calls) == 2 * 4  # pass 2 of every micro-batch of both steps
     naive, _ = _train_params(tmp_path / "naive", False, 2, 4, weighting)
     diff = max(float((big[k] - acc[k]).abs().max()) for k in big)
     off = max(float((big[k] - naive[k]).abs().max()) for k in big)

@@ -212,6 +212,33 @@ def test_accumulation_equals_one_big_batch(exact_prep, tmp_path, method, weighti
         assert any(r["clip_fraction"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize("method,extra", [("dr_cpo", {}), ("sft_all", dict(entropy_coef=0.01))])
+def test_accumulation_with_a_trained_head_forms_its_gradient_in_the_forward(
+        exact_prep, tmp_path, monkeypatch, method, extra):
+    """(a) full fine-tuning (the head trained): pass 2 (and SFT) announce their coefficients,
+    so the head's gradient is formed in its forward (no recompute, no recompute warning),
+    and the result still equals the one big batch."""
+    import warnings
+
+    from cpo_fast.ops import linear_token_logprobs_known as known
+    from cpo_fast.pipeline.training.loop import train_data
+
+    calls = []
+    real = known.forward_with_grads
+    monkeypatch.setattr(known, "forward_with_grads", lambda *a: calls.append(1) or real(*a))
+    data, f0 = train_data(exact_prep, method), exact_prep.load_f0()
+    cfg = dataclasses.replace(_config(exact_prep, method, "self_normalized"), lora=False, **extra)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*recomputing it exactly")
+        acc = _train(f0, data, cfg, tmp_path / "acc", exact_prep.pad_id)
+    assert len(calls) >= K * A  # every pass-2 micro-batch of every step
+    big = _train(f0, data, dataclasses.replace(cfg, grad_accum=1, batch_size=A * B,
+                                               dm_batch_size=A * B), tmp_path / "big", exact_prep.pad_id)
+    print(f"max |acc - big| {method} full fine-tune: {_max_diff(acc, big):.3g}")
+    assert _max_diff(acc, big) < TOL
+    assert max(float((big[k] - f0.state_dict()[k]).abs().max()) for k in big) > 100 * TOL
+
+
 @pytest.mark.parametrize("method,extra", [
     ("dr_cpo", dict(kl_coef=0.1, entropy_coef=0.01, log_weight_cap=0.3)),
     ("cpo", dict(kl_coef=0.1, log_weight_cap=0.3, length_normalize=True)),
