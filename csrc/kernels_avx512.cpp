@@ -9,6 +9,8 @@
 #include "common.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>  // streaming stores (the intrinsics carry their own target attributes)
+#define CPO_NT_STORES 1
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))), apply_to = function)
 #else

@@ -119,7 +119,7 @@ def ulp_error(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.abs(y.astype(np.float64) - exact) / spacing
 
 
-def test_vectorized_exp_within_2_ulp(isa):
+def test_vectorized_exp_within_2_ulp_and_the_kernel_exp_within_2_5(isa):
     # Dense sweep: 2^22 evenly spaced points plus every float32 in a window around 0 and
     # around the subnormal range. Results that overflow must be +inf, underflow 0.
     lo, hi = -103.97, 88.72
@@ -144,14 +144,15 @@ def test_vectorized_exp_within_2_ulp(isa):
     assert out[0] == np.inf and out[1] == 0 and np.isnan(out[2])
     assert out[3] == np.inf and out[4] == np.inf and out[5] == 0 and out[6] == 0 and out[7] == 0
 
-    # The kernels' variant: inputs are log-probabilities clamped to [-88, 0]; results below
-    # 2^-126 (x < -87.34) may flush to 0, and x <= -88 (where -inf lands) gives exactly 0.
+    # The kernels' variant (a degree-5 polynomial, 2.5 ulp): inputs are log-probabilities
+    # clamped to [-88, 0]; results below 2^-126 (x < -87.34) may flush to 0, and x <= -88
+    # (where -inf lands) gives exactly 0.
     xk = x[(x <= 0) & (x >= -87.33)]
     yk = np.empty_like(xk)
     _C.exp_f32(xk.ctypes.data, yk.ctypes.data, xk.size, True)
     errk = ulp_error(xk, yk)
     worst = int(np.argmax(errk))
-    assert errk[worst] <= 2.0, f"kernel exp({xk[worst]!r}): {errk[worst]:.2f} ulp"
+    assert errk[worst] <= 2.5, f"kernel exp({xk[worst]!r}): {errk[worst]:.2f} ulp"
     low = np.float32([-88.0, -90.0, -np.inf, -1e30, -87.9])
     outk = np.empty_like(low)
     _C.exp_f32(low.ctypes.data, outk.ctypes.data, low.size, True)
