@@ -23,7 +23,8 @@ PATHS = {
     "compile": "(c) HF logits, torch.compile(log_softmax + gather)",
     "liger": "(d) backbone hidden, Liger liger_fused_linear_cross_entropy (reduction='none')",
     "cce": "(d) backbone hidden, Cut Cross-Entropy linear_cross_entropy (reduction='none')",
-    "cpo_fast": "(e) backbone hidden, cpo_fast fused linear (logits never built)",
+    "cpo_fast": "(e) backbone hidden, cpo_fast fused linear (logits never built; the loss's "
+                "coefficients announced, so a trained head's gradient forms in the forward)",
 }
 GPU_ONLY = ("liger", "cce")  # Triton-GPU-only peers
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -110,7 +111,12 @@ def token_logprobs_fn(path: str, model):
         import cpo_fast
 
         def fn(ids, mask, labels):
-            return cpo_fast.causal_lm_token_logprobs(model, ids, labels, attention_mask=mask)
+            # The loss below is linear in the log-probs, so its coefficients are announced
+            # (as the pipeline's SFT and pass 2 do): a trained head forms its gradient in
+            # the forward, with no logits recompute.
+            keep = (labels[:, 1:] != IGNORE_INDEX).float()
+            return cpo_fast.causal_lm_token_logprobs(model, ids, labels, attention_mask=mask,
+                                                     grad_coef=-keep / keep.sum().clamp(min=1))
         return fn
     if path in GPU_ONLY:
         return _gpu_peer_fn(path, _base(model))

@@ -55,14 +55,14 @@ def block_rows(V: int, N: int) -> int:
     return max(1, min(N, budget // (4 * V)))
 
 
-def _mm32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
-    """a @ b in float32: float32 inputs as they are (into ``out``); half inputs on CUDA
-    with float32 output (cuBLAS accumulates in float32 anyway); elsewhere upcast first."""
+def _mm32(a: Tensor, b: Tensor, out: Tensor, *, add: bool = False) -> Tensor:
+    """``out (+)= a @ b`` with ``out`` float32, in place: float32 inputs straight into it;
+    half inputs on CUDA with a float32 result (cuBLAS accumulates in float32 anyway);
+    elsewhere upcast first."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return torch.mm(a, b, out=out)
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+        return torch.addmm(out, a, b, out=out) if add else torch.mm(a, b, out=out)
+    r = torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float()
+    return out.add_(r) if add else out.copy_(r)
 
 
 def forward_with_grads(
@@ -87,14 +87,18 @@ def forward_with_grads(
     entropy = f32(N) if ent_wanted else None
     need_h, need_w, need_b = needs
     gh = f32(N, d) if need_h else None
-    gw = torch.zeros(V, d, dtype=torch.float32, device=dev) if need_w else None
+    gw = f32(V, d) if need_w else None  # the first block writes it, the others add
     gb = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
     R = block_rows(V, N)
-    buf = f32(R * V)
+    # the block from the backend's buffer pool where it has one (the C++ backend's: mapped
+    # once, no page faults per step)
+    new_buf = getattr(tok, "new_grad_buffer", None)
+    buf = (new_buf(torch.empty(R * V, device="meta")) if new_buf is not None
+           else f32(R * V))
     for r0 in range(0, N, R):
         r1 = min(N, r0 + R)
         hb = hidden[r0:r1].to(w.dtype)
-        z = _mm32(hb, w.t(), out=buf[: (r1 - r0) * V].view(r1 - r0, V))
+        z = _mm32(hb, w.t(), buf[: (r1 - r0) * V].view(r1 - r0, V))
         if bias is not None:
             z += bias.float()
         z3, lab = z.view(1, r1 - r0, V), labels[r0:r1]
@@ -111,9 +115,9 @@ def forward_with_grads(
             gb += z.sum(0)
         dz = z.to(w.dtype)
         if need_h:
-            gh[r0:r1] = _mm32(dz, w)
+            _mm32(dz, w, gh[r0:r1])
         if need_w:
-            gw += _mm32(dz.t(), hb)
+            _mm32(dz.t(), hb, gw, add=r0 > 0)
     cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
     return (logp, entropy if with_entropy else None, lse, cast(gh, hidden), cast(gw, weight),
             None if bias is None else cast(gb, bias))
