@@ -83,7 +83,7 @@ struct Kernels {
   void (*backward)(const BwdArgs&);
   void (*block_forward)(const BlockFwdArgs&);
   void (*block_forward_frozen)(const BlockFwdFrozenArgs&);
-  void (*exp_f32)(const float* x, float* y, int64_t n, bool kernel);
+  void (*exp_f32)(const float* x, float* y, int64_t n, int variant);
 };
 
 extern const Kernels kernels_generic;

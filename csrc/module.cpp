@@ -321,11 +321,14 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "exp_f32",
-      [](uintptr_t x, uintptr_t y, int64_t n, bool kernel) {
+      [](uintptr_t x, uintptr_t y, int64_t n, int variant) {
+        if (variant < 0 || variant > 2)
+          throw py::value_error("variant must be 0 (exp), 1 (kernel exp) or 2 (bf16 exp)");
         py::gil_scoped_release nogil;
-        K().exp_f32(ptr<const float>(x), ptr<float>(y), n, kernel);
+        K().exp_f32(ptr<const float>(x), ptr<float>(y), n, variant);
       },
-      py::arg("x"), py::arg("y"), py::arg("n"), py::arg("kernel") = false,
-      "The vectorized exp over n contiguous float32 (exposed for the accuracy test); "
-      "kernel=True: the kernels' variant, inputs clamped to [-88, 0], flush below 2^-126.");
+      py::arg("x"), py::arg("y"), py::arg("n"), py::arg("variant") = 0,
+      "The vectorized exps over n contiguous float32 (exposed for the accuracy tests): "
+      "variant 0 the general exp; 1 the kernels' exp and 2 the bfloat16 backward's, both "
+      "with inputs clamped to [-88, 0] and a flush below 2^-126.");
 }
