@@ -8,10 +8,12 @@ from cpo_fast import reference
 
 def test_reference_has_the_public_signatures():
     """reference.<name> takes the fast path's parameters with the same defaults (the fast
-    ops add only backend/dispatch knobs)."""
+    ops add only backend/dispatch knobs: grad_coef and grad_coef_entropy announce the loss's
+    coefficients so the gradient can be formed early; they change no value)."""
     import inspect
 
-    extra = {"backend", "inplace_backward", "validate", "grad_skip_threshold"}
+    extra = {"backend", "inplace_backward", "validate", "grad_skip_threshold", "grad_coef",
+             "grad_coef_entropy"}
     for name in ("token_logprobs", "linear_token_logprobs", "dr_cpo_loss", "cpo_loss",
                  "oo_rlhf_loss", "sequence_logprobs", "sft_loss", "entropy_bonus", "kl_penalty"):
         fast = inspect.signature(getattr(cpo_fast, name)).parameters
