@@ -512,7 +512,71 @@ inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out,
   acc_out = acc;
 }
 
-// Statistics of one row read once from memory (chunks of it are swept twice in L1).
+// A later chunk of a row (acc.m finite): one sweep instead of two. The exps are taken
+// relative to the running max m on entry while the chunk's max is found in the same
+// sweep; if that max exceeds m, the sums (this chunk's included) are rescaled after it,
+// by the same update as above. A term e^(z - m) may then exceed 1, so a chunk whose max
+// exceeds m by more than kSpecMax (e^30: no float32 sum can overflow) is dropped and
+// redone max first. Rows keep growing maxima rarely after their first chunks, so the
+// redo is rare; the saving is the max sweep's loads (and bf16 widenings).
+constexpr float kSpecMax = 30.f;
+template <int DT, bool ENT>
+inline void chunk_stats_one_sweep(const void* p, int64_t off, int64_t len, Acc& acc_out) {
+  Acc acc = acc_out;
+  const int64_t nfull = len & ~int64_t(VW - 1);
+  const vf tail = load_tail<DT>(p, off + nfull, len - nfull, -INFINITY);
+  const vf mm = splat(acc.m), dmin = splat(kDMin);
+  vf mx0 = splat(-FLT_MAX), mx1 = mx0;
+  int64_t i = 0;
+  for (; i + 2 * VW <= nfull; i += 2 * VW) {
+    vf z0, z1;
+    load16<DT>(p, off + i, z0, z1);
+    mx0 = vmax(mx0, z0);
+    mx1 = vmax(mx1, z1);
+    const vf d0 = clamp_lo(z0 - mm, dmin);
+    const vf d1 = clamp_lo(z1 - mm, dmin);
+    const vf e0 = kexp(d0), e1 = kexp(d1);
+    acc.s0 += e0;
+    acc.s1 += e1;
+    if (ENT) {
+      acc.a0 += e0 * d0;
+      acc.a1 += e1 * d1;
+    }
+  }
+  for (; i < nfull; i += VW) {
+    const vf z0 = loadv<DT>(p, off + i);
+    mx0 = vmax(mx0, z0);
+    const vf d0 = clamp_lo(z0 - mm, dmin);
+    const vf e0 = kexp(d0);
+    acc.s0 += e0;
+    if (ENT) acc.a0 += e0 * d0;
+  }
+  if (len > nfull) {
+    mx1 = vmax(mx1, tail);
+    const vf d1 = clamp_lo(tail - mm, dmin);
+    const vf e1 = kexp(d1);
+    acc.s1 += e1;
+    if (ENT) acc.a1 += e1 * d1;
+  }
+  const float cm = hmax(vmax(mx0, mx1));
+  if (!(cm <= acc.m + kSpecMax)) {  // too far above m (or +inf): redo max first
+    if (cm == cm) return chunk_stats<DT, ENT>(p, off, len, acc_out);
+  } else if (cm > acc.m) {
+    const float d = fmax1(acc.m - cm, kDMin);
+    const vf c = splat(expf(d)), dv = splat(d);
+    if (ENT) {
+      acc.a0 = c * (acc.a0 + acc.s0 * dv);
+      acc.a1 = c * (acc.a1 + acc.s1 * dv);
+    }
+    acc.s0 *= c;
+    acc.s1 *= c;
+    acc.m = cm;
+  }
+  acc_out = acc;
+}
+
+// Statistics of one row read once from memory: its first chunk is swept twice in L1 (max,
+// then exps), later contiguous chunks once (chunk_stats_one_sweep).
 // Rows with element stride sv != 1 are gathered chunk by chunk into buf (fp32); with a
 // head transform (TF) every chunk goes to buf, transformed (h), whatever the stride.
 template <int DT, bool ENT, int TF = kTfNone>
@@ -524,7 +588,11 @@ Stats row_stats(const void* row, int64_t V, int64_t sv, float* buf, const HeadTf
       load_chunk<DT, TF, false>(row, c0, len, sv, buf, nullptr, *h);
       chunk_stats<kF32, ENT>(buf, 0, len, acc);
     } else if (sv == 1) {
-      chunk_stats<DT, ENT>(row, c0, len, acc);
+      if (acc.m > -FLT_MAX) {
+        chunk_stats_one_sweep<DT, ENT>(row, c0, len, acc);
+      } else {
+        chunk_stats<DT, ENT>(row, c0, len, acc);
+      }
     } else {
       for (int64_t j = 0; j < len; ++j) buf[j] = load1<DT>(row, (c0 + j) * sv);
       chunk_stats<kF32, ENT>(buf, 0, len, acc);

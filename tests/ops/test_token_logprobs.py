@@ -374,6 +374,28 @@ def test_cpu_large_logits_entropy_no_cancellation():
 
 
 @needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_later_chunks_above_the_running_max(dtype):
+    """Rows whose later 1024-element chunks rise above the max seen so far, by 0 to 100:
+    those chunks are summed in one sweep relative to the old max and rescaled (rises up to
+    30), or redone max first (larger rises); both must match float64, NaN in a later chunk
+    must still reach its row."""
+    g = torch.Generator().manual_seed(0)
+    rises = [0.0, 0.5, 5.0, 29.0, 30.5, 60.0, 100.0]
+    x = torch.randn(len(rises), 4100, generator=g)
+    for r, rise in enumerate(rises):
+        x[r, 1024 + 1500 * (r % 2):] += rise  # a step at a chunk's start or in its middle
+    x = x.to(dtype)
+    labels = torch.randint(0, 4100, (len(rises),), generator=g)
+    lp, H = cpo_fast.token_logprobs(x, labels, with_entropy=True, backend="cpu")
+    rlp, rH = reference.token_logprobs(x.double(), labels, with_entropy=True)
+    torch.testing.assert_close(lp.double(), rlp, atol=8 * EPS32 * 110 + 1e-5, rtol=1e-5)
+    torch.testing.assert_close(H.double(), rH, atol=2e-5, rtol=2e-5)
+    x[2, 3000] = float("nan")
+    assert torch.isnan(cpo_fast.token_logprobs(x, labels, backend="cpu")[2])
+
+
+@needs_cpu
 def test_cpu_nan_logits_propagate():
     x = torch.randn(2, 50)
     x[0, 7] = float("nan")
