@@ -108,8 +108,9 @@ CPO_HOT vf vexp(vf x) {
 #define KEXP_C3 0.1666715145111084f
 #define KEXP_C4 0.041890230029821396f
 #define KEXP_C5 0.008312542922794819f
-// The kernels' exp, for x in [kDMin, 0] = [-88, 0] (a log-probability): one scale 2^n with
-// n in [-127, 0], where n = -127 gives the bit pattern 0, i.e. exp(x) = 0 exactly for
+// The kernels' exp, for x in [kDMin, kSpecMax] = [-88, 30] (a log-probability, or a term
+// of chunk_stats_one_sweep above its running max): one scale 2^n with n in [-127, 44],
+// where n = -127 gives the bit pattern 0, i.e. exp(x) = 0 exactly for
 // x < about -87.68 (a flush of results below 2^-126; they do not change a sum that holds
 // a 1, and a gradient that small is 0 to within 1e-38). A shorter polynomial than vexp's,
 // measured 2.2 ulp at worst for results >= 2^-126 (tested: <= 2.5).
@@ -899,13 +900,15 @@ void backward(const BwdArgs& A) {
 // ---- exp, exposed for the accuracy test ---------------------------------------------------
 
 // variant 0: vexp; 1: the kernels' kexp; 2: kexp16 (unscaled). 1 and 2 clamp the inputs to
-// [kDMin, 0] first, as the kernels do.
+// the domain the kernels give them: [kDMin, kSpecMax] for kexp (the one-sweep forward takes
+// it above 0), [kDMin, 0] for kexp16.
 void exp_f32(const float* x, float* y, int64_t n, int variant) {
   const int64_t nfull = n & ~int64_t(VW - 1);
   auto f = [variant](vf v) {
     if (variant == 0) return vexp(v);
     v = clamp_lo(v, splat(kDMin));
-    v = v > splat(0.f) ? splat(0.f) : v;
+    const vf hi = splat(variant == 1 ? kSpecMax : 0.f);
+    v = v > hi ? hi : v;
     return variant == 1 ? kexp(v) : kexp16(v, kExp16);
   };
   for (int64_t i = 0; i < nfull; i += VW) storev<kF32>(y, i, f(loadv<kF32>(x, i)));
