@@ -434,6 +434,30 @@ struct Acc {
   vf s0 = {}, s1 = {}, a0 = {}, a1 = {};
 };
 
+// The running max grows to cm > acc.m: the sums relative to the old max are rescaled,
+// s <- c s and a <- c (a + s d) with d = m - cm and c = e^d (a = sum e (z - m) shifts by d).
+template <bool ENT>
+CPO_HOT void raise_max(Acc& acc, float cm) {
+  const float d = fmax1(acc.m - cm, kDMin);
+  const vf c = splat(expf(d)), dv = splat(d);
+  if (ENT) {
+    acc.a0 = c * (acc.a0 + acc.s0 * dv);
+    acc.a1 = c * (acc.a1 + acc.s1 * dv);
+  }
+  acc.s0 *= c;
+  acc.s1 *= c;
+  acc.m = cm;
+}
+
+// One vector of terms d = z - m (clamped): s += e^d and, with ENT, a += e^d d. Returns e^d.
+template <bool ENT>
+CPO_HOT vf add_terms(vf& s, vf& a, vf d) {
+  const vf e = kexp(d);
+  s += e;
+  if (ENT) a += e * d;
+  return e;
+}
+
 // One chunk (contiguous, L1-resident): max sweep, rescale if the max grew, exp sweep.
 // WRITE (float32 only, for the frozen-weight fused-linear forward): the exp sweep also
 // stores e = exp(z - m) into e_out[off + i] (may be p itself: each element is read before
@@ -456,31 +480,14 @@ inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out,
   }
   for (; i < nfull; i += VW) mx0 = vmax(mx0, loadv<DT>(p, off + i));
   const float cm = hmax(vmax(vmax(mx0, mx1), tail));
-  if (cm > acc.m) {
-    const float d = fmax1(acc.m - cm, kDMin);
-    const vf c = splat(expf(d)), dv = splat(d);
-    if (ENT) {
-      acc.a0 = c * (acc.a0 + acc.s0 * dv);
-      acc.a1 = c * (acc.a1 + acc.s1 * dv);
-    }
-    acc.s0 *= c;
-    acc.s1 *= c;
-    acc.m = cm;
-  }
+  if (cm > acc.m) raise_max<ENT>(acc, cm);
   const vf mm = splat(acc.m), dmin = splat(kDMin);
   i = 0;
   for (; i + 2 * VW <= nfull; i += 2 * VW) {
     vf z0, z1;
     load16<DT>(p, off + i, z0, z1);
-    const vf d0 = clamp_lo(z0 - mm, dmin);
-    const vf d1 = clamp_lo(z1 - mm, dmin);
-    const vf e0 = kexp(d0), e1 = kexp(d1);
-    acc.s0 += e0;
-    acc.s1 += e1;
-    if (ENT) {
-      acc.a0 += e0 * d0;
-      acc.a1 += e1 * d1;
-    }
+    const vf d0 = clamp_lo(z0 - mm, dmin), d1 = clamp_lo(z1 - mm, dmin);
+    const vf e0 = add_terms<ENT>(acc.s0, acc.a0, d0), e1 = add_terms<ENT>(acc.s1, acc.a1, d1);
     if (WRITE) {
       storev<kF32>(e_out, off + i, e0);
       storev<kF32>(e_out, off + i + VW, e1);
@@ -492,9 +499,7 @@ inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out,
   }
   for (; i < nfull; i += VW) {
     const vf d0 = clamp_lo(loadv<DT>(p, off + i) - mm, dmin);
-    const vf e0 = kexp(d0);
-    acc.s0 += e0;
-    if (ENT) acc.a0 += e0 * d0;
+    const vf e0 = add_terms<ENT>(acc.s0, acc.a0, d0);
     if (WRITE) {
       storev<kF32>(e_out, off + i, e0);
       if (ENT) storev<kF32>(ed_out, off + i, e0 * d0);
@@ -502,9 +507,7 @@ inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out,
   }
   if (len > nfull) {
     const vf d1 = clamp_lo(tail - mm, dmin);  // -inf padding: e = 0, e * d = 0
-    const vf e1 = kexp(d1);
-    acc.s1 += e1;
-    if (ENT) acc.a1 += e1 * d1;
+    const vf e1 = add_terms<ENT>(acc.s1, acc.a1, d1);
     if (WRITE) {
       store_tail<kF32>(e_out, off + nfull, len - nfull, e1);
       if (ENT) store_tail<kF32>(ed_out, off + nfull, len - nfull, e1 * d1);
@@ -515,11 +518,11 @@ inline void chunk_stats(const void* p, int64_t off, int64_t len, Acc& acc_out,
 
 // A later chunk of a row (acc.m finite): one sweep instead of two. The exps are taken
 // relative to the running max m on entry while the chunk's max is found in the same
-// sweep; if that max exceeds m, the sums (this chunk's included) are rescaled after it,
-// by the same update as above. A term e^(z - m) may then exceed 1, so a chunk whose max
-// exceeds m by more than kSpecMax (e^30: no float32 sum can overflow) is dropped and
-// redone max first. Rows keep growing maxima rarely after their first chunks, so the
-// redo is rare; the saving is the max sweep's loads (and bf16 widenings).
+// sweep; if that max exceeds m, the sums (this chunk's included) are rescaled after it
+// (raise_max). A term e^(z - m) may then exceed 1, so a chunk whose max exceeds m by more
+// than kSpecMax (e^30: no float32 sum can overflow) is dropped and redone max first. Rows
+// rarely grow their max after their first chunks, so the redo is rare; the saving is the
+// max sweep's loads (and bf16 widenings).
 constexpr float kSpecMax = 30.f;
 template <int DT, bool ENT>
 inline void chunk_stats_one_sweep(const void* p, int64_t off, int64_t len, Acc& acc_out) {
@@ -534,44 +537,23 @@ inline void chunk_stats_one_sweep(const void* p, int64_t off, int64_t len, Acc& 
     load16<DT>(p, off + i, z0, z1);
     mx0 = vmax(mx0, z0);
     mx1 = vmax(mx1, z1);
-    const vf d0 = clamp_lo(z0 - mm, dmin);
-    const vf d1 = clamp_lo(z1 - mm, dmin);
-    const vf e0 = kexp(d0), e1 = kexp(d1);
-    acc.s0 += e0;
-    acc.s1 += e1;
-    if (ENT) {
-      acc.a0 += e0 * d0;
-      acc.a1 += e1 * d1;
-    }
+    add_terms<ENT>(acc.s0, acc.a0, clamp_lo(z0 - mm, dmin));
+    add_terms<ENT>(acc.s1, acc.a1, clamp_lo(z1 - mm, dmin));
   }
   for (; i < nfull; i += VW) {
     const vf z0 = loadv<DT>(p, off + i);
     mx0 = vmax(mx0, z0);
-    const vf d0 = clamp_lo(z0 - mm, dmin);
-    const vf e0 = kexp(d0);
-    acc.s0 += e0;
-    if (ENT) acc.a0 += e0 * d0;
+    add_terms<ENT>(acc.s0, acc.a0, clamp_lo(z0 - mm, dmin));
   }
   if (len > nfull) {
     mx1 = vmax(mx1, tail);
-    const vf d1 = clamp_lo(tail - mm, dmin);
-    const vf e1 = kexp(d1);
-    acc.s1 += e1;
-    if (ENT) acc.a1 += e1 * d1;
+    add_terms<ENT>(acc.s1, acc.a1, clamp_lo(tail - mm, dmin));
   }
   const float cm = hmax(vmax(mx0, mx1));
   if (!(cm <= acc.m + kSpecMax)) {  // too far above m (or +inf): redo max first
     if (cm == cm) return chunk_stats<DT, ENT>(p, off, len, acc_out);
   } else if (cm > acc.m) {
-    const float d = fmax1(acc.m - cm, kDMin);
-    const vf c = splat(expf(d)), dv = splat(d);
-    if (ENT) {
-      acc.a0 = c * (acc.a0 + acc.s0 * dv);
-      acc.a1 = c * (acc.a1 + acc.s1 * dv);
-    }
-    acc.s0 *= c;
-    acc.s1 *= c;
-    acc.m = cm;
+    raise_max<ENT>(acc, cm);
   }
   acc_out = acc;
 }

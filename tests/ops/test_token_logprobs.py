@@ -131,7 +131,9 @@ def _check_case(backend, case):
     rloss.backward()
     scale_g = (G.abs().max() + (E.abs().max() * (2 + math.log(V)) if with_entropy else 0)).item()
     err = (x.grad.double() - ref_in.grad).abs().max().item()
-    assert err <= GRAD_TOL[dtype] * scale_g + 1e-12, err
+    # p = exp(z - lse) from the saved float32 lse: z - lse carries a rounding at the
+    # logits' magnitude (about 1e-3 at |z| = 1e4), as in the CPU test below
+    assert err <= (GRAD_TOL[dtype] + 8 * EPS32 * zmax) * scale_g + 1e-12, err
     assert (x.grad[ignored] == 0).all()
     # The closed form of the gradient (docs/math.md) is what autograd of the reference gives.
     closed = reference.token_logprobs_grad(ref_in.detach(), labels, G, E if with_entropy else None)
