@@ -89,7 +89,8 @@ def run_config(shape: dict, family: str, vocab: int, finetune: str) -> dict:
     return row | {p: measure.summarize(times[p]) for p in PARTS}
 
 
-def summarize(record: dict) -> list[dict]:
+def summarize(record: dict) -> dict:
+    """The record's summary: per row, cpo_fast and the bound against eager."""
     out = []
     for r in record["rows"]:
         ms = {p: r[p]["median_ms"] for p in PARTS}
@@ -98,12 +99,12 @@ def summarize(record: dict) -> list[dict]:
                     "cpo_fast_vs_eager": ms["eager"] / ms["cpo_fast"],
                     "bound_vs_eager": ms["eager"] / lower,
                     "cpo_fast_of_bound": lower / ms["cpo_fast"]})
-    return out
+    return {"rows": out}
 
 
 def render(record: dict) -> str:
     rows = []
-    for r, s in zip(record["rows"], record["summary"], strict=True):
+    for r, s in zip(record["rows"], record["summary"]["rows"], strict=True):
         rows.append([r["family"], r["V"], r["finetune"]]
                     + [harness.fmt_ms(r[p], 0) for p in PARTS]
                     + [f"{s['cpo_fast_vs_eager']:.2f}x", f"{s['bound_vs_eager']:.2f}x",
@@ -135,16 +136,14 @@ def main() -> None:
     rows = [run_config(shape, fam, v, ft) for fam, v in shape["configs"]
             for ft in ("lora", "full")]
     settings = {k: v for k, v in shape.items() if k != "configs"} | {"quick": args.quick}
-    record = {"environment": {**env, "loadavg_after": None}, "rows": rows,
-              "settings": settings, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    record["summary"] = summarize(record)
+    summary = summarize({"rows": rows})
     if args.no_write:
-        print(render(record))
+        print(render({"environment": {**env, "loadavg_after": None}, "rows": rows,
+                      "settings": settings, "summary": summary,
+                      "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
         return
     paths = harness.write_results("e2e-bound", env, settings=settings, floors={}, rows=rows,
-                                  summary={"rows": record["summary"]},
-                                  markdown=lambda rec: render({**rec,
-                                                               "summary": rec["summary"]["rows"]}),
+                                  summary=summary, markdown=render,
                                   out_dir=args.out or RESULTS, quick=args.quick)
     print(paths[1].read_text())
     print(f"wrote {paths[0]} and {paths[1]}")
