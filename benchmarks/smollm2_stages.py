@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             add("eval generation", dt, s, new, f"{args.samples} samples, batch {bs}")
     # training: DR-CPO steps through the pipeline's own step function
     from cpo_fast.distributed import SINGLE
-    from cpo_fast.pipeline.training.batches import TrainData, step_micro_batches
-    from cpo_fast.pipeline.training.loop import effective_gradient
+    from cpo_fast.pipeline.training.loop import TrainData, effective_gradient, step_micro_batches
 
     ref = precompute_ref_logprobs(model, sub, cache_dir=tmp / "fp32")
     y = np.asarray(table.outcomes[:len(sub)], np.float64)

@@ -36,7 +36,6 @@ from cpo_fast.objectives import METHODS, method_of
 from cpo_fast.pipeline.report.evaluate import evaluate_model
 from cpo_fast.pipeline.run.config import FIELDS, RunConfig
 from cpo_fast.pipeline.stages.data import encode
-from cpo_fast.pipeline.training.batches import step_micro_batches
 from cpo_fast.pipeline.training.guard import WeightGuard
 from cpo_fast.pipeline.training.in_memory import build_stages, dataset_table, make_trainable, split_held_out
 from cpo_fast.pipeline.training.loop import (
@@ -44,6 +43,7 @@ from cpo_fast.pipeline.training.loop import (
     effective_gradient,
     effective_rows,
     metrics_line,
+    step_micro_batches,
     train_data,
 )
 from cpo_fast.pipeline.training.prepare import ref_logprobs, texts_features

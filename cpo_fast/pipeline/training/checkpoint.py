@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from cpo_fast.distributed import SINGLE, World, max_over_ranks
 from cpo_fast.pipeline.run.persist import (
     WriteError,
     fsync_dir,
@@ -36,7 +37,7 @@ from cpo_fast.pipeline.run.persist import (
     save_tensors,
     write_json,
 )
-from cpo_fast.pipeline.run.runtime import rng_state, set_rng_state
+from cpo_fast.pipeline.run.runtime import broadcast_params, rng_state, set_rng_state
 from cpo_fast.pipeline.stages.policy import load_trainable_state, save_model, trainable_state
 
 FORMAT = "cpo_fast-checkpoint-v2"
@@ -151,3 +152,38 @@ def _optimizer_state_dict(meta: dict[str, Any], tensors: dict[str, torch.Tensor]
     for i, kv in meta["scalars"].items():
         state.setdefault(int(i), {}).update(kv)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def restore(out_dir: Path, model, opt, sched, *, run_keys: dict[str, Any], resume: bool,
+            desc: str, world: World = SINGLE) -> Resumed:
+    """Step 2: load the checkpoint when resuming (saying from which step), else step 0; then
+    every rank holds rank 0's trainable parameters."""
+    state = _load(out_dir, model, opt, sched, run_keys=run_keys, resume=resume, desc=desc,
+                  world=world)
+    same_step_everywhere(state, world)
+    broadcast_params([p for p in model.parameters() if p.requires_grad], world)
+    return state
+
+
+def _load(out_dir: Path, model, opt, sched, *, run_keys: dict[str, Any], resume: bool,
+          desc: str, world: World) -> Resumed:
+    if not resume:
+        return Resumed()
+    ckpt = find_checkpoint(out_dir)
+    say = print if world.is_main else (lambda *a, **k: None)
+    if ckpt is None:
+        say(f"[{desc}] --resume: no checkpoint in {out_dir}; starting from step 0.")
+        return Resumed()
+    state = load_checkpoint(ckpt, model, opt, sched, run_keys=run_keys)
+    say(f"[{desc}] resuming from step {state.step} (checkpoint {ckpt}).")
+    return state
+
+
+def same_step_everywhere(state: Resumed, world: World) -> None:
+    """Every rank must resume from the same checkpoint (rank 0 writes it: --output-dir has
+    to be on a filesystem that all ranks, on every machine, see)."""
+    hi, neg_lo = max_over_ranks(world, [state.step, -state.step])
+    if hi != -neg_lo:
+        raise ValueError(f"--resume: the ranks found checkpoints of different steps ({-neg_lo:.0f} "
+                         f"to {hi:.0f}) in {state.path}; put --output-dir on a filesystem that "
+                         "every rank sees.")

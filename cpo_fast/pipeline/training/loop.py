@@ -11,7 +11,7 @@ loop, which follows one optimizer step from the data to the parameter update:
     3. each step   a. data      this rank's ``grad_accum`` micro-batches of the step's
                                 effective batch (all micro-batches on all ranks), rows
                                 picked by (seed, step), token ids collated, f_0's cached
-                                log-probs attached (batches.py)
+                                log-probs attached (:func:`step_micro_batches`)
                    b. gradient  the exact gradient of the effective batch's loss, with the
                                 memory of one micro-batch (cpo_fast/effective_batch.py: a
                                 no-grad pass for the rows' scalars, their coefficients over
@@ -22,11 +22,19 @@ loop, which follows one optimizer step from the data to the parameter update:
                                 (signals.py; all ranks stop after the same step)
     4. the end     the final checkpoint and the model (save_pretrained; rank 0 writes)
 
+What the loop samples: the rows of a run (:class:`TrainData`) and micro-batch ``k`` of them,
+built on the fly from token ids and the cached reference log-probs. Micro-batch ``k`` is a
+pure function of (seed, k) (:func:`batch_indices`); the effective batch of step t is the
+global micro-batches ``k = t*W*A .. (t+1)*W*A - 1`` (W ranks, A = grad_accum), of which rank
+r computes the A consecutive ones from ``t*W*A + r*A``. With b rows each, that is the slice
+``[t*E, (t+1)*E)`` of the seeded permutation stream, E = W*A*b: a function of (seed, t, E)
+alone, however E is split into ranks and micro-batches.
+
 Exact resume: the effective batch of step t is a pure function of (seed, t, its size), and a
 checkpoint holds the trainable parameters, optimizer, scheduler and every RNG state, so a
 resumed run takes bitwise the same steps as an uninterrupted one (on the same split; on
-another number of ranks the same steps up to float rounding). checkpoint.py says how a
-checkpoint survives kill -9.
+another number of ranks the same steps up to float rounding). checkpoint.py restores one
+and says how it survives kill -9.
 """
 
 from __future__ import annotations
@@ -47,18 +55,18 @@ from cpo_fast.distributed import (
     World,
     average_gradients,
     current_world,
-    max_over_ranks,
     sum_over_ranks,
 )
 from cpo_fast.estimators import LossOutput
+from cpo_fast.models import collate
 from cpo_fast.objectives import method_of, top_quantile_mask
 from cpo_fast.pipeline.run.config import RunConfig, pinned_values
-from cpo_fast.pipeline.run.runtime import barrier, broadcast_params, release_free_memory, seed_everything
+from cpo_fast.pipeline.run.runtime import barrier, release_free_memory, seed_everything
 from cpo_fast.pipeline.run.signals import StopRequested, TrainingInterrupted
+from cpo_fast.pipeline.stages.data import Encoded
 from cpo_fast.pipeline.stages.generate import bf16_pays
 from cpo_fast.pipeline.stages.policy import make_policy, save_model
-from cpo_fast.pipeline.training.batches import TrainData, step_micro_batches
-from cpo_fast.pipeline.training.checkpoint import Resumed, find_checkpoint, load_checkpoint, save_checkpoint
+from cpo_fast.pipeline.training.checkpoint import Resumed, restore, save_checkpoint
 from cpo_fast.pipeline.training.guard import WeightGuard, weight_stats
 from cpo_fast.pipeline.training.metrics import MetricsLog, step_metrics
 
@@ -66,6 +74,97 @@ if TYPE_CHECKING:  # prepare.py runs f_0's SFT through train() below
     from cpo_fast.pipeline.training.prepare import Prepared
 
 SHOWN = ("loss", "ess", "max_weight_share", "dm_ess", "dm_max_weight_share", "grad_norm")
+
+
+@dataclass
+class TrainData:
+    """Rows the loop samples from (``rows`` indexes ``enc``), and the DM set for DR/OO."""
+
+    enc: Encoded
+    rows: np.ndarray
+    ref: list[np.ndarray]  # f_0 token log-probs per row, aligned with labels
+    outcomes: np.ndarray | None = None
+    log_propensity: np.ndarray | None = None
+    ghat: np.ndarray | None = None  # cross-fitted (out-of-fold) predictions
+    dm_enc: Encoded | None = None
+    dm_ref: list[np.ndarray] | None = None
+    dm_ghat: np.ndarray | None = None
+
+    def check(self, method: str, dm_rows: int = 0) -> None:
+        """``dm_rows``: DM rows of one effective batch; more than the DM set holds would
+        repeat rows within a batch and report an ESS over rows that do not exist."""
+        spec = method_of(method)
+        if spec.dm_rows and self.dm_enc is None:
+            raise ValueError(f"method={method!r} needs a DM set (TrainData.dm_enc) and ghat.")
+        if spec.dm_rows and dm_rows > len(self.dm_enc):
+            raise ValueError(f"--dm-batch-size: {dm_rows} DM rows per optimizer step (over "
+                             f"micro-batches and ranks) but the DM set has {len(self.dm_enc)}; "
+                             "lower --dm-batch-size or raise --dm-size.")
+        if spec.weighted and spec.outcome_rows and self.outcomes is None:
+            raise ValueError(f"method={method!r} needs outcomes.")
+
+
+def batch_indices(n: int, batch_size: int, k: int, seed: int) -> np.ndarray:
+    """Row positions of micro-batch ``k``: consecutive slices of per-epoch permutations."""
+    start = k * batch_size
+    out: list[int] = []
+    while len(out) < batch_size:
+        epoch, pos = divmod(start, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = perm[pos:pos + batch_size - len(out)]
+        out.extend(take.tolist())
+        start += len(take)
+    return np.asarray(out, dtype=np.int64)
+
+
+def ref_tokens(ref: list[np.ndarray], idx, width: int) -> torch.Tensor:
+    """Cached per-token log-probs of rows ``idx`` padded/cut to ``width`` scored positions
+    (``labels[:, 1:]``'s)."""
+    out = torch.zeros(len(idx), width, dtype=torch.float32)
+    for b, i in enumerate(idx):
+        r = torch.as_tensor(np.asarray(ref[int(i)], dtype=np.float32))[:width]
+        out[b, : len(r)] = r
+    return out
+
+
+# Training batches are padded to a multiple of 16 tokens. oneDNN (and torch's other per-shape
+# caches) keep state for every matmul shape they see; with each length from 5 to 64 tokens
+# a SmolLM2 run's RSS grew by about 60 MB a step (9 GB after 100 steps), with a handful of
+# shapes it stays flat. The padding is masked and costs a few per cent of the step.
+PAD_MULTIPLE = 16
+
+
+def make_batch(enc: Encoded, idx, pad_id: int, device, ref, outcomes=None, lp=None, ghat=None):
+    """collate() plus the rows' cached reference token log-probs (``ref_token_logp``) and
+    ghat (``outcome_pred``), on ``device``."""
+    b = collate(enc, idx, pad_id, outcomes=outcomes, log_propensity=lp,
+                pad_to_multiple=PAD_MULTIPLE)
+    b["ref_token_logp"] = ref_tokens(ref, idx, b["labels"].shape[1] - 1)
+    if ghat is not None:
+        b["outcome_pred"] = torch.as_tensor(np.asarray(ghat)[np.asarray(idx)], dtype=torch.float32)
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def micro_batch(data: TrainData, k: int, *, cfg: RunConfig, pad_id: int,
+                device) -> tuple[dict, dict | None]:
+    """Micro-batch ``k`` of a run with settings ``cfg``: the training rows and, for
+    DR-CPO/OO-RLHF, the DM rows (their own permutations: seed + 1)."""
+    idx = data.rows[batch_indices(len(data.rows), cfg.batch_size, k, cfg.seed)]
+    batch = make_batch(data.enc, idx, pad_id, device, data.ref, data.outcomes,
+                       data.log_propensity, data.ghat)
+    if not method_of(cfg.method).dm_rows:
+        return batch, None
+    didx = batch_indices(len(data.dm_enc), cfg.dm_batch_size, k, cfg.seed + 1)
+    return batch, make_batch(data.dm_enc, didx, pad_id, device, data.dm_ref, ghat=data.dm_ghat)
+
+
+def step_micro_batches(data: TrainData, step: int, *, cfg: RunConfig, world: World, pad_id: int,
+                       device) -> list[tuple[dict, dict | None]]:
+    """This rank's ``cfg.grad_accum`` micro-batches of optimizer step ``step`` (0-based); the
+    ranks' micro-batches, concatenated in rank order, are the one-process order."""
+    first = (step * world.size + world.rank) * cfg.grad_accum
+    return [micro_batch(data, first + m, cfg=cfg, pad_id=pad_id, device=device)
+            for m in range(cfg.grad_accum)]
 
 
 def train_data(prep: Prepared, method: str) -> TrainData:
@@ -258,41 +357,6 @@ def lr_lambda(warmup: int, total: int):
         p = (step - warmup) / max(1, total - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
     return f
-
-
-def restore(out_dir: Path, model, opt, sched, *, run_keys: dict[str, Any], resume: bool,
-            desc: str, world: World = SINGLE) -> Resumed:
-    """Step 2: load the checkpoint when resuming (saying from which step), else step 0; then
-    every rank holds rank 0's trainable parameters."""
-    state = _load(out_dir, model, opt, sched, run_keys=run_keys, resume=resume, desc=desc,
-                  world=world)
-    same_step_everywhere(state, world)
-    broadcast_params([p for p in model.parameters() if p.requires_grad], world)
-    return state
-
-
-def _load(out_dir: Path, model, opt, sched, *, run_keys: dict[str, Any], resume: bool,
-          desc: str, world: World) -> Resumed:
-    if not resume:
-        return Resumed()
-    ckpt = find_checkpoint(out_dir)
-    say = print if world.is_main else (lambda *a, **k: None)
-    if ckpt is None:
-        say(f"[{desc}] --resume: no checkpoint in {out_dir}; starting from step 0.")
-        return Resumed()
-    state = load_checkpoint(ckpt, model, opt, sched, run_keys=run_keys)
-    say(f"[{desc}] resuming from step {state.step} (checkpoint {ckpt}).")
-    return state
-
-
-def same_step_everywhere(state: Resumed, world: World) -> None:
-    """Every rank must resume from the same checkpoint (rank 0 writes it: --output-dir has
-    to be on a filesystem that all ranks, on every machine, see)."""
-    hi, neg_lo = max_over_ranks(world, [state.step, -state.step])
-    if hi != -neg_lo:
-        raise ValueError(f"--resume: the ranks found checkpoints of different steps ({-neg_lo:.0f} "
-                         f"to {hi:.0f}) in {state.path}; put --output-dir on a filesystem that "
-                         "every rank sees.")
 
 
 def finish(model, tokenizer, out_dir: Path, state: Resumed, stop: int, steps: int, checkpoint,

@@ -38,8 +38,7 @@ from cpo_fast.pipeline.stages.policy import load_causal_lm, make_policy, save_mo
 from cpo_fast.pipeline.stages.precompute import precompute_ref_logprobs
 from cpo_fast.pipeline.stages.support import support_report
 from cpo_fast.pipeline.stages.tokenizer import for_documents, train_tokenizer
-from cpo_fast.pipeline.training.batches import TrainData
-from cpo_fast.pipeline.training.loop import autocast_args, train
+from cpo_fast.pipeline.training.loop import TrainData, autocast_args, train
 
 STAGES = ("f0", "precompute", "outcome", "all")
 

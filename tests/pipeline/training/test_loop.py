@@ -1,5 +1,6 @@
 """Training a policy (cpo_fast/pipeline/training/loop.py) on tiny models: all five methods,
-the rows each trains on, exact resume, other architectures; and exactness over the effective
+the rows each trains on (pure, epoch-permuting micro-batches; the DM rows a step needs
+checked against the DM set), exact resume, other architectures; and exactness over the effective
 batch (issue 13): gradient accumulation and ranks change how the batch is split, never the
 parameters it trains (up to float rounding).
 
@@ -35,9 +36,10 @@ from _dist import free_port, spawn_ranks
 from conftest import ROOT, TINY_RUN
 
 from cpo_fast.pipeline.run.config import METHODS, RunConfig
+from cpo_fast.pipeline.stages.data import Encoded
 from cpo_fast.pipeline.stages.policy import make_policy
 from cpo_fast.pipeline.stages.synthetic import make_corpus, write_corpus
-from cpo_fast.pipeline.training.loop import train_data, train_policy
+from cpo_fast.pipeline.training.loop import TrainData, batch_indices, train_data, train_policy
 from cpo_fast.pipeline.training.prepare import prepare
 
 
@@ -124,7 +126,6 @@ def test_log_propensity_column_is_used(corpus_csv, tmp_path):
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
 def test_other_architectures_lora_step(arch, prep, tmp_path):
     from cpo_fast.pipeline.stages.modeling import build_model
-    from cpo_fast.pipeline.training.batches import TrainData
     from cpo_fast.pipeline.training.loop import train
 
     tok = prep.tokenizer
@@ -275,8 +276,7 @@ def test_step_gradient_is_the_full_batch_gradient_with_dropout(exact_prep, weigh
     from cpo_fast.estimators import cap_log_weights
     from cpo_fast.pipeline.run.runtime import seed_everything
     from cpo_fast.pipeline.stages.policy import make_policy
-    from cpo_fast.pipeline.training.batches import step_micro_batches
-    from cpo_fast.pipeline.training.loop import effective_gradient, train_data
+    from cpo_fast.pipeline.training.loop import effective_gradient, step_micro_batches, train_data
 
     sn = weighting == "self_normalized"  # the cap centres on the median there, on 0 otherwise
     cfg = dataclasses.replace(_config(exact_prep, "dr_cpo", weighting), lora_dropout=0.3,
@@ -472,3 +472,21 @@ def test_autocast_follows_bf16_and_the_model_size(monkeypatch):
     assert not autocast_args(small, RunConfig())["enabled"]
     monkeypatch.setattr(generate, "_cpu_bf16", lambda: False)
     assert not autocast_args(big, RunConfig())["enabled"]
+
+
+def test_batch_indices_pure_and_epoch_permutations():
+    a = [batch_indices(10, 4, k, seed=3) for k in range(5)]
+    b = [batch_indices(10, 4, k, seed=3) for k in range(5)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    flat = np.concatenate(a)
+    assert sorted(flat[:10].tolist()) == list(range(10))  # epoch 0 covers every row once
+    assert sorted(flat[10:20].tolist()) == list(range(10))
+    assert not np.array_equal(batch_indices(10, 4, 0, seed=4), a[0])
+
+
+def test_dm_rows_checked_for_every_dm_source():
+    enc = Encoded(input_ids=[[1, 2, 3]] * 8, score_start=[1] * 8)
+    data = TrainData(enc=enc, rows=np.arange(8), ref=[], outcomes=np.zeros(8), dm_enc=enc)
+    data.check("dr_cpo", 8)
+    with pytest.raises(ValueError, match="32 DM rows per optimizer step .* DM set has 8"):
+        data.check("dr_cpo", 32)
