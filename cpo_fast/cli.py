@@ -30,8 +30,19 @@ import time
 import warnings
 from pathlib import Path
 
+from cpo_fast.bench import arguments as bench_arguments
+from cpo_fast.bench.command import main as bench_main
 from cpo_fast.objectives import METHODS
+from cpo_fast.pipeline.report.demo import run_demo
 from cpo_fast.pipeline.report.estimate import describe
+from cpo_fast.pipeline.report.evaluate import (
+    evaluate_model,
+    format_row,
+    generation_prompts,
+    support_note,
+    write_eval,
+)
+from cpo_fast.pipeline.report.plots import outcome_bars, training_curves, weight_histogram
 from cpo_fast.pipeline.run.config import (
     FIELDS,
     RunConfig,
@@ -41,8 +52,13 @@ from cpo_fast.pipeline.run.config import (
     saved_settings,
 )
 from cpo_fast.pipeline.run.layout import RunLayout
+from cpo_fast.pipeline.run.persist import update_json, write_text
 from cpo_fast.pipeline.run.preflight import preflight
 from cpo_fast.pipeline.run.signals import TrainingInterrupted
+from cpo_fast.pipeline.stages.generate import generate_texts
+from cpo_fast.pipeline.stages.policy import load_policy
+from cpo_fast.pipeline.training.loop import train_policy
+from cpo_fast.pipeline.training.prepare import predict_outcome, prepare
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,7 +101,6 @@ def _parser() -> argparse.ArgumentParser:
         if name == "generate":
             s.add_argument("--out", default=None, help="JSONL of samples (default "
                                                        "OUTPUT_DIR/samples/NAME.jsonl)")
-    from cpo_fast.bench import arguments as bench_arguments  # light: the flags only
 
     b = sub.add_parser("bench", help="op-level and end-to-end comparison on your shapes and device",
                        description=bench_arguments.DESCRIPTION,
@@ -109,8 +124,6 @@ def _policy_dir(cfg, model_dir: str | None) -> str:
 
 def _policy(prep, cfg, model_dir: str):
     """f_0, or a trained policy: a peft adapter on f_0 or a full model directory."""
-    from cpo_fast.pipeline.stages.policy import load_policy
-
     if model_dir == "f0":
         return prep.load_f0(), "f_0"
     return load_policy(prep.f0_dir, model_dir, prep.device), cfg.method
@@ -139,8 +152,6 @@ def run_config(args) -> RunConfig:
 
 
 def cmd_demo(args) -> int:
-    from cpo_fast.pipeline.report.demo import run_demo
-
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
     if args.config:
         overrides = {**load_yaml(args.config), **overrides}
@@ -152,11 +163,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from cpo_fast.pipeline.report.plots import training_curves, weight_histogram
-    from cpo_fast.pipeline.run.persist import update_json
-    from cpo_fast.pipeline.training.loop import train_policy
-    from cpo_fast.pipeline.training.prepare import prepare
-
     cfg = run_config(args)
     t0 = time.perf_counter()
     prep = prepare(cfg, resume=args.resume)
@@ -195,9 +201,6 @@ def _fmt(x) -> str:
 
 def _evaluate_pair(prep, policy, cfg) -> dict:
     """f_0 and the trained policy: generations scored, off-policy estimates (eval/)."""
-    from cpo_fast.pipeline.report.evaluate import evaluate_model, support_note, write_eval
-    from cpo_fast.pipeline.report.plots import outcome_bars
-
     lay, mdir = prep.layout, prep.layout.method(cfg.method)
     before = evaluate_model(prep, prep.load_f0(), name="f_0")
     after = evaluate_model(prep, policy, name=cfg.method)
@@ -215,15 +218,11 @@ def _evaluate_pair(prep, policy, cfg) -> dict:
 
 def _scores(res: dict) -> str:
     """'ghat 3.1 [3.0, 3.2], oracle ...' for every scorer in an evaluate_model result."""
-    from cpo_fast.pipeline.report.evaluate import format_row
-
     keys = [k for k, v in res.items() if isinstance(v, dict) and {"mean", "lo", "hi"} <= set(v)]
     return ", ".join(f"{k} {format_row(res, k)}" for k in keys)
 
 
 def cmd_precompute(args) -> int:
-    from cpo_fast.pipeline.training.prepare import prepare
-
     prep = prepare(run_config(args), until="precompute", resume=args.resume)
     lp = [float(r.sum()) for r in prep.train_ref]
     print(f"[precompute] f_0 at {prep.f0_dir}; {len(lp)} training rows cached under "
@@ -232,8 +231,6 @@ def cmd_precompute(args) -> int:
 
 
 def cmd_fit_outcome(args) -> int:
-    from cpo_fast.pipeline.training.prepare import prepare
-
     prep = prepare(run_config(args), until="outcome", resume=args.resume)
     f = prep.outcome_fit
     print(f"[fit-outcome] {f.kind}, {f.folds}-fold cross-fitted: out-of-fold R^2 = {f.r2:.4f}, "
@@ -242,11 +239,6 @@ def cmd_fit_outcome(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from cpo_fast.pipeline.report.evaluate import generation_prompts
-    from cpo_fast.pipeline.run.persist import write_text
-    from cpo_fast.pipeline.stages.generate import generate_texts
-    from cpo_fast.pipeline.training.prepare import predict_outcome, prepare
-
     cfg = run_config(args)
     model_dir = _policy_dir(cfg, args.model_dir)
     prep = prepare(cfg, until="outcome", save_config=False)
@@ -276,9 +268,6 @@ def printable(text: str) -> str:
 
 
 def cmd_evaluate(args) -> int:
-    from cpo_fast.pipeline.report.evaluate import evaluate_model, write_eval
-    from cpo_fast.pipeline.training.prepare import prepare
-
     cfg = run_config(args)
     model_dir = _policy_dir(cfg, args.model_dir)
     prep = prepare(cfg, until="outcome", save_config=False)
@@ -292,8 +281,6 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from cpo_fast.bench.command import main as bench_main
-
     return bench_main(args)
 
 

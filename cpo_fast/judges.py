@@ -29,6 +29,7 @@ these same texts, so VADER's Hutto figure is their benchmark, not an independent
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -196,8 +197,6 @@ JUDGES = {"vader": vader, "textblob": textblob, "minilm": minilm}
 
 def available_judges() -> dict[str, object]:
     """The judges whose packages (and, for ``minilm``, data or cached head) are present."""
-    import importlib.util
-
     out = {}
     if importlib.util.find_spec("vaderSentiment") is not None:
         out["vader"] = vader

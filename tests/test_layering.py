@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,58 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
     found = imports("cpo_fast.objectives", fake, top_level_only=False)
     assert "cpo_fast.pipeline.run.config" in found
     assert layer("cpo_fast.pipeline.run.config") > layer("cpo_fast.objectives")
+
+
+# Where an import may sit inside a function. Third-party modules may (optional dependencies:
+# triton, trl, peft, the judges; heavy ones loaded at first use: transformers, matplotlib);
+# the package's own modules and the standard library are imported at the top, except here:
+LAZY_OWN = {
+    "cpo_fast._backend": "the dispatch table's loaders (a backend module imports Triton or "
+                         "the C++ core) and the probe of the optional core",
+    "cpo_fast.cpu": "the C++ core may be unbuilt",
+    "cpo_fast.bench.environment": "the probe of the optional core",
+}
+LAZY_STDLIB = {
+    "cpo_fast.bench.isolation": "the fork server decides what its processes import, and when",
+}
+
+
+def function_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of each import inside a function of ``path``."""
+    found = []
+    for f in ast.walk(ast.parse(path.read_text())):
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for n in ast.walk(f):
+                if isinstance(n, ast.Import):
+                    found += [(n.lineno, a.name) for a in n.names]
+                elif isinstance(n, ast.ImportFrom) and n.level == 0:
+                    found.append((n.lineno, n.module or ""))
+    return found
+
+
+def misplaced_imports(module: str, path: Path) -> list[tuple[int, str]]:
+    """(line, module) of the imports inside functions of ``path`` that name the package or
+    the standard library and are not allowed by LAZY_OWN / LAZY_STDLIB."""
+    return [(line, name) for line, name in function_imports(path)
+            if (name.split(".")[0] == "cpo_fast" and module not in LAZY_OWN)
+            or (name.split(".")[0] in sys.stdlib_module_names and module not in LAZY_STDLIB)]
+
+
+def test_imports_sit_at_the_top_of_the_module():
+    """A reader sees a module's dependencies in its first lines: no import of the package or
+    the standard library hides in a function body (the exceptions say why)."""
+    bad = [f"{p.relative_to(ROOT)}:{line}: {name}" for m, p in sorted(modules().items())
+           for line, name in misplaced_imports(m, p)]
+    assert not bad, "move these imports to the top of the module:\n" + "\n".join(bad)
+
+
+def test_the_import_placement_check_sees_a_violation(tmp_path):
+    fake = tmp_path / "m.py"
+    fake.write_text("import os\n\n\ndef f():\n    import json\n    from cpo_fast import models\n"
+                    "    import triton\n")
+    assert misplaced_imports("cpo_fast.objectives", fake) == [(5, "json"), (6, "cpo_fast")]
+    assert misplaced_imports("cpo_fast._backend", fake) == [(5, "json")]
+    assert misplaced_imports("cpo_fast.bench.isolation", fake) == [(6, "cpo_fast")]
 
 
 def test_every_cpo_fast_import_in_the_tree_resolves():

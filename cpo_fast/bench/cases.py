@@ -11,6 +11,7 @@ import time
 
 import torch
 
+import cpo_fast
 from cpo_fast.bench import measure
 from cpo_fast.bench.e2e import (
     DTYPES,
@@ -195,8 +196,6 @@ def op_case(case: dict) -> dict:
 
 
 def _op_fn(variant: str):
-    import cpo_fast
-
     if variant == "eager":
         return lambda h, w, y: logsoftmax_gather(h @ w.T, y)
     if variant == "cpo_fast-logits":

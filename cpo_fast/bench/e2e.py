@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+import cpo_fast
 from cpo_fast.constants import IGNORE_INDEX
 from cpo_fast.models import _base
 from cpo_fast.pipeline.stages import modeling
@@ -108,8 +109,6 @@ def token_logprobs_fn(path: str, model):
                          fused_lm_head=True).log_probs
         return fn
     if path == "cpo_fast":
-        import cpo_fast
-
         def fn(ids, mask, labels):
             # The loss below is linear in the log-probs, so its coefficients are announced
             # (as the pipeline's SFT and pass 2 do): a trained head forms its gradient in

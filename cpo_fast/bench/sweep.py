@@ -25,8 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from cpo_fast.bench.emobank import confounded_emobank, vader, write_table
 from cpo_fast.constants import ESS_TARGET
 from cpo_fast.objectives import METHODS
+from cpo_fast.pipeline.report.demo import demo_config
+from cpo_fast.pipeline.report.evaluate import evaluate_model
+from cpo_fast.pipeline.report.plots import save, subplots
+from cpo_fast.pipeline.stages.synthetic import make_corpus, oracle
+from cpo_fast.pipeline.training.loop import train_policy
+from cpo_fast.pipeline.training.prepare import prepare
 
 WEIGHTED = tuple(name for name, m in METHODS.items() if m.weighted)
 # Remedies for weight collapse the method allows (docs/validity.md), as config overrides.
@@ -60,11 +67,8 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 def _corpus(job: dict[str, Any]):
     if job["corpus"] == "synthetic":
-        from cpo_fast.pipeline.stages.synthetic import make_corpus
-
         return make_corpus(job["rows"], confounding=job["level"], noise=job.get("noise", 0.5),
                            seed=job["seed"])
-    from cpo_fast.bench.emobank import confounded_emobank
 
     return confounded_emobank(job["data_path"], confounding=job["level"], rows=job["rows"],
                               seed=job["seed"])
@@ -72,10 +76,7 @@ def _corpus(job: dict[str, Any]):
 
 def _scorers(job: dict[str, Any]):
     if job["corpus"] == "synthetic":
-        from cpo_fast.pipeline.stages.synthetic import oracle
-
         return {"judge": oracle}
-    from cpo_fast.bench.emobank import vader
 
     return {"judge": vader}
 
@@ -98,10 +99,6 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
     """Train and score every method (x remedy) of one (level, seed); returns records."""
     import torch
 
-    from cpo_fast.pipeline.report.demo import demo_config
-    from cpo_fast.pipeline.report.evaluate import evaluate_model
-    from cpo_fast.pipeline.training.loop import train_policy
-    from cpo_fast.pipeline.training.prepare import prepare
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", FutureWarning)
@@ -109,7 +106,6 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     t0, started = time.perf_counter(), time.time()
     table = _corpus(job)
-    from cpo_fast.bench.emobank import write_table
 
     write_table(table, out / "corpus.csv")
     cfg = demo_config(out, seed=job["seed"], progress=False, **job["config"])
@@ -243,12 +239,10 @@ def markdown(rows: list[dict[str, Any]], *, title: str, judge: str, meta: dict[s
 def plot(rows: list[dict[str, Any]], path: str | Path, *, judge: str) -> Path:
     """Grouped bars: gain over f_0 per level and method, 95% intervals; hatched bars had a
     collapse in at least one seed."""
-    from cpo_fast.pipeline.report.plots import _save, plt
-
     levels = sorted({r["level"] for r in rows})
     labels = [lab for lab in dict.fromkeys(r["label"] for r in rows) if lab != "f_0"]
     by = {(r["level"], r["label"]): r for r in rows}
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(levels) * len(labels) / 3), 4.2))
+    fig, ax = subplots(figsize=(max(6, 1.6 * len(levels) * len(labels) / 3), 4.2))
     w = 0.8 / max(1, len(labels))
     for j, lab in enumerate(labels):
         xs, ms, err, hatch = [], [], [[], []], []
@@ -272,7 +266,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path, *, judge: str) -> Path:
            title="gain over f_0 (hatched: weights collapsed in some seed)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def write_results(recs: list[dict[str, Any]], out_dir: str | Path, tag: str, *, title: str,

@@ -20,12 +20,21 @@ independent judge that neither ghat nor the oracle was built from.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import time
 from pathlib import Path
 from typing import Any
 
 from cpo_fast.objectives import METHODS
+from cpo_fast.pipeline.report.evaluate import evaluate_model, format_row, write_eval
+from cpo_fast.pipeline.report.plots import outcome_bars, training_curves, weight_histogram
 from cpo_fast.pipeline.run.config import RunConfig
+from cpo_fast.pipeline.run.layout import RunLayout
+from cpo_fast.pipeline.run.persist import write_json, write_text
+from cpo_fast.pipeline.run.preflight import preflight
+from cpo_fast.pipeline.stages.synthetic import corpus_csv, make_corpus, oracle
+from cpo_fast.pipeline.training.loop import train_policy
+from cpo_fast.pipeline.training.prepare import check_cached_settings, prepare
 
 # Settings tuned on a 2-core CPU so the full demo stays under ten minutes. One torch thread:
 # at hidden size 64 intra-op parallelism costs more than it gives (and on a shared machine
@@ -73,11 +82,6 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
              methods: tuple[str, ...] = tuple(METHODS), confounding: float = 0.5, noise: float = 0.5,
              model: str | None = None, print_fn=print, **overrides: Any) -> dict[str, Any]:
     """Run the demo; return {"table": rows, "results": per model, "seconds": run time}."""
-    from cpo_fast.pipeline.run.persist import write_json, write_text
-    from cpo_fast.pipeline.run.preflight import preflight
-    from cpo_fast.pipeline.stages.synthetic import corpus_csv, make_corpus, oracle
-    from cpo_fast.pipeline.training.prepare import prepare
-
     t0 = time.perf_counter()
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -129,9 +133,6 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, rows: in
 def _check_reusable(out: Path, cfg: RunConfig, corpus_text: str) -> None:
     """Refuse, leaving every file as it is, an output directory whose stages were built
     for another demo (other settings, or another corpus: --rows, --confounding, --noise)."""
-    from cpo_fast.pipeline.run.layout import RunLayout
-    from cpo_fast.pipeline.training.prepare import check_cached_settings
-
     check_cached_settings(cfg, RunLayout(out))
     old = Path(cfg.data)
     if old.is_file() and old.read_text(encoding="utf-8") != corpus_text:
@@ -149,12 +150,6 @@ def vader(texts: list[str]) -> list[float]:
 
 def _train_and_evaluate(prep, cfg: RunConfig, methods, print_fn, judge: bool = False):
     """f_0, then each method trained from it; every model's generations scored (eval/)."""
-    import importlib.util
-
-    from cpo_fast.pipeline.report.evaluate import evaluate_model, format_row, write_eval
-    from cpo_fast.pipeline.stages.synthetic import oracle
-    from cpo_fast.pipeline.training.loop import train_policy
-
     lay, scorers = prep.layout, {"oracle": oracle}
     if judge and importlib.util.find_spec("vaderSentiment") is not None:
         scorers["vader"] = vader
@@ -181,8 +176,6 @@ def _train_and_evaluate(prep, cfg: RunConfig, methods, print_fn, judge: bool = F
 
 
 def _plots(out: Path, methods, results, guard: float = 0.0) -> None:
-    from cpo_fast.pipeline.report.plots import outcome_bars, training_curves, weight_histogram
-
     runs = {METHODS[m].label: out / m / "metrics.jsonl" for m in methods}
     training_curves(runs, out / "plots" / "training.png", guard=guard)
     weight_histogram({k: v for k, v in runs.items() if k in ("CPO", "DR-CPO", "OO-RLHF")},

@@ -22,8 +22,12 @@ import torch
 
 from cpo_fast.models import collate, token_batch
 from cpo_fast.objectives import sequence_logprobs
+from cpo_fast.pipeline.report.estimate import bootstrap_ci, off_policy_estimates
 from cpo_fast.pipeline.run.scorers import Scorer, load_scorer, run_scorer
+from cpo_fast.pipeline.stages.data import OutcomeTable, encode
 from cpo_fast.pipeline.stages.generate import generate_texts
+from cpo_fast.pipeline.stages.support import support_report
+from cpo_fast.pipeline.training.prepare import texts_features
 
 
 @torch.no_grad()
@@ -56,8 +60,6 @@ def evaluate_model(prep, model, *, name: str, scorers: dict[str, Scorer] | None 
                    seed: int | None = None, off_policy: bool = True) -> dict[str, Any]:
     """Generate ``cfg.num_samples`` texts from ``model`` and score them; off-policy estimates
     on the held-out rows. Returns a JSON-able dict (samples included)."""
-    from cpo_fast.pipeline.report.estimate import bootstrap_ci, off_policy_estimates
-
     cfg = prep.cfg
     seed = cfg.seed + 2024 if seed is None else seed
     texts, prompts = generate_texts(
@@ -109,10 +111,6 @@ def evaluate_model(prep, model, *, name: str, scorers: dict[str, Scorer] | None 
 def ghat_with_support(prep, texts: list[str], prompts: list[str] | None = None):
     """(ghat's clipped predictions, the out-of-support flags or None, the support report)
     for ``texts``, from one pass of f_0's features."""
-    from cpo_fast.pipeline.stages.data import OutcomeTable, encode
-    from cpo_fast.pipeline.stages.support import support_report
-    from cpo_fast.pipeline.training.prepare import texts_features
-
     table = OutcomeTable(texts=[t if t.strip() else " " for t in texts], prompts=prompts)
     feats = texts_features(prep, encode(table, prep.tokenizer, prep.cfg.max_tokens, "truncate"))
     fit = prep.outcome_fit

@@ -22,12 +22,15 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from cpo_fast.constants import ESS_TARGET, WEIGHTINGS
+from cpo_fast.distributed import current_world
 from cpo_fast.objectives import METHODS, Objective
+from cpo_fast.pipeline.run.persist import write_json
 
 DM_SOURCES = ("f0_completions", "dataset", "file")
 ARCHS = ("llama", "qwen2", "gpt2")
@@ -192,8 +195,6 @@ class RunConfig:
                ("ess_target", 0.0, True))
 
     def _check_ranges(self) -> None:
-        import math
-
         for name, low, inclusive in self._RANGES:
             v = getattr(self, name)
             if v is None:  # unset: chosen later (f0_lr: by the starting point)
@@ -234,9 +235,6 @@ class RunConfig:
 
     def save(self, path: str | Path) -> None:
         """Write the settings as JSON (on rank 0 only, under torchrun / accelerate)."""
-        from cpo_fast.distributed import current_world
-        from cpo_fast.pipeline.run.persist import write_json
-
         if current_world().is_main:
             write_json(path, self.to_dict())
 

@@ -9,12 +9,17 @@ checks that need only the settings are :meth:`RunConfig.validate`; these need th
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cpo_fast._backend import resolve_backend
+from cpo_fast.objectives import method_of
 from cpo_fast.pipeline.run.config import RunConfig
+from cpo_fast.pipeline.run.layout import RunLayout
+from cpo_fast.pipeline.run.scorers import load_scorer, run_scorer
 
 
 def check_device(cfg: RunConfig) -> torch.device:
@@ -39,8 +44,6 @@ def check_device(cfg: RunConfig) -> torch.device:
 
 def check_backend(cfg: RunConfig, device: torch.device) -> None:
     """``--backend``: the fused ops can run it on ``device``."""
-    from cpo_fast._backend import resolve_backend
-
     try:
         resolve_backend(cfg.backend, device)
     except ValueError as e:
@@ -51,7 +54,6 @@ def check_scorer(cfg: RunConfig) -> None:
     """``--scorer``: importable, and returns one finite number per text on a probe."""
     if not cfg.scorer:
         return
-    from cpo_fast.pipeline.run.scorers import load_scorer, run_scorer
 
     _, fn = load_scorer(cfg.scorer)
     run_scorer(cfg.scorer, fn, ["A short probe sentence.", "Another one."])
@@ -70,8 +72,6 @@ def check_rows(cfg: RunConfig, n_train: int) -> None:
 def check_outcomes(cfg: RunConfig, outcomes: np.ndarray | None) -> None:
     """A constant outcome column trains nothing: warn (it is legal, e.g. for SFT-all)."""
     if outcomes is not None and len(outcomes) > 1 and float(np.ptp(outcomes)) == 0.0:
-        import warnings
-
         warnings.warn(f"--outcome-column {cfg.outcome_column!r}: every training row has the "
                       f"outcome {float(outcomes[0])!r}; the weighted methods and ghat learn "
                       "nothing from a constant outcome.", UserWarning, stacklevel=2)
@@ -79,8 +79,6 @@ def check_outcomes(cfg: RunConfig, outcomes: np.ndarray | None) -> None:
 
 def check_run_exists(cfg: RunConfig, command: str) -> None:
     """``generate`` / ``evaluate`` read a run: its directory must hold one."""
-    from cpo_fast.pipeline.run.layout import RunLayout
-
     lay = RunLayout(cfg.output_dir)
     if not lay.config.is_file():
         what = "does not exist" if not Path(cfg.output_dir).exists() else "holds no run"
@@ -92,8 +90,6 @@ def check_run_exists(cfg: RunConfig, command: str) -> None:
 def check_dm_batch(cfg: RunConfig) -> None:
     """``--dm-batch-size`` against ``--dm-size`` when the DM set's size is known up front
     (f_0 completions); the loop checks every DM source again once the set exists."""
-    from cpo_fast.objectives import method_of
-
     if not method_of(cfg.method).dm_rows or cfg.dm_source != "f0_completions":
         return
     ranks = int(os.environ.get("WORLD_SIZE", "1"))

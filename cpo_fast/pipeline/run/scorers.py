@@ -3,6 +3,7 @@ loaded and checked before any work (run/preflight.py), run by the evaluation."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import numpy as np
@@ -12,8 +13,6 @@ Scorer = Callable[[list[str]], np.ndarray]
 
 def load_scorer(spec: str) -> tuple[str, Scorer]:
     """``'package.module:function'`` -> (function name, the function)."""
-    import importlib
-
     mod, sep, fn = spec.partition(":")
     if not sep or not mod or not fn:
         raise ValueError(f"--scorer {spec!r}: expected 'module:function', e.g. "

@@ -29,9 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpo_fast.models import collate
+from cpo_fast.models import collate, last_hidden
+from cpo_fast.models import decoder as _decoder
 from cpo_fast.pipeline.stages.data import Encoded
 from cpo_fast.pipeline.stages.precompute import _model_device, length_sorted_batches
+from cpo_fast.pipeline.stages.support import clip_to_range, fit_support
 
 KINDS = ("ridge", "mlp")
 
@@ -48,9 +50,6 @@ def mean_pooled_features(model: Any, encoded: Encoded, batch_size: int = 32,
     by next-token SFT, the last layer alone keeps little of what a text *says* (on the
     synthetic corpus, ridge OOF R^2 0.07 with "last" vs 0.35 with "all"); for big models
     "all" is wide (use a few indices)."""
-    from cpo_fast.models import decoder as _decoder
-    from cpo_fast.models import last_hidden
-
     dev = torch.device(device) if device is not None else _model_device(model)
     feats: np.ndarray | None = None
     was_training = model.training
@@ -260,8 +259,6 @@ class OutcomeFit:
     def predict(self, features: np.ndarray, *, clip: bool = True) -> np.ndarray:
         """Mean of the fold models, clipped to the training outcome range (``clip=False``:
         the raw extrapolation, for diagnostics)."""
-        from cpo_fast.pipeline.stages.support import clip_to_range
-
         x = np.asarray(features, dtype=np.float64)
         if x.ndim != 2:
             raise ValueError(f"features must be [n, d], got shape {x.shape}.")
@@ -325,8 +322,6 @@ def fit_outcome_model(features: np.ndarray, y: np.ndarray, *, kind: str = "ridge
     r2 = 1.0 - float(np.sum(res**2)) / sst if sst > 0 else float("nan")
     sup = None
     if support:
-        from cpo_fast.pipeline.stages.support import fit_support
-
         sup = fit_support(x, fold_of_row=fold_of_row, seed=seed)
     return OutcomeFit(oof_pred=oof, r2=r2, rmse=float(np.sqrt(np.mean(res**2))),
                       folds=folds, kind=kind, fold_models=models, fold_of_row=fold_of_row,

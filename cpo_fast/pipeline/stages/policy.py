@@ -15,6 +15,7 @@ import torch
 
 from cpo_fast.pipeline.run.config import RunConfig
 from cpo_fast.pipeline.run.persist import WriteError, as_oserror, refuse_pickle
+from cpo_fast.pretrained import is_packaged, model_dir
 
 
 def lora_targets(model) -> list[str]:
@@ -34,7 +35,6 @@ def load_causal_lm(path: str | Path, device: torch.device, dtype: torch.dtype = 
     into the cache, cpo_fast/pretrained.py) or, where there is network, a hub id."""
     from transformers import AutoModelForCausalLM
 
-    from cpo_fast.pretrained import is_packaged, model_dir
 
     if is_packaged(path):
         path = model_dir(path)

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from cpo_fast.models import collate, token_batch
 from cpo_fast.pipeline.stages.data import Encoded
@@ -101,8 +102,6 @@ def precompute_ref_logprobs(
     was_training = model.training
     model.eval()
     try:
-        from tqdm.auto import tqdm
-
         batches = length_sorted_batches(encoded, batch_size)
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             for idx in tqdm(batches, desc="reference log-probs", disable=not progress):

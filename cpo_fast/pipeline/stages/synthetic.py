@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cpo_fast.pipeline.run.persist import write_text
 from cpo_fast.pipeline.stages.data import OutcomeTable
 
 TOPICS = ("food", "work")
@@ -208,6 +209,4 @@ def corpus_csv(table: OutcomeTable) -> str:
 
 def write_corpus(table: OutcomeTable, path: str | Path) -> Path:
     """Write :func:`corpus_csv` to ``path``, atomically."""
-    from cpo_fast.pipeline.run.persist import write_text
-
     return write_text(path, corpus_csv(table))

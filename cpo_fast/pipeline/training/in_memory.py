@@ -14,8 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from cpo_fast.objectives import method_of
 from cpo_fast.pipeline.run.config import RunConfig, pinned_values
+from cpo_fast.pipeline.run.runtime import is_main, main_first, pick_device, seed_everything
 from cpo_fast.pipeline.stages.data import OutcomeTable, _as_float, _as_text, encode
+from cpo_fast.pipeline.stages.modeling import model_fingerprint
+from cpo_fast.pipeline.stages.policy import load_causal_lm, save_model
+from cpo_fast.pipeline.stages.precompute import data_fingerprint
+from cpo_fast.pipeline.stages.tokenizer import for_documents
+from cpo_fast.pipeline.training.prepare import Prepared, build_dm, fit_f0, fit_outcome, ref_logprobs
+from cpo_fast.pipeline.training.prepare import split_held_out as split_rows
 
 
 def dataset_table(ds: Any, args: Any, name: str = "train_dataset") -> OutcomeTable:
@@ -56,14 +64,10 @@ def dataset_table(ds: Any, args: Any, name: str = "train_dataset") -> OutcomeTab
 
 def split_held_out(table: OutcomeTable, fraction: float, seed: int):
     """(train, held-out) rows: the CLI's seeded split (prepare.load_split, without max_rows)."""
-    from cpo_fast.pipeline.training.prepare import split_held_out as split
-
-    return split(table, fraction, np.random.default_rng(seed))
+    return split_rows(table, fraction, np.random.default_rng(seed))
 
 
 def _stage_key(f0_fp: str, encs: list, cfg: RunConfig) -> str:
-    from cpo_fast.pipeline.stages.precompute import data_fingerprint
-
     keys = {k: v for k, v in pinned_values(cfg, "prepare").items()
             if k not in ("data", "base_model", "f0_model", "tokenizer")}
     keys.update(dm=[cfg.dm_source, cfg.dm_size, cfg.dm_prefix_fraction, cfg.dm_path],
@@ -79,17 +83,10 @@ def build_stages(model: Any, tokenizer: Any, train_t: OutcomeTable, eval_t: Outc
                  cfg: RunConfig, stages: Path):
     """prepare._stages on a given model and dataset: f_0, the reference cache, ghat, the DM
     set (rank 0 builds, the other ranks reload what it wrote)."""
-    from cpo_fast.objectives import method_of
-    from cpo_fast.pipeline.run.runtime import is_main, main_first, pick_device, seed_everything
-    from cpo_fast.pipeline.stages.modeling import model_fingerprint
-    from cpo_fast.pipeline.stages.policy import load_causal_lm, save_model
-    from cpo_fast.pipeline.training.prepare import Prepared, build_dm, fit_f0, fit_outcome, ref_logprobs
-
     if len(train_t) < 2:
         raise ValueError(f"train_dataset: {len(train_t)} rows after the held-out split; need >= 2.")
     if tokenizer is None:
         raise ValueError("DRCPOTrainer needs processing_class= (the model's tokenizer).")
-    from cpo_fast.pipeline.stages.tokenizer import for_documents
 
     for_documents(tokenizer)  # as prepare.get_tokenizer: BOS/EOS at document boundaries, a pad
     tokenizer.model_max_length = int(1e9)  # encode() truncates to max_length itself

@@ -39,6 +39,7 @@ from cpo_fast.pipeline.stages.precompute import precompute_ref_logprobs
 from cpo_fast.pipeline.stages.support import support_report
 from cpo_fast.pipeline.stages.tokenizer import for_documents, train_tokenizer
 from cpo_fast.pipeline.training.loop import TrainData, autocast_args, train
+from cpo_fast.pretrained import is_packaged, model_dir
 
 STAGES = ("f0", "precompute", "outcome", "all")
 
@@ -170,8 +171,6 @@ def prepare_data(cfg: RunConfig, lay: RunLayout, device, table, *, resume: bool,
 def model_source(name: str | None) -> str | None:
     """A packaged model name (``smollm2-135m``) -> its converted directory (made on first
     use, cpo_fast/pretrained.py); anything else as it is."""
-    from cpo_fast.pretrained import is_packaged, model_dir
-
     return str(model_dir(name)) if is_packaged(name) else name
 
 
