@@ -27,7 +27,7 @@ import numpy as np
 
 from cpo_fast.bench.emobank import confounded_emobank, vader, write_table
 from cpo_fast.constants import ESS_TARGET
-from cpo_fast.objectives import METHODS
+from cpo_fast.objectives import METHODS, method_of
 from cpo_fast.pipeline.report.demo import demo_config
 from cpo_fast.pipeline.report.evaluate import evaluate_model
 from cpo_fast.pipeline.report.plots import save, subplots
@@ -99,18 +99,16 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
     """Train and score every method (x remedy) of one (level, seed); returns records."""
     import torch
 
-
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", FutureWarning)
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
     t0, started = time.perf_counter(), time.time()
     table = _corpus(job)
-
     write_table(table, out / "corpus.csv")
     cfg = demo_config(out, seed=job["seed"], progress=False, **job["config"])
     methods = job["methods"]
-    prep = prepare(cfg, need_dm=any(m in ("dr_cpo", "oo_rlhf") for m in methods))
+    prep = prepare(cfg, need_dm=any(method_of(m).dm_rows for m in methods))
     scorers = _scorers(job)
     base = dict(level=job["level"], seed=job["seed"])
     res = evaluate_model(prep, prep.load_f0(), name="f_0", scorers=scorers)

@@ -158,7 +158,6 @@ class RunConfig:
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"{flag(name)}={v!r} is not one of {allowed}.{hint}")
 
-
         one_of("method", tuple(METHODS))
         one_of("weighting", WEIGHTINGS)
         one_of("dm_source", DM_SOURCES)

@@ -35,7 +35,6 @@ def load_causal_lm(path: str | Path, device: torch.device, dtype: torch.dtype = 
     into the cache, cpo_fast/pretrained.py) or, where there is network, a hub id."""
     from transformers import AutoModelForCausalLM
 
-
     if is_packaged(path):
         path = model_dir(path)
     p = Path(path)
