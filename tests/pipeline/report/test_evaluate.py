@@ -1,5 +1,4 @@
-"""Evaluating a model (cpo_fast/pipeline/report/evaluate.py) and the plots of a run
-(cpo_fast/pipeline/report/plots.py) on the session's prepared run."""
+"""Evaluating a model (cpo_fast/pipeline/report/evaluate.py) on the session's prepared run."""
 
 from __future__ import annotations
 
@@ -7,12 +6,12 @@ import json
 
 import pytest
 
+from cpo_fast.pipeline.report.plots import outcome_bars
 from cpo_fast.pipeline.stages.synthetic import oracle
 
 
-def test_evaluate_and_plots(prep, tmp_path):
+def test_evaluate(prep, tmp_path):
     from cpo_fast.pipeline.report.evaluate import evaluate_model, write_eval
-    from cpo_fast.pipeline.report.plots import outcome_bars, training_curves, weight_histogram
 
     res = evaluate_model(prep, prep.load_f0(), name="f_0", scorers={"oracle": oracle})
     for key in ("oracle", "ghat"):
@@ -24,10 +23,5 @@ def test_evaluate_and_plots(prep, tmp_path):
     assert "dr" in op and len(res["samples"]) == prep.cfg.num_samples
     write_eval(res, tmp_path / "f0.json")
     assert json.loads((tmp_path / "f0.json").read_text())["name"] == "f_0"
-    m = tmp_path / "m.jsonl"
-    m.write_text(json.dumps({"step": 1, "loss": 1.0, "ess": 4.0, "batch_rows": 8,
-                             "log_weights": [0.0, 0.1, -0.2]}) + "\n")
-    for path in (training_curves({"cpo": m}, tmp_path / "a.png"),
-                 weight_histogram({"cpo": m}, tmp_path / "b.png"),
-                 outcome_bars({"f_0": res, "x": res}, "oracle", tmp_path / "c.png")):
-        assert path.stat().st_size > 1000
+    # evaluate_model's results are what the bar plot reads (plots: test_plots.py)
+    assert outcome_bars({"f_0": res, "x": res}, "oracle", tmp_path / "c.png").stat().st_size > 1000
