@@ -490,3 +490,57 @@ def test_dm_rows_checked_for_every_dm_source():
     data.check("dr_cpo", 8)
     with pytest.raises(ValueError, match="32 DM rows per optimizer step .* DM set has 8"):
         data.check("dr_cpo", 32)
+
+
+# The files one training step enters, from its micro-batches to the optimizer update
+# (`cpo-fast train --method dr_cpo`, one process, CPU): docs/architecture.md's walk. A new
+# file on this path fails here; add it to the walk there, then here.
+STEP_WALK = {
+    "pipeline/training/loop.py": "the step: micro-batches, the update",
+    "pipeline/stages/data.py": "the encoded rows (their count)",
+    "pipeline/run/config.py": "the run's Objective",
+    "models.py": "collate; token_batch: backbone, labels shifted once",
+    "effective_batch.py": "the two passes",
+    "objectives.py": "the method table, the per-row values, the loss",
+    "estimators.py": "the weights, tempering, ESS",
+    "distributed.py": "the world's sums (one process: the values themselves)",
+    "ops/linear_token_logprobs.py": "the fused-linear op",
+    "_backend.py": "which module runs (device, dtype)",
+    "cpu/linear_token_logprobs.py": "the C++ backend",
+    "cpu/_common.py": "the C++ backend's pointers and dtypes",
+    "_transform.py": "the head transform (none for Llama)",
+    "_checks.py": "the op's and the estimators' argument checks",
+}
+
+
+def test_one_step_enters_the_documented_files(prep, tmp_path, monkeypatch):
+    """Trace every Python call inside cpo_fast from ``step_micro_batches`` to the end of
+    ``update``: the step enters exactly STEP_WALK's files."""
+    import cpo_fast
+    from cpo_fast.pipeline.training import loop
+
+    pkg = Path(cpo_fast.__file__).parent
+    entered: list[str] = []
+
+    def profile(frame, event, _arg):
+        path = Path(frame.f_code.co_filename)
+        if event == "call" and path.is_relative_to(pkg):
+            entered.append(path.relative_to(pkg).as_posix())
+
+    def data(*a, **k):
+        sys.setprofile(profile)
+        return step_micro_batches(*a, **k)
+
+    def update(*a, **k):
+        try:
+            return step_update(*a, **k)
+        finally:
+            sys.setprofile(None)
+
+    step_micro_batches, step_update = loop.step_micro_batches, loop.update
+    monkeypatch.setattr(loop, "step_micro_batches", data)
+    monkeypatch.setattr(loop, "update", update)
+    cfg = dataclasses.replace(prep.cfg, method="dr_cpo", steps=1)
+    train_policy(prep, cfg, out_dir=tmp_path)
+    assert entered[0] == "pipeline/training/loop.py" and entered[-1] == entered[0]
+    assert set(entered) == set(STEP_WALK), sorted(set(entered) ^ set(STEP_WALK))
