@@ -51,7 +51,8 @@ def copy_bandwidth(device: str, nbytes: int) -> dict:
 
 def matmul_rate(device: str) -> dict:
     """Dense matmul rate from the fastest of 10 runs: bf16 8192^3 on CUDA, fp32 1024^3 on CPU."""
-    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (1024, torch.float32)
+    on_gpu = torch.device(device).type == "cuda"  # "cuda:1" too
+    n, dtype = (8192, torch.bfloat16) if on_gpu else (1024, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     t = measure(lambda: a @ b, device, warmup=3, iters=10)
