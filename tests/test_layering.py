@@ -202,6 +202,45 @@ def test_the_import_placement_check_sees_a_violation(tmp_path):
     assert misplaced_imports("cpo_fast.bench.isolation", fake) == [(6, "cpo_fast")]
 
 
+# Source modules tested elsewhere than tests/<path>/test_<module>.py, and why.
+TESTED_WITH: dict[str, str] = {
+    "cpo_fast.cpu.linear_token_logprobs": "tests/ops/test_linear_token_logprobs.py (each backend "
+                                          "against the float64 reference, by op)",
+    "cpo_fast.cpu.token_logprobs": "tests/ops/test_token_logprobs.py (by op)",
+}
+
+
+def own_test_file(module: str, path: Path) -> Path:
+    """tests/<path>/test_<module>.py of ``cpo_fast/<path>/<module>.py`` (a leading underscore
+    dropped: _backend.py -> test_backend.py); a package's __init__ and __main__ have none."""
+    rel = path.relative_to(PKG)
+    return ROOT / "tests" / rel.parent / f"test_{rel.stem.lstrip('_')}.py"
+
+
+def untested(mods: dict[str, Path]) -> list[str]:
+    """The modules with code but neither a test module of their own nor a TESTED_WITH entry."""
+    return [m for m, p in sorted(mods.items())
+            if p.name not in ("__init__.py", "__main__.py") and m not in TESTED_WITH
+            and not own_test_file(m, p).is_file()]
+
+
+def test_every_module_has_its_test_module():
+    """Tests are laid out like the source (docs/architecture.md, section 6)."""
+    for m, where in TESTED_WITH.items():
+        assert Path(ROOT / where.split()[0]).is_file() and m in modules(), (m, where)
+    missing = untested(modules())
+    assert not missing, "add " + ", ".join(
+        str(own_test_file(m, modules()[m]).relative_to(ROOT)) for m in missing)
+
+
+def test_the_layout_check_sees_a_missing_test_module():
+    fake = {"cpo_fast.nowhere": PKG / "nowhere.py", "cpo_fast.objectives": PKG / "objectives.py",
+            "cpo_fast.ops": PKG / "ops" / "__init__.py",
+            "cpo_fast.cpu.token_logprobs": PKG / "cpu" / "token_logprobs.py"}
+    assert untested(fake) == ["cpo_fast.nowhere"]
+    assert own_test_file("cpo_fast._backend", PKG / "_backend.py") == ROOT / "tests/test_backend.py"
+
+
 def test_every_cpo_fast_import_in_the_tree_resolves():
     """``from cpo_fast.x import y`` in the package, tests, benchmarks, scripts and examples
     names a module and a name that exist (a moved module breaks a script that no test runs)."""
