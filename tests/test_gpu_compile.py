@@ -12,39 +12,23 @@ transforms and vocabulary buckets (CPO_FAST_GATE_SEED picks the sample). No GPU 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, compiler_env, gpu_toolchain_missing
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_static.py"
 
 
-def _toolchain_missing() -> str | None:
-    if not SCRIPT.exists():
-        return "benchmarks/ not in this checkout"
-    probe = "from cpo_fast.bench import aot; p = aot.ptxas_path(80); print(p or '')"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    try:
-        out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        return "probing triton timed out"
-    if out.returncode != 0:
-        return f"triton not importable: {out.stderr.strip().splitlines()[-1:]}"
-    if not out.stdout.strip():
-        return "the triton wheel ships no ptxas"
-    return None
-
-
 def test_gpu_builds_fit(tmp_path: Path) -> None:
-    why = _toolchain_missing()
+    if not SCRIPT.exists():
+        pytest.skip("benchmarks/ not in this checkout")
+    why = gpu_toolchain_missing()
     if why:
         pytest.skip(why)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = compiler_env()
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # fresh: a cache hit can hide an error
     report = tmp_path / "gate.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--gate", "--jobs", "2", "--json", str(report)],

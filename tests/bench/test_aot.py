@@ -16,7 +16,7 @@ import textwrap
 import types
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, compiler_env, gpu_toolchain_missing
 
 from cpo_fast.bench import aot
 
@@ -251,23 +251,13 @@ print(json.dumps(dict(rows=rows, builds=builds, restored=restored)))
 '''
 
 
-def _toolchain_missing() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton not installed"
-    if aot.ptxas_path(80) is None or aot.ptxas_path(90) is None:
-        return "the triton wheel ships no ptxas for sm_80/sm_90a"
-    return None
-
-
 def test_capture_and_build_a_tiny_kernel(tmp_path):
-    why = _toolchain_missing()
+    why = gpu_toolchain_missing()
     if why:
         pytest.skip(why)
     (tmp_path / "kern.py").write_text(KERNEL)
     (tmp_path / "drive.py").write_text(DRIVER)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = compiler_env()
     env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1",
                PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT), env.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(tmp_path / "drive.py")], cwd=tmp_path, env=env,
