@@ -35,10 +35,12 @@ import torch
 from _dist import free_port, spawn_ranks
 from conftest import ROOT, TINY_RUN
 
+import cpo_fast
 from cpo_fast.pipeline.run.config import METHODS, RunConfig
 from cpo_fast.pipeline.stages.data import Encoded
 from cpo_fast.pipeline.stages.policy import make_policy
 from cpo_fast.pipeline.stages.synthetic import make_corpus, write_corpus
+from cpo_fast.pipeline.training import loop
 from cpo_fast.pipeline.training.loop import TrainData, batch_indices, train_data, train_policy
 from cpo_fast.pipeline.training.prepare import prepare
 
@@ -320,9 +322,7 @@ def test_step_gradient_is_the_full_batch_gradient_with_dropout(exact_prep, weigh
 def test_per_micro_batch_losses_would_fail(exact_prep, tmp_path, monkeypatch):
     """The control: the loop before issue 13 (each micro-batch's own self-normalized loss,
     divided by A) lands far outside TOL of the big batch, so test (a) can fail."""
-    import cpo_fast.pipeline.training.loop as loop
     from cpo_fast.effective_batch import token_pair
-    from cpo_fast.pipeline.training.loop import train_data
 
     def per_micro_batch(model, micro, cfg, world, autocast, step):
         obj = cfg.objective()
@@ -516,9 +516,6 @@ STEP_WALK = {
 def test_one_step_enters_the_documented_files(prep, tmp_path, monkeypatch):
     """Trace every Python call inside cpo_fast from ``step_micro_batches`` to the end of
     ``update``: the step enters exactly STEP_WALK's files."""
-    import cpo_fast
-    from cpo_fast.pipeline.training import loop
-
     pkg = Path(cpo_fast.__file__).parent
     entered: list[str] = []
 
